@@ -1,0 +1,33 @@
+"""Turning metastore's errors into what a gRPC client sees."""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Awaitable, Callable, TypeVar
+
+import grpc
+
+from metastore.errors import EtcdError
+
+log = logging.getLogger("metastore.api")
+
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+
+def etcd_errors(handler: H) -> H:
+    """Decorate a unary handler: an EtcdError becomes etcd's (code, message);
+    anything else is logged and reported as INTERNAL, and the server keeps serving."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except EtcdError as err:
+            await context.abort(err.code, err.message)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # a bug: say so, keep serving
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"etcdserver: internal error: {exc}")
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,18 @@
+"""etcdserverpb.Maintenance: Status (the rest arrives with later work)."""
+from __future__ import annotations
+
+import grpc
+
+from metastore.api.errors import etcd_errors
+from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
+from metastore.node import Node
+
+
+class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    @etcd_errors
+    async def Status(self, request: rpc_pb2.StatusRequest,
+                     context: grpc.aio.ServicerContext) -> rpc_pb2.StatusResponse:
+        return self._node.status()

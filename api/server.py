@@ -1,0 +1,80 @@
+"""The client-facing gRPC server (grpc.aio) with etcd's services registered.
+
+One asyncio event loop serves every client stream; thousands of idle streams
+cost a coroutine each, not a thread.
+"""
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from metastore.api.cluster import ClusterService
+from metastore.api.kv import KVService
+from metastore.api.maintenance import MaintenanceService
+from metastore.api.pb import metastore_pb2_grpc, rpc_pb2_grpc
+from metastore.api.raft_status import RaftStatusService
+from metastore.cluster import hostport
+from metastore.node import Node
+
+# etcd accepts this much on top of --max-request-bytes at the gRPC layer, so a
+# request just over the limit gets etcd's "request is too large" rather than
+# a transport error.
+GRPC_OVERHEAD_BYTES = 512 * 1024
+
+
+def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_request_bytes + GRPC_OVERHEAD_BYTES),
+        ("grpc.max_send_message_length", 2**31 - 1),
+        # etcdctl and the Go client ping every 2 s even on idle streams; gRPC's
+        # defaults answer that with GOAWAY too_many_pings and cut watches.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # A port clash must fail loudly, not silently share the port.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def build_server(node: Node) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """Create (not start) the server, bound to every --listen-client-urls."""
+    server = grpc.aio.server(options=server_options(node.cfg.max_request_bytes))
+    rpc_pb2_grpc.add_KVServicer_to_server(KVService(node), server)
+    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), server)
+    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), server)
+    metastore_pb2_grpc.add_RaftServicer_to_server(RaftStatusService(node), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for url in node.cfg.listen_client_urls:
+        address = hostport(url)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot listen for clients on {address}: {exc}") from None
+        if port == 0:
+            raise RuntimeError(f"cannot listen for clients on {address}: port in use or address not available")
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer
+
+
+class Server:
+    """A running member: the Node plus its client listener. Used by
+    `metastore serve`, and by anything that wants a member in-process."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+
+    async def start(self) -> None:
+        self._grpc, self._health = await build_server(self.node)
+        await self.node.start()
+        await self._grpc.start()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self.node.stop()

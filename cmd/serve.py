@@ -1,0 +1,111 @@
+"""`metastore serve`: run one member, with etcd's flag names."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import click
+
+from metastore.config import DEFAULT_CLIENT_URL, DEFAULT_PEER_URL, ConfigError, ServerConfig
+from metastore.cluster import parse_urls
+
+log = logging.getLogger("metastore.serve")
+
+
+def _urls(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str]:
+    if value is None or value == "":
+        return []
+    try:
+        return parse_urls(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command("serve")
+@click.option("--name", default="default", show_default=True, help="Human-readable name of this member.")
+@click.option("--data-dir", default="", help="Directory for this member's data  [default: <name>.metastore]")
+@click.option("--listen-client-urls", default=DEFAULT_CLIENT_URL, show_default=True, callback=_urls,
+              help="Comma-separated URLs to serve clients (etcd's gRPC API) on.")
+@click.option("--advertise-client-urls", default="", callback=_urls,
+              help="Client URLs to tell the rest of the cluster  [default: --listen-client-urls]")
+@click.option("--listen-peer-urls", default=DEFAULT_PEER_URL, show_default=True, callback=_urls,
+              help="URL to listen on for Raft traffic from other members.")
+@click.option("--initial-advertise-peer-urls", default=DEFAULT_PEER_URL, show_default=True, callback=_urls,
+              help="Peer URL the other members reach this one on.")
+@click.option("--initial-cluster", default="",
+              help="Every initial member as name=peer-url, comma-separated  [default: <name>=<advertised peer url>]")
+@click.option("--initial-cluster-token", default="metastore-cluster", show_default=True,
+              help="Names the cluster; member and cluster ids derive from it.")
+@click.option("--initial-cluster-state", type=click.Choice(["new", "existing"]), default="new",
+              show_default=True, help="'new' to form a cluster; 'existing' to join one.")
+@click.option("--engine", type=click.Choice(["memory", "rocksdb"]), default="memory", show_default=True,
+              help="Storage engine.")
+@click.option("--peer-secret-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the cluster secret that encrypts and authenticates Raft traffic "
+                   "(or set METASTORE_PEER_SECRET). Required when peers listen beyond loopback.")
+@click.option("--heartbeat-interval", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Raft heartbeat interval in ms.")
+@click.option("--election-timeout", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Raft election timeout in ms.")
+@click.option("--max-request-bytes", default=1536 * 1024, show_default=True, type=click.IntRange(min=1),
+              help="Largest client request accepted.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve(name: str, data_dir: str, listen_client_urls: list[str], advertise_client_urls: list[str],
+          listen_peer_urls: list[str], initial_advertise_peer_urls: list[str], initial_cluster: str,
+          initial_cluster_token: str, initial_cluster_state: str, engine: str, peer_secret_file: str | None,
+          heartbeat_interval: int, election_timeout: int, max_request_bytes: int, log_level: str) -> None:
+    """Run a metastore member.
+
+    With no flags: a single-member cluster on the memory engine, serving
+    clients on 127.0.0.1:2379, like a fresh `etcd`. Stops cleanly on
+    SIGTERM or SIGINT.
+    """
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    secret = os.environ.get("METASTORE_PEER_SECRET") or None
+    if peer_secret_file:
+        try:
+            with open(peer_secret_file) as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise click.UsageError(f"cannot read --peer-secret-file: {exc}") from None
+        if not secret:
+            raise click.UsageError(f"--peer-secret-file {peer_secret_file} is empty")
+    cfg = ServerConfig(
+        name=name, data_dir=data_dir, listen_client_urls=listen_client_urls,
+        advertise_client_urls=advertise_client_urls, listen_peer_urls=listen_peer_urls,
+        initial_advertise_peer_urls=initial_advertise_peer_urls, initial_cluster=initial_cluster,
+        initial_cluster_token=initial_cluster_token, initial_cluster_state=initial_cluster_state,
+        engine=engine, peer_secret=secret, heartbeat_interval_ms=heartbeat_interval,
+        election_timeout_ms=election_timeout, max_request_bytes=max_request_bytes)
+    try:
+        cfg = cfg.resolved()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        asyncio.run(_run(cfg))
+    except (ConfigError, RuntimeError) as exc:
+        click.echo(f"metastore: {exc}", err=True)
+        sys.exit(1)
+
+
+async def _run(cfg: ServerConfig) -> None:
+    from metastore.api.server import Server
+    from metastore.node import Node
+
+    server = Server(Node(cfg))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    log.info("member %s (%x) serving clients on %s", cfg.name, server.node.member_id,
+             ",".join(cfg.listen_client_urls))
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+    log.info("stopped")

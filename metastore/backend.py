@@ -1,0 +1,54 @@
+"""The Backend interface: the only thing the two engines implement.
+
+A backend keeps bytes in a few named, ordered tables and applies a batch of
+writes atomically. Everything etcd-specific (revisions, history, compaction,
+range options, transactions) lives above it in `metastore.mvcc`, once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+# The tables every backend provides. Their layouts are defined by metastore.mvcc.
+TABLES: tuple[str, ...] = ("kv", "hist", "rev", "meta")
+
+
+@dataclass
+class WriteBatch:
+    """Writes to apply atomically: all of them or none survive a crash.
+
+    `ops` keeps (table, key, value) in order; value None deletes the key.
+    """
+
+    ops: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)
+
+    def put(self, table: str, key: bytes, value: bytes) -> None:
+        self.ops.append((table, key, value))
+
+    def delete(self, table: str, key: bytes) -> None:
+        self.ops.append((table, key, None))
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+class Backend(Protocol):
+    def get(self, table: str, key: bytes) -> bytes | None: ...
+
+    def scan(
+        self, table: str, start: bytes, end: bytes | None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Items of `table` with start <= key < end (end None: no upper bound),
+        in key order (descending when reverse). The caller must not write to
+        the backend while it iterates."""
+        ...
+
+    def write(self, batch: WriteBatch) -> None:
+        """Apply every op of the batch atomically, in order."""
+        ...
+
+    def size(self) -> tuple[int, int]:
+        """(bytes occupied, bytes in use) -- an estimate is fine for memory."""
+        ...
+
+    def close(self) -> None: ...

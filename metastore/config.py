@@ -1,0 +1,99 @@
+"""Server configuration: etcd's flags as one validated value object.
+
+`metastore serve` builds it from the command line; `metastore.testing` and
+embedders build it directly. Validation happens here, once, with messages a
+person can act on.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from metastore import cluster
+
+DEFAULT_CLIENT_URL = "http://127.0.0.1:2379"
+DEFAULT_PEER_URL = "http://127.0.0.1:2380"
+ENGINES = ("memory", "rocksdb")
+
+
+class ConfigError(ValueError):
+    """A configuration a server cannot start with; the message says why."""
+
+
+@dataclass
+class ServerConfig:
+    name: str = "default"
+    data_dir: str = ""  # "" -> "<name>.metastore", like etcd's "<name>.etcd"
+    listen_client_urls: list[str] = field(default_factory=lambda: [DEFAULT_CLIENT_URL])
+    advertise_client_urls: list[str] = field(default_factory=list)  # [] -> listen_client_urls
+    listen_peer_urls: list[str] = field(default_factory=lambda: [DEFAULT_PEER_URL])
+    initial_advertise_peer_urls: list[str] = field(default_factory=lambda: [DEFAULT_PEER_URL])
+    initial_cluster: str = ""  # "" -> "<name>=<initial_advertise_peer_urls>"
+    initial_cluster_token: str = "metastore-cluster"
+    initial_cluster_state: str = "new"
+    engine: str = "memory"
+    # Shared secret of the cluster's members; encrypts and authenticates the
+    # Raft peer port. Required when peers listen beyond loopback.
+    peer_secret: str | None = None
+    heartbeat_interval_ms: int = 100
+    election_timeout_ms: int = 1000
+    max_request_bytes: int = 1536 * 1024
+    request_timeout: float = 5.0
+
+    def resolved(self) -> "ServerConfig":
+        """A copy with defaults filled in and everything checked."""
+        cfg = ServerConfig(**self.__dict__)
+        cfg.data_dir = cfg.data_dir or f"{cfg.name}.metastore"
+        cfg.advertise_client_urls = cfg.advertise_client_urls or list(cfg.listen_client_urls)
+        if not cfg.initial_cluster:
+            cfg.initial_cluster = ",".join(f"{cfg.name}={u}" for u in cfg.initial_advertise_peer_urls)
+        cfg._validate()
+        return cfg
+
+    def initial_members(self) -> dict[str, list[str]]:
+        return cluster.parse_initial_cluster(self.initial_cluster)
+
+    def _validate(self) -> None:
+        if not self.name:
+            raise ConfigError("--name must not be empty")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.engine == "rocksdb":
+            raise ConfigError("--engine rocksdb is not available yet in this build; use --engine memory")
+        if self.initial_cluster_state not in ("new", "existing"):
+            raise ConfigError("--initial-cluster-state must be 'new' or 'existing'")
+        if self.initial_cluster_state == "existing":
+            raise ConfigError("--initial-cluster-state existing (joining a running cluster) is not "
+                              "supported yet")
+        try:
+            for url in (self.listen_client_urls + self.advertise_client_urls + self.listen_peer_urls
+                        + self.initial_advertise_peer_urls):
+                cluster.hostport(url)
+            members = self.initial_members()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.listen_client_urls:
+            raise ConfigError("--listen-client-urls must name at least one URL")
+        if len(self.listen_peer_urls) != 1:
+            raise ConfigError("--listen-peer-urls takes exactly one URL (the Raft transport binds one address)")
+        if self.name not in members:
+            raise ConfigError(f"--initial-cluster has no entry for this member's --name {self.name!r}")
+        mine = sorted(cluster.hostport(u) for u in members[self.name])
+        advertised = sorted(cluster.hostport(u) for u in self.initial_advertise_peer_urls)
+        if mine != advertised:
+            raise ConfigError(
+                f"--initial-cluster has {self.name}={','.join(members[self.name])} but "
+                f"--initial-advertise-peer-urls is {','.join(self.initial_advertise_peer_urls)}; they must match")
+        if not self.peer_secret and not all(cluster.is_loopback(u) for u in self.listen_peer_urls):
+            raise ConfigError(
+                "refusing to listen for peers beyond loopback without a cluster secret: the Raft peer "
+                "protocol runs pickled messages, so anyone who reaches the port could run code here. "
+                "Set --peer-secret-file (or METASTORE_PEER_SECRET) to the same secret on every member.")
+        if self.heartbeat_interval_ms <= 0 or self.election_timeout_ms < 5 * self.heartbeat_interval_ms:
+            raise ConfigError("--election-timeout must be at least 5x --heartbeat-interval (both in ms)")
+        if self.max_request_bytes <= 0:
+            raise ConfigError("--max-request-bytes must be positive")
+
+    @property
+    def member_dir(self) -> str:
+        return os.path.join(self.data_dir, "member")

@@ -1,0 +1,194 @@
+"""A metastore member, assembled: Store + state machine + Raft + proposer.
+
+This is the one path every request takes below the gRPC layer:
+
+    service -> Node.put()/range()/... -> Proposer (batch | read barrier)
+            -> RaftNode (pysyncobj log) -> StateMachine.apply -> Store
+            -> result back to the waiting request
+
+The Node owns the lifecycle (start, publish, stop) and fills etcd's response
+header (cluster id, member id, raft term) so that nothing below it needs to
+know who it is.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import Any
+
+from metastore import ETCD_COMPAT_VERSION, errors, validate
+from metastore.api.pb import raft_entry_pb2, rpc_pb2
+from metastore.cluster import Member, Membership, hostport, member_id
+from metastore.config import ConfigError, ServerConfig
+from metastore.engines import open_store
+from metastore.proposer import Proposer
+from metastore.raft import RaftConfig, RaftNode
+from metastore.state_machine import StateMachine
+from metastore.types import RaftStatus
+
+log = logging.getLogger("metastore.node")
+
+_DATA_DIR_MARKER = "metastore.json"
+
+
+class Node:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg = cfg.resolved()
+        initial = cfg.initial_members()
+        self.membership = Membership(cfg.initial_cluster_token, initial)
+        self.member_id = member_id(cfg.name, cfg.initial_cluster_token)
+        self.cluster_id = self.membership.cluster_id
+        self._prepare_data_dir()
+        self.store = open_store(cfg.engine, cfg.data_dir, self.member_id)
+        self.state_machine = StateMachine(self.store, self.membership)
+        me = self.membership.get(self.member_id)
+        partners = [m.raft_address for m in self.membership.members() if m.id != self.member_id]
+        self.raft = RaftNode(
+            RaftConfig(
+                self_address=me.raft_address,
+                partner_addresses=partners,
+                bind_address=hostport(cfg.listen_peer_urls[0]),
+                journal_file=os.path.join(cfg.member_dir, "raft.journal"),
+                password=cfg.peer_secret,
+                heartbeat_interval=cfg.heartbeat_interval_ms / 1000,
+                election_timeout=cfg.election_timeout_ms / 1000,
+            ),
+            node_id=self.member_id,
+            member_id_of=self.membership.id_of_address,
+            apply=self.state_machine.apply,
+        )
+        self.store.attach_raft(self.raft)
+        self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
+        self._publish_task: asyncio.Task | None = None
+
+    def _prepare_data_dir(self) -> None:
+        """Create the data dir, or check an existing one belongs to this member
+        and engine (opening another engine's data would silently lose it)."""
+        cfg = self.cfg
+        os.makedirs(cfg.member_dir, exist_ok=True)
+        marker = os.path.join(cfg.data_dir, _DATA_DIR_MARKER)
+        wanted = {"engine": cfg.engine, "name": cfg.name, "member_id": f"{self.member_id:x}",
+                  "cluster_id": f"{self.cluster_id:x}"}
+        if os.path.exists(marker):
+            with open(marker) as f:
+                found = json.load(f)
+            for key in ("engine", "member_id", "cluster_id"):
+                if found.get(key) != wanted[key]:
+                    raise ConfigError(
+                        f"data dir {cfg.data_dir} was written with {key}={found.get(key)}, this server "
+                        f"has {key}={wanted[key]}; use a matching configuration or another --data-dir")
+            return
+        tmp = marker + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(wanted, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.proposer.bind(loop)
+        await loop.run_in_executor(None, self.raft.start)
+        self._publish_task = loop.create_task(self._publish_attributes())
+
+    async def stop(self) -> None:
+        self.proposer.close()
+        if self._publish_task is not None:
+            self._publish_task.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, self.raft.stop)
+        self.store.close()
+
+    async def _publish_attributes(self) -> None:
+        """Announce our name and client URLs through Raft so every member's
+        MemberList shows them (etcd members publish themselves the same way)."""
+        attrs = raft_entry_pb2.MemberAttributes(
+            member_id=self.member_id, name=self.cfg.name, client_urls=self.cfg.advertise_client_urls)
+        while True:
+            try:
+                await self.proposer.propose(raft_entry_pb2.Proposal(publish=attrs))
+                log.info("published member %x (%s) client URLs %s", self.member_id, self.cfg.name,
+                         ",".join(self.cfg.advertise_client_urls))
+                return
+            except errors.EtcdError as err:
+                log.debug("publish not done yet: %s", err.message)
+                await asyncio.sleep(0.5)
+
+    # -- KV ------------------------------------------------------------------
+    async def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
+        validate.validate_range(req)
+        if not req.serializable:
+            await self.proposer.barrier()
+        resp = self.store.range(req)
+        self._fill_header(resp.header)
+        return resp
+
+    async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
+        validate.validate_put(req)
+        return await self._propose(raft_entry_pb2.Proposal(put=req))
+
+    async def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
+        validate.validate_delete_range(req)
+        return await self._propose(raft_entry_pb2.Proposal(delete_range=req))
+
+    async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        validate.validate_txn(req)
+        if _txn_is_read_only(req):
+            # etcd serves a read-only txn as a linearizable read: no log entry.
+            await self.proposer.barrier()
+            resp = self.store.txn(req)
+            self._fill_header(resp.header)
+            return resp
+        return await self._propose(raft_entry_pb2.Proposal(txn=req))
+
+    async def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse:
+        return await self._propose(raft_entry_pb2.Proposal(compaction=req))
+
+    async def _propose(self, proposal: raft_entry_pb2.Proposal) -> Any:
+        if proposal.ByteSize() > self.cfg.max_request_bytes:
+            raise errors.REQUEST_TOO_LARGE
+        resp = await self.proposer.propose(proposal)
+        self._fill_header(resp.header)
+        return resp
+
+    # -- cluster and status --------------------------------------------------
+    def raft_status(self) -> RaftStatus:
+        return self.store.get_raft_status()
+
+    def members(self) -> list[Member]:
+        return self.membership.members()
+
+    def status(self) -> rpc_pb2.StatusResponse:
+        st = self.raft_status()
+        total, in_use = self.store.db_size()
+        resp = rpc_pb2.StatusResponse(
+            version=ETCD_COMPAT_VERSION, dbSize=total, dbSizeInUse=in_use, leader=st.leader_id,
+            raftIndex=st.commit, raftTerm=st.term, raftAppliedIndex=st.applied)
+        if st.leader_id == 0:
+            resp.errors.append(errors.NO_LEADER.message)
+        self._fill_header(resp.header, term=st.term)
+        return resp
+
+    def header(self) -> rpc_pb2.ResponseHeader:
+        h = rpc_pb2.ResponseHeader()
+        self._fill_header(h)
+        return h
+
+    def _fill_header(self, header: rpc_pb2.ResponseHeader, term: int | None = None) -> None:
+        header.cluster_id = self.cluster_id
+        header.member_id = self.member_id
+        header.raft_term = term if term is not None else self.raft.term()
+        if not header.revision:
+            header.revision = self.store.revision
+
+
+def _txn_is_read_only(req: rpc_pb2.TxnRequest) -> bool:
+    for op in list(req.success) + list(req.failure):
+        kind = op.WhichOneof("request")
+        if kind in ("request_put", "request_delete_range"):
+            return False
+        if kind == "request_txn" and not _txn_is_read_only(op.request_txn):
+            return False
+    return True

@@ -1,0 +1,138 @@
+"""Proposal batching and read barriers, on the asyncio side of a member.
+
+Client requests arrive on the event loop. Rather than one Raft entry (and one
+round trip, one journal write, one message per peer) per request, the
+proposer gathers everything that arrives while the loop is busy into one
+`ProposalBatch` entry, keeping at most `max_inflight` entries in flight.
+Linearizable reads ride the same mechanism: a read waits for the next entry
+this member proposes to be applied locally (an empty entry if there is
+nothing else to send), which proves the member has applied everything
+committed before the read began. Concurrent reads share that one barrier.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+from metastore import errors
+from metastore.api.pb import raft_entry_pb2
+from metastore.errors import EtcdError
+from metastore.raft import RaftNode
+
+log = logging.getLogger("metastore.proposer")
+
+
+class _Batch:
+    __slots__ = ("proposals", "futures", "barriers", "size", "timer")
+
+    def __init__(self) -> None:
+        self.proposals: list[raft_entry_pb2.Proposal] = []
+        self.futures: list[asyncio.Future] = []
+        self.barriers: list[asyncio.Future] = []
+        self.size = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Proposer:
+    def __init__(self, raft: RaftNode, origin: int, *, timeout: float = 5.0,
+                 max_batch_bytes: int = 4 * 1024 * 1024, max_inflight: int = 4) -> None:
+        self._raft = raft
+        self._origin = origin
+        self._timeout = timeout
+        self._max_batch_bytes = max_batch_bytes
+        self._max_inflight = max_inflight
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open = _Batch()
+        self._flush_scheduled = False
+        self._inflight = 0
+        self._closed = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    # -- the two entry points ------------------------------------------------
+    async def propose(self, proposal: raft_entry_pb2.Proposal) -> Any:
+        """Replicate one request; returns its apply result (raises its error)."""
+        if self._closed:
+            raise errors.STOPPED
+        proposal.request_id = next(self._ids)
+        size = proposal.ByteSize()
+        if self._open.size + size > self._max_batch_bytes and self._open.proposals:
+            self._submit()  # keep every entry under the Raft message limit
+        fut = self._loop.create_future()
+        self._open.proposals.append(proposal)
+        self._open.futures.append(fut)
+        self._open.size += size
+        self._schedule_flush()
+        result = await self._wait(fut)
+        if isinstance(result, EtcdError):
+            raise result
+        return result
+
+    async def barrier(self) -> None:
+        """Return once this member has applied every entry committed before the call."""
+        if self._closed:
+            raise errors.STOPPED
+        fut = self._loop.create_future()
+        self._open.barriers.append(fut)
+        self._schedule_flush()
+        error = await self._wait(fut)
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        self._closed = True
+
+    # -- batching ------------------------------------------------------------
+    async def _wait(self, fut: asyncio.Future) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self._timeout)
+        except asyncio.TimeoutError:
+            raise errors.TIMEOUT from None
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # call_soon: everything that arrives in this loop iteration joins.
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._inflight < self._max_inflight and (self._open.proposals or self._open.barriers):
+            self._submit()
+        # else: a finishing entry calls _flush again
+
+    def _submit(self) -> None:
+        batch, self._open = self._open, _Batch()
+        payload = b""
+        if batch.proposals:
+            payload = raft_entry_pb2.ProposalBatch(
+                origin=self._origin, proposals=batch.proposals).SerializeToString()
+        self._inflight += 1
+        loop = self._loop
+        batch.timer = loop.call_later(self._timeout * 2, self._finish, batch, None, errors.TIMEOUT)
+
+        def done(result: Any, error: EtcdError | None) -> None:  # tick thread
+            loop.call_soon_threadsafe(self._finish, batch, result, error)
+
+        self._raft.submit(payload, done)
+
+    def _finish(self, batch: _Batch, results: Any, error: EtcdError | None) -> None:
+        if batch.timer is None:
+            return  # already finished (result after timeout, or vice versa)
+        batch.timer.cancel()
+        batch.timer = None
+        self._inflight -= 1
+        if error is None and results is not None and len(results) != len(batch.futures):
+            log.error("entry returned %d results for %d proposals", len(results), len(batch.futures))
+            error = errors.EtcdError(errors.STOPPED.code, "etcdserver: internal error: result mismatch")
+        for i, fut in enumerate(batch.futures):
+            if not fut.done():
+                fut.set_result(error if error is not None else results[i])
+        for fut in batch.barriers:
+            if not fut.done():
+                fut.set_result(error)
+        self._flush()

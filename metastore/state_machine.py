@@ -1,0 +1,69 @@
+"""The replicated state machine: what applying one Raft entry means.
+
+An entry is a `ProposalBatch` (many client requests that shared one Raft
+round trip) or empty (a read barrier). Every member applies the same entries
+in the same order, so everything here must be deterministic. A request that
+fails (a compacted revision, ignore_value on a missing key, ...) fails alone:
+its error is its result and the other requests of the batch still apply.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Union
+
+from google.protobuf.message import Message
+from grpc import StatusCode
+
+from metastore.api.pb import raft_entry_pb2
+from metastore.cluster import Membership
+from metastore.errors import EtcdError
+from metastore.store import Store
+
+log = logging.getLogger("metastore.apply")
+
+Result = Union[Message, EtcdError, None]
+
+
+class StateMachine:
+    def __init__(self, store: Store, membership: Membership) -> None:
+        self.store = store
+        self.membership = membership
+
+    def apply(self, payload: bytes) -> list[Result]:
+        """Apply one committed entry; returns one result per proposal.
+
+        Runs on the Raft tick thread. Never raises: an exception escaping into
+        pysyncobj would make it retry the same entry forever.
+        """
+        if not payload:
+            return []  # a read barrier: committing it is all it is for
+        try:
+            batch = raft_entry_pb2.ProposalBatch.FromString(payload)
+        except Exception:  # pragma: no cover - only a corrupted log gets here
+            log.critical("undecodable Raft entry (%d bytes) skipped", len(payload))
+            return []
+        return [self._apply_one(p) for p in batch.proposals]
+
+    def _apply_one(self, proposal: raft_entry_pb2.Proposal) -> Result:
+        kind = proposal.WhichOneof("op")
+        store = self.store
+        try:
+            if kind == "put":
+                return store.put(proposal.put)
+            if kind == "delete_range":
+                return store.delete_range(proposal.delete_range)
+            if kind == "txn":
+                return store.txn(proposal.txn)
+            if kind == "compaction":
+                return store.compact(proposal.compaction)
+            if kind == "publish":
+                attrs = proposal.publish
+                self.membership.publish(attrs.member_id, attrs.name, list(attrs.client_urls))
+                return None
+            log.error("proposal with unknown op %r ignored", kind)
+            return EtcdError(StatusCode.INTERNAL, f"etcdserver: unknown request type {kind!r}")
+        except EtcdError as err:
+            return err
+        except Exception as exc:  # a bug, not a client error: say so loudly
+            log.exception("applying %s failed", kind)
+            return EtcdError(StatusCode.INTERNAL, f"etcdserver: internal error applying {kind}: {exc}")

@@ -1,0 +1,71 @@
+"""The Store interface: what the rest of metastore asks of a key-value engine.
+
+One protocol, implemented once for both engines by `metastore.mvcc.MVCCStore`
+on top of an engine's `Backend` (how bytes are kept: memory or RocksDB). The
+request/response types are etcd's own protobuf messages, so nothing is
+converted between the wire, the Raft log and the store.
+
+Threading contract: mutating calls (put, delete_range, txn, compact) come only
+from the Raft apply loop, one at a time, in log order, and must be
+deterministic -- every member applies the same entries and must end in the
+same state. Reads (range, revision, ...) may come from any thread at any time
+and see a consistent state as of some applied revision.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence
+
+from metastore.api.pb import kv_pb2, rpc_pb2
+from metastore.types import RaftStatus, RaftStatusSource
+
+# Called after every committed mutation with the new store revision and the
+# events it produced (all events of one revision at once, in order).
+EventListener = Callable[[int, Sequence[kv_pb2.Event]], None]
+
+
+class Store(Protocol):
+    # -- reads ---------------------------------------------------------------
+    def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
+        """Keys of [key, range_end) as of req.revision (0 = current).
+
+        Honours limit, sort, keys_only, count_only and the min/max mod/create
+        revision filters. header.revision is the store's current revision.
+        Raises COMPACTED / FUTURE_REV for revisions outside what is kept.
+        """
+        ...
+
+    @property
+    def revision(self) -> int:
+        """Current store revision; 1 for an empty store."""
+        ...
+
+    @property
+    def compact_revision(self) -> int:
+        """Revision of the last compaction, 0 if never compacted."""
+        ...
+
+    # -- mutations (Raft apply loop only) ------------------------------------
+    def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse: ...
+
+    def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse: ...
+
+    def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse: ...
+
+    def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse: ...
+
+    # -- events, status, lifecycle -------------------------------------------
+    def add_listener(self, listener: EventListener) -> None: ...
+
+    def attach_raft(self, source: RaftStatusSource | None) -> None:
+        """Connect the Raft node whose status get_raft_status reports."""
+        ...
+
+    def get_raft_status(self) -> RaftStatus:
+        """The attached Raft node's status; state `standalone` with no node."""
+        ...
+
+    def db_size(self) -> tuple[int, int]:
+        """(bytes the backend occupies, bytes of it holding live data)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,4 @@
+"""Raft for metastore, on pysyncobj (see node.py)."""
+from metastore.raft.node import RaftConfig, RaftNode
+
+__all__ = ["RaftConfig", "RaftNode"]

@@ -1,0 +1,191 @@
+"""The Raft adapter: a pysyncobj node that replicates opaque entries.
+
+metastore's state machine lives outside pysyncobj (in the Store); this module
+only turns "submit these bytes" into "these bytes were committed, apply them
+in log order", and reports the node's Raft status. Everything pysyncobj-
+specific -- its configuration traps, thread rules and failure codes -- stays
+in this package.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE  # noqa: F401  (re-exported for snapshot work)
+
+from metastore import errors
+from metastore.types import RaftRole, RaftStatus, RaftStatusSource
+
+log = logging.getLogger("metastore.raft")
+
+# pysyncobj's numeric states (syncobj._RAFT_STATE) as metastore names them.
+_ROLES = {0: RaftRole.FOLLOWER, 1: RaftRole.CANDIDATE, 2: RaftRole.LEADER}
+
+# What a failed submission means to an etcd client.
+_FAILURES: dict[int, errors.EtcdError] = {
+    FAIL_REASON.QUEUE_FULL: errors.TOO_MANY_REQUESTS,
+    FAIL_REASON.MISSING_LEADER: errors.NO_LEADER,
+    FAIL_REASON.DISCARDED: errors.LEADER_CHANGED,
+    FAIL_REASON.NOT_LEADER: errors.LEADER_CHANGED,
+    FAIL_REASON.LEADER_CHANGED: errors.LEADER_CHANGED,
+    FAIL_REASON.REQUEST_DENIED: errors.NOT_CAPABLE,
+    FAIL_REASON.UNKNOWN_OUTCOME: errors.TIMEOUT_LEADER_FAIL,
+}
+
+# Applies one committed entry and returns its result; runs on the tick thread.
+ApplyFn = Callable[[bytes], Any]
+# (result, error) for one submitted entry; runs on the tick thread.
+DoneFn = Callable[[Any, "errors.EtcdError | None"], None]
+
+
+@dataclass
+class RaftConfig:
+    self_address: str              # 'host:port' other members know us by
+    partner_addresses: list[str]   # the other voting members
+    bind_address: str              # 'host:port' to listen on for peers
+    journal_file: str | None       # None: in-memory log (tests only)
+    password: str | None = None    # cluster secret: encrypts and authenticates peers
+    heartbeat_interval: float = 0.1
+    election_timeout: float = 1.0
+    # Largest Raft message; an entry must stay below it (pysyncobj's chunked
+    # transfer of bigger entries is unreliable), so batches are capped below.
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+class _ReplicatedLog(SyncObj):
+    """The pysyncobj object: one replicated method that hands each committed
+    entry to metastore's state machine."""
+
+    def __init__(self, cfg: RaftConfig, conf: SyncObjConf, apply: ApplyFn) -> None:
+        self._apply = apply
+        super().__init__(cfg.self_address, cfg.partner_addresses, conf)
+
+    @replicated
+    def apply_entry(self, payload: bytes) -> Any:
+        return self._apply(payload)
+
+
+class RaftNode(RaftStatusSource):
+    """One member's Raft participation.
+
+    `member_id_of` maps a pysyncobj address to the etcd member id, so the
+    status speaks in etcd's u64 ids.
+    """
+
+    def __init__(self, cfg: RaftConfig, node_id: int, member_id_of: Callable[[str | None], int],
+                 apply: ApplyFn) -> None:
+        self._cfg = cfg
+        self._node_id = node_id
+        self._member_id_of = member_id_of
+        self._apply = apply
+        self._role = RaftRole.FOLLOWER
+        self._role_listeners: list[Callable[[RaftRole], None]] = []
+        self._obj: _ReplicatedLog | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        cfg = self._cfg
+        conf = SyncObjConf(
+            bindAddress=cfg.bind_address,
+            password=cfg.password,
+            journalFile=cfg.journal_file,
+            # Fail loudly on a busy peer port instead of retrying forever.
+            maxBindRetries=3,
+            bindRetryTime=0.2,
+            # Send each entry as soon as it is appended (the default batches for
+            # 100 ms, which would make every write take 100 ms); metastore
+            # batches proposals itself before they reach Raft.
+            appendEntriesUseBatch=False,
+            appendEntriesPeriod=cfg.heartbeat_interval,
+            appendEntriesBatchSizeBytes=cfg.max_message_bytes,
+            raftMinTimeout=cfg.election_timeout,
+            raftMaxTimeout=cfg.election_timeout * 2,
+            # A leader that hears from no majority for this long steps down.
+            leaderFallbackTimeout=max(cfg.election_timeout * 3, cfg.heartbeat_interval * 4),
+            connectionTimeout=max(3.5, cfg.election_timeout * 2.5),
+            connectionRetryTime=0.5,
+            # Log compaction needs metastore's own snapshot of the Store (the
+            # default one would pickle an empty object and lose the data);
+            # until that exists the log is kept whole.
+            logCompactionMinEntries=2**62,
+            logCompactionMinTime=10**12,
+            commandsWaitLeader=True,
+            onStateChanged=self._on_state_changed,
+            dynamicMembershipChange=True,
+        )
+        self._obj = _ReplicatedLog(self._cfg, conf, self._apply)
+        try:
+            self._obj.waitBinded()
+        except Exception as exc:
+            self._obj.destroy()
+            raise RuntimeError(f"cannot listen for peers on {cfg.bind_address}: port in use or address "
+                               f"not available") from exc
+        log.info("raft node %s listening on %s, partners %s", cfg.self_address, cfg.bind_address,
+                 ",".join(cfg.partner_addresses) or "(none)")
+
+    def stop(self) -> None:
+        obj, self._obj = self._obj, None
+        if obj is not None:
+            obj.destroy_synchronous()
+
+    # -- proposals -----------------------------------------------------------
+    def submit(self, payload: bytes, done: DoneFn) -> None:
+        """Propose `payload`; `done(result, None)` after this member applied it,
+        or `done(None, error)`. Followers forward to the leader. Thread-safe."""
+        obj = self._obj
+        if obj is None:
+            done(None, errors.STOPPED)
+            return
+
+        def callback(result: Any, reason: int) -> None:
+            if reason == FAIL_REASON.SUCCESS:
+                done(result, None)
+            else:
+                done(None, _FAILURES.get(reason, errors.LEADER_CHANGED))
+
+        obj.apply_entry(payload, callback=callback)
+
+    # -- status --------------------------------------------------------------
+    def on_role_change(self, listener: Callable[[RaftRole], None]) -> None:
+        self._role_listeners.append(listener)
+
+    def _on_state_changed(self, old: int, new: int) -> None:
+        self._role = _ROLES.get(new, RaftRole.UNKNOWN)
+        obj = self._obj
+        term = obj.raftCurrentTerm if obj is not None else 0
+        log.info("raft state %s -> %s (term %d)", _ROLES.get(old, old).value, self._role.value, term)
+        for listener in self._role_listeners:
+            listener(self._role)
+
+    def leader_address(self) -> str | None:
+        obj = self._obj
+        leader = obj._getLeader() if obj is not None else None
+        return leader.id if leader is not None else None
+
+    def term(self) -> int:
+        obj = self._obj
+        return obj.raftCurrentTerm if obj is not None else 0
+
+    def is_leader(self) -> bool:
+        return self._role is RaftRole.LEADER
+
+    def raft_status(self) -> RaftStatus:
+        """A consistent-enough snapshot read without touching pysyncobj's dicts
+        (getStatus() iterates dicts the tick thread mutates)."""
+        obj = self._obj
+        if obj is None:
+            return RaftStatus(self._node_id, 0, 0, RaftRole.UNKNOWN.value, 0, 0)
+        applied = obj.raftLastApplied
+        commit = obj.raftCommitIndex
+        return RaftStatus(
+            node_id=self._node_id,
+            term=obj.raftCurrentTerm,
+            leader_id=self._member_id_of(self.leader_address()),
+            state=self._role.value,
+            applied=applied,
+            commit=max(commit, applied),
+        )
