@@ -81,6 +81,8 @@ class Member:
     data_dir: str
     log_path: str
     proc: subprocess.Popen | None = None
+    # Set by LocalCluster.kill: the member is down on purpose.
+    stopped: bool = False
     _channel: grpc.Channel | None = field(default=None, repr=False)
 
     @property
@@ -217,6 +219,7 @@ class LocalCluster:
     def kill(self, m: Member, sig: int = signal.SIGKILL) -> None:
         """Send `sig` (default SIGKILL) to a member and wait for it to exit."""
         m.close_channel()
+        m.stopped = True
         if m.running:
             m.proc.send_signal(sig)
             m.proc.wait(timeout=15)
@@ -225,6 +228,7 @@ class LocalCluster:
         """Start a stopped member again on the same ports and data dir."""
         if m.running:
             raise RuntimeError(f"{m.name} is still running")
+        m.stopped = False
         self._spawn(m)
         self.wait_ready(timeout)
 
@@ -251,7 +255,7 @@ class LocalCluster:
 
         def ready() -> Member | None:
             for m in self.members:
-                if m.proc is not None and not m.running:
+                if m.proc is not None and not m.running and not m.stopped:
                     raise RuntimeError(f"{m.name} exited with {m.proc.returncode}:\n{m.log()[-3000:]}")
             statuses = self.statuses()
             leaders = {s.leader for s in statuses.values()}

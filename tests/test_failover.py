@@ -31,7 +31,7 @@ def test_leader_kill_elects_new_leader_and_writes_continue(metastore_cluster):
     for m in survivors:
         out = cluster.etcdctl("get", "--prefix", "before/", "--keys-only", endpoints=[m]).stdout
         assert len(out.split()) == 20, "writes acknowledged before the kill survive on every member"
-        out = cluster.etcdctl("get", "--prefix", "after/", "--count-only", "-w", "json", endpoints=[m]).stdout
+        out = cluster.etcdctl("get", "--prefix", "after/", "-w", "json", endpoints=[m]).stdout
         assert json.loads(out)["count"] == 20
 
     # The killed member comes back, catches up and follows the new leader.

@@ -1,0 +1,460 @@
+"""MVCCStore: etcd's MVCC key-value semantics over any Backend, written once.
+
+Both engines (memory, RocksDB) only provide a Backend; revisions, history,
+compaction, range options and transactions all live here so the two engines
+cannot drift apart. The bytes layout is in `metastore.mvcc_layout`; the store
+keeps no per-key Python objects, only a few integers, so its footprint is the
+backend's.
+
+Locking. Mutations come from the Raft apply loop one at a time (see
+`metastore.store`); `_write_lock` serializes them anyway so misuse cannot
+interleave two requests. A mutation builds its whole WriteBatch without the
+read lock -- nobody else writes meanwhile -- and takes `_lock` only to apply
+the batch and move the revision. Readers take `_lock` while they walk the
+backend, so they never iterate a table being modified and always see one
+committed revision; protobuf building happens after the lock is released.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import zlib
+from itertools import islice
+from typing import Callable, Iterator
+
+from metastore import errors
+from metastore.api.pb import rpc_pb2
+from metastore.backend import Backend, WriteBatch
+from metastore.mvcc_compact import compaction_batches
+from metastore.mvcc_compare import chosen_ops, txn_path
+from metastore.mvcc_events import RevisionEvents, change_events, read_events
+from metastore.mvcc_layout import (
+    LAYOUT_VERSION,
+    META_COMPACT_FINISHED,
+    META_COMPACT_REVISION,
+    META_LAYOUT,
+    META_REVISION,
+    pack_rev,
+    pack_u64,
+    record_header,
+    record_value,
+    split_hist_key,
+    unpack_u64,
+)
+from metastore.mvcc_range import (
+    KeyRange,
+    Selection,
+    effective_sort,
+    fill_kv,
+    fill_response,
+    key_range,
+    revision_filter,
+    select,
+)
+from metastore.mvcc_read import CurrentView, HistoricalView, View
+from metastore.mvcc_write import WriteTxn
+from metastore.store import EventListener
+from metastore.types import RaftRole, RaftStatus, RaftStatusSource
+
+log = logging.getLogger(__name__)
+
+_RR = rpc_pb2.RangeRequest
+# Changes read per lock hold when replaying history for a watcher.
+REPLAY_ROWS = 1_000
+
+LeaseChecker = Callable[[int], bool]
+
+
+class MVCCStore:
+    """The Store protocol (metastore.store.Store) over a Backend."""
+
+    def __init__(self, backend: Backend, node_id: int = 0) -> None:
+        self._backend = backend
+        self._node_id = node_id
+        self._lock = threading.Lock()
+        # Reentrant: listeners run under it and may call back into the store.
+        self._write_lock = threading.RLock()
+        self._listeners: list[EventListener] = []
+        self._raft: RaftStatusSource | None = None
+        self._lease_exists: LeaseChecker | None = None
+
+        layout = backend.get("meta", META_LAYOUT)
+        if layout is None:
+            first = WriteBatch()
+            first.put("meta", META_LAYOUT, LAYOUT_VERSION)
+            backend.write(first)
+        elif layout != LAYOUT_VERSION:
+            raise RuntimeError(f"unsupported MVCC layout {layout!r} (this build: {LAYOUT_VERSION!r})")
+        self._rev = unpack_u64(backend.get("meta", META_REVISION), 1)
+        self._compact_rev = unpack_u64(backend.get("meta", META_COMPACT_REVISION), 0)
+        if unpack_u64(backend.get("meta", META_COMPACT_FINISHED), 0) < self._compact_rev:
+            # A crash interrupted a compaction: finish it before serving.
+            self._compact_physically(self._compact_rev)
+
+    # -- properties -----------------------------------------------------------
+    @property
+    def revision(self) -> int:
+        return self._rev
+
+    @property
+    def compact_revision(self) -> int:
+        return self._compact_rev
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def node_id(self) -> int:
+        return self._node_id
+
+    # -- reads ------------------------------------------------------------------
+    def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
+        with self._lock:
+            cur = self._rev
+            rev = self._read_revision(req.revision, cur)
+            if rev == cur:
+                sel = self._select_current(req)
+            else:
+                sel = _select(HistoricalView(self._backend, rev), req)
+        resp = rpc_pb2.RangeResponse()
+        resp.header.revision = cur
+        fill_response(resp, sel, req)
+        return resp
+
+    def _read_revision(self, requested: int, cur: int) -> int:
+        if requested <= 0:
+            return cur
+        if requested > cur:
+            raise errors.FUTURE_REV
+        if requested < self._compact_rev:  # etcd: reading AT the compaction is fine
+            raise errors.COMPACTED
+        return requested
+
+    def _select_current(self, req: rpc_pb2.RangeRequest) -> Selection:
+        """Like _select on the current state, but lets a backend that can count
+        a range directly skip walking the keys that `limit` will not return."""
+        count = getattr(self._backend, "count", None)
+        kr = key_range(req.key, req.range_end)
+        plain = (
+            count is not None
+            and not kr.single
+            and not kr.empty
+            and revision_filter(req) is None
+            and effective_sort(req) in ((_RR.NONE, _RR.KEY), (_RR.ASCEND, _RR.KEY))
+        )
+        if plain and req.count_only:
+            return Selection([], count("kv", kr.start, kr.end), False)
+        if plain and req.limit > 0:
+            picked = list(islice(self._backend.scan("kv", kr.start, kr.end), req.limit))
+            total = count("kv", kr.start, kr.end)
+            return Selection(picked, total, total > req.limit)
+        return _select(CurrentView(self._backend), req)
+
+    # -- mutations ----------------------------------------------------------------
+    def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
+        with self._write_lock:
+            w = WriteTxn(self._backend, self._rev)
+            resp = rpc_pb2.PutResponse()
+            self._put(w, req, resp)
+            self._commit(w)
+        return resp
+
+    def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
+        with self._write_lock:
+            w = WriteTxn(self._backend, self._rev)
+            resp = rpc_pb2.DeleteRangeResponse()
+            self._delete(w, req, resp)
+            self._commit(w)
+        return resp
+
+    def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        if _read_only(req):
+            # Served from any thread (a linearizable read-only txn is not
+            # proposed): the read lock alone gives one consistent revision,
+            # without waiting behind a long mutation such as a compaction.
+            with self._lock:
+                return self._run_txn(req)
+        with self._write_lock:
+            return self._run_txn(req)
+
+    def _run_txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        w = WriteTxn(self._backend, self._rev)
+        before = CurrentView(self._backend)
+        path = txn_path(before, req)
+        # etcd validates the chosen ops against the state before the txn,
+        # all puts first, then all ranges, and applies nothing on error.
+        ops = list(_flatten(req, iter(path)))
+        for op in ops:
+            if op.WhichOneof("request") == "request_put":
+                self._check_txn_put(before, op.request_put)
+        for op in ops:
+            if op.WhichOneof("request") == "request_range":
+                self._check_txn_range(op.request_range, w.begin_rev)
+        resp = rpc_pb2.TxnResponse()
+        self._txn(w, req, iter(path), resp)
+        resp.header.revision = w.read_rev
+        self._commit(w)
+        return resp
+
+    def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse:
+        """Compact history at req.revision, synchronously (req.physical is
+        moot: the call returns once the history is gone)."""
+        with self._write_lock:
+            rev = req.revision
+            if rev <= self._compact_rev:
+                raise errors.COMPACTED
+            if rev > self._rev:
+                raise errors.FUTURE_REV
+            mark = WriteBatch()
+            mark.put("meta", META_COMPACT_REVISION, pack_u64(rev))
+            with self._lock:
+                self._backend.write(mark)
+                self._compact_rev = rev
+            self._compact_physically(rev)
+            resp = rpc_pb2.CompactionResponse()
+            resp.header.revision = self._rev
+        return resp
+
+    def _compact_physically(self, rev: int) -> None:
+        for batch in compaction_batches(self._backend, rev):
+            with self._lock:
+                self._backend.write(batch)
+        done = WriteBatch()
+        done.put("meta", META_COMPACT_FINISHED, pack_u64(rev))
+        with self._lock:
+            self._backend.write(done)
+
+    # -- the pieces of a mutating request ----------------------------------------
+    def _put(self, w: WriteTxn, req: rpc_pb2.PutRequest, out: rpc_pb2.PutResponse) -> None:
+        self._require_lease(req.lease)
+        key = req.key
+        prev = w.get(key)
+        if (req.ignore_value or req.ignore_lease) and prev is None:
+            raise errors.KEY_NOT_FOUND
+        value = record_value(prev) if req.ignore_value else req.value  # type: ignore[arg-type]
+        lease = record_header(prev)[4] if req.ignore_lease else req.lease  # type: ignore[arg-type]
+        if req.prev_kv and prev is not None:
+            fill_kv(out.prev_kv, key, prev)
+        w.put(key, value, lease, prev)
+        out.header.revision = w.rev
+
+    def _delete(self, w: WriteTxn, req: rpc_pb2.DeleteRangeRequest, out: rpc_pb2.DeleteRangeResponse) -> None:
+        kr = key_range(req.key, req.range_end)
+        victims = _items(w, kr)
+        for key, rec in victims:
+            if req.prev_kv:
+                fill_kv(out.prev_kvs.add(), key, rec)
+            w.delete(key, rec)
+        out.deleted = len(victims)
+        out.header.revision = w.read_rev
+
+    def _txn_range(self, w: WriteTxn, req: rpc_pb2.RangeRequest, out: rpc_pb2.RangeResponse) -> None:
+        # Revision 0 reads this txn's own writes; an explicit one was checked
+        # (<= begin_rev) and reads committed state, which is begin_rev's.
+        rev = req.revision
+        view: View
+        if rev <= 0:
+            view = w
+        elif rev == w.begin_rev:
+            view = CurrentView(self._backend)
+        else:
+            view = HistoricalView(self._backend, rev)
+        fill_response(out, _select(view, req), req)
+        out.header.revision = w.read_rev
+
+    def _txn(self, w: WriteTxn, req: rpc_pb2.TxnRequest, path: Iterator[bool], out: rpc_pb2.TxnResponse) -> None:
+        ok, ops = chosen_ops(req, path)
+        out.succeeded = ok
+        for op in ops:
+            which = op.WhichOneof("request")
+            r = out.responses.add()
+            if which == "request_range":
+                self._txn_range(w, op.request_range, r.response_range)
+            elif which == "request_put":
+                self._put(w, op.request_put, r.response_put)
+            elif which == "request_delete_range":
+                self._delete(w, op.request_delete_range, r.response_delete_range)
+            elif which == "request_txn":
+                r.response_txn.header.SetInParent()  # etcd: nested header stays zero
+                self._txn(w, op.request_txn, path, r.response_txn)
+
+    def _check_txn_put(self, before: View, req: rpc_pb2.PutRequest) -> None:
+        if (req.ignore_value or req.ignore_lease) and before.get(req.key) is None:
+            raise errors.KEY_NOT_FOUND
+        self._require_lease(req.lease)
+
+    def _check_txn_range(self, req: rpc_pb2.RangeRequest, begin_rev: int) -> None:
+        if req.revision > begin_rev:
+            raise errors.FUTURE_REV
+        if 0 < req.revision < self._compact_rev:
+            raise errors.COMPACTED
+
+    def _require_lease(self, lease: int) -> None:
+        # Lease hook: until the lease subsystem exists no checker is set and
+        # any lease id is stored as given. etcd rejects an unknown lease with
+        # LEASE_NOT_FOUND before applying anything; the checker must answer
+        # deterministically from replicated state (it runs in the apply loop).
+        if lease and self._lease_exists is not None and not self._lease_exists(lease):
+            raise errors.LEASE_NOT_FOUND
+
+    def _commit(self, w: WriteTxn) -> None:
+        if not w.changes:
+            return  # read-only txn or a delete that matched nothing: no revision
+        w.batch.put("meta", META_REVISION, pack_u64(w.rev))
+        with self._lock:
+            self._backend.write(w.batch)
+            self._rev = w.rev
+        if self._listeners:
+            events = change_events(w.rev, w.changes)
+            for listener in list(self._listeners):
+                try:
+                    listener(w.rev, events)
+                except Exception:  # one bad listener must not stop the apply loop
+                    log.exception("store listener failed at revision %d", w.rev)
+
+    # -- events -------------------------------------------------------------------
+    def add_listener(self, listener: EventListener) -> None:
+        """listener(revision, events) runs on the applying thread after each
+        committed change, in revision order. All listeners get the same event
+        list: they must not modify it."""
+        with self._write_lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: EventListener) -> None:
+        with self._write_lock:
+            self._listeners.remove(listener)
+
+    def events_since(
+        self,
+        start_revision: int,
+        key: bytes,
+        range_end: bytes = b"",
+        end_revision: int | None = None,
+    ) -> Iterator[RevisionEvents]:
+        """Replay the events of [key, range_end) from start_revision through
+        end_revision (default: the revision current now) as (revision, events),
+        one item per revision, from history.
+
+        Raises COMPACTED now if start_revision <= compact_revision (that
+        history is gone; etcd cancels such a watch with compact_revision), or
+        later, from the iterator, if a compaction overtakes the replay.
+        """
+        start = max(start_revision, 1)
+        with self._lock:
+            if start <= self._compact_rev:
+                raise errors.COMPACTED
+            end = self._rev if end_revision is None else end_revision
+        return self._replay(start, end, key_range(key, range_end))
+
+    def _replay(self, start: int, end: int, keys: KeyRange) -> Iterator[RevisionEvents]:
+        nxt = start
+        while nxt <= end and not keys.empty:
+            with self._lock:
+                if nxt <= self._compact_rev:
+                    raise errors.COMPACTED
+                chunk, nxt = read_events(self._backend, nxt, end, keys, REPLAY_ROWS)
+            yield from chunk
+
+    # -- maintenance ----------------------------------------------------------------
+    def hash_kv(self, revision: int = 0) -> tuple[int, int]:
+        """(crc32, compact_revision) over every version kept at or below
+        `revision` (0: current) -- key, (main, sub) and stored record bytes in
+        key-then-revision order. Two stores that applied the same requests
+        agree, whatever their engines."""
+        with self._lock:
+            cur, compact = self._rev, self._compact_rev
+            if revision > 0 and revision <= compact:
+                raise errors.COMPACTED
+            if revision > cur:
+                raise errors.FUTURE_REV
+            rev = revision if revision > 0 else cur
+            crc = 0
+            for key, main, sub, rec in _all_versions(self._backend):
+                if main <= rev:
+                    crc = zlib.crc32(rec, zlib.crc32(pack_rev(main, sub), zlib.crc32(key, crc)))
+        return crc, compact
+
+    def set_lease_checker(self, checker: LeaseChecker | None) -> None:
+        """Hook for the lease subsystem: checker(lease_id) -> exists."""
+        self._lease_exists = checker
+
+    def attach_raft(self, source: RaftStatusSource | None) -> None:
+        self._raft = source
+
+    def get_raft_status(self) -> RaftStatus:
+        source = self._raft
+        if source is not None:
+            return source.raft_status()
+        return RaftStatus(
+            node_id=self._node_id,
+            term=0,
+            leader_id=0,
+            state=RaftRole.STANDALONE.value,
+            applied=0,
+            commit=0,
+        )
+
+    def db_size(self) -> tuple[int, int]:
+        return self._backend.size()
+
+    def close(self) -> None:
+        with self._write_lock, self._lock:
+            self._backend.close()
+
+
+# -- helpers --------------------------------------------------------------------
+def _items(view: View, kr: KeyRange) -> list[tuple[bytes, bytes]]:
+    if kr.empty:
+        return []
+    if kr.single:
+        rec = view.get(kr.start)
+        return [] if rec is None else [(kr.start, rec)]
+    return list(view.scan(kr.start, kr.end))
+
+
+def _select(view: View, req: rpc_pb2.RangeRequest) -> Selection:
+    kr = key_range(req.key, req.range_end)
+    if kr.empty or kr.single:
+        return select(_items(view, kr), req)
+    return select(view.scan(kr.start, kr.end), req)
+
+
+def _read_only(req: rpc_pb2.TxnRequest) -> bool:
+    """No put or delete on any branch, however nested."""
+    for op in (*req.success, *req.failure):
+        which = op.WhichOneof("request")
+        if which in ("request_put", "request_delete_range"):
+            return False
+        if which == "request_txn" and not _read_only(op.request_txn):
+            return False
+    return True
+
+
+def _flatten(req: rpc_pb2.TxnRequest, path: Iterator[bool]) -> Iterator[rpc_pb2.RequestOp]:
+    """The non-txn ops the txn will run, nested txns expanded, in order."""
+    _ok, ops = chosen_ops(req, path)
+    for op in ops:
+        if op.WhichOneof("request") == "request_txn":
+            yield from _flatten(op.request_txn, path)
+        else:
+            yield op
+
+
+def _all_versions(backend: Backend) -> Iterator[tuple[bytes, int, int, bytes]]:
+    """Every stored version as (key, main, sub, record-or-tombstone), ordered
+    by key then revision: a key's history rows, then its current record."""
+
+    def hist() -> Iterator[tuple[bytes, int, int, int, bytes]]:
+        for hk, rec in backend.scan("hist", b"", None):
+            key, main, sub = split_hist_key(hk)
+            yield key, 0, main, sub, rec
+
+    def current() -> Iterator[tuple[bytes, int, int, int, bytes]]:
+        for key, rec in backend.scan("kv", b"", None):
+            _c, mod, sub, _v, _l = record_header(rec)
+            yield key, 1, mod, sub, rec
+
+    for key, _order, main, sub, rec in heapq.merge(hist(), current(), key=lambda t: t[:2]):
+        yield key, main, sub, rec

@@ -1,0 +1,108 @@
+"""One mutating request being built: its pending writes and what it changed.
+
+Nothing reaches the backend until the request is complete, so a request that
+fails halfway (a txn whose third op is invalid) leaves no trace, and the whole
+request lands with a single `Backend.write`. Reads made while building (by the
+request itself: prev_kv, ranges inside a txn) see the pending writes through
+an overlay over the committed `kv` table.
+"""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+from metastore.backend import Backend, WriteBatch
+from metastore.mvcc_layout import (
+    TOMBSTONE,
+    encode_record,
+    hist_key,
+    pack_rev,
+    record_header,
+)
+from metastore.mvcc_read import Item
+
+
+class Change(NamedTuple):
+    """One put or delete of the request, for events. `record` is None for a
+    delete; `prev` is the version it replaced, if the key was live."""
+
+    key: bytes
+    record: bytes | None
+    prev: bytes | None
+    sub: int
+
+
+class WriteTxn:
+    """Pending writes of one request at revision `begin_rev + 1`."""
+
+    def __init__(self, backend: Backend, begin_rev: int) -> None:
+        self.backend = backend
+        self.begin_rev = begin_rev
+        self.rev = begin_rev + 1
+        self.batch = WriteBatch()
+        self.changes: list[Change] = []
+        self._overlay: dict[bytes, bytes | None] = {}
+
+    @property
+    def read_rev(self) -> int:
+        """Revision a read inside this request reports (etcd: the new one once
+        something changed, else the one the request started from)."""
+        return self.rev if self.changes else self.begin_rev
+
+    # -- View over committed state + pending writes -------------------------
+    def get(self, key: bytes) -> bytes | None:
+        if key in self._overlay:
+            return self._overlay[key]
+        return self.backend.get("kv", key)
+
+    def scan(self, start: bytes, end: bytes | None) -> Iterator[Item]:
+        base = self.backend.scan("kv", start, end)
+        if not self._overlay:
+            yield from base
+            return
+        pending = sorted(
+            (k, v) for k, v in self._overlay.items() if start <= k and (end is None or k < end)
+        )
+        i = 0
+        for key, rec in base:
+            while i < len(pending) and pending[i][0] < key:
+                if pending[i][1] is not None:
+                    yield pending[i]  # type: ignore[misc]
+                i += 1
+            if i < len(pending) and pending[i][0] == key:
+                if pending[i][1] is not None:
+                    yield pending[i]  # type: ignore[misc]
+                i += 1
+            else:
+                yield key, rec
+        for k, v in pending[i:]:
+            if v is not None:
+                yield k, v
+
+    # -- writes --------------------------------------------------------------
+    def put(self, key: bytes, value: bytes, lease: int, prev: bytes | None) -> bytes:
+        """Make `value` the current version of `key`; `prev` is its current
+        record (from get). Returns the new record."""
+        sub = len(self.changes)
+        if prev is None:
+            create, version = self.rev, 1
+        else:
+            p_create, p_mod, p_sub, p_version, _ = record_header(prev)
+            create, version = p_create, p_version + 1
+            self.batch.put("hist", hist_key(key, p_mod, p_sub), prev)
+        rec = encode_record(create, self.rev, sub, version, lease, value)
+        self.batch.put("kv", key, rec)
+        self.batch.put("rev", pack_rev(self.rev, sub), key)
+        self._overlay[key] = rec
+        self.changes.append(Change(key, rec, prev, sub))
+        return rec
+
+    def delete(self, key: bytes, prev: bytes) -> None:
+        """Delete live `key` whose current record is `prev`."""
+        sub = len(self.changes)
+        _create, p_mod, p_sub, _version, _lease = record_header(prev)
+        self.batch.put("hist", hist_key(key, p_mod, p_sub), prev)
+        self.batch.put("hist", hist_key(key, self.rev, sub), TOMBSTONE)
+        self.batch.delete("kv", key)
+        self.batch.put("rev", pack_rev(self.rev, sub), key)
+        self._overlay[key] = None
+        self.changes.append(Change(key, None, prev, sub))
