@@ -1,0 +1,67 @@
+"""`metastore serve` as a user runs it: refusals, port clashes, clean shutdown."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+
+from metastore.api.pb import rpc_pb2
+from metastore.testing import LocalCluster, free_ports
+
+
+def serve(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metastore", "serve", "--data-dir", str(tmp_path / "d"), *args],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+
+
+def test_refuses_public_peer_port_without_secret(tmp_path):
+    client, peer = free_ports(2)
+    proc = serve(tmp_path, "--listen-client-urls", f"http://127.0.0.1:{client}",
+                 "--listen-peer-urls", f"http://0.0.0.0:{peer}")
+    assert proc.returncode != 0
+    assert "without a cluster secret" in proc.stderr
+
+
+def test_bad_flag_value_is_a_usage_error(tmp_path):
+    proc = serve(tmp_path, "--listen-client-urls", "not-a-url")
+    assert proc.returncode == 2
+    assert "expected http://host:port" in proc.stderr
+
+
+def test_client_port_in_use_fails_loudly(tmp_path):
+    client, peer = free_ports(2)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", client))
+        busy.listen()
+        proc = serve(tmp_path, "--listen-client-urls", f"http://127.0.0.1:{client}",
+                     "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}")
+    assert proc.returncode == 1
+    assert f"cannot listen for clients on 127.0.0.1:{client}" in proc.stderr
+
+
+def test_peer_port_in_use_fails_loudly(tmp_path):
+    client, peer = free_ports(2)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", peer))
+        busy.listen()
+        proc = serve(tmp_path, "--listen-client-urls", f"http://127.0.0.1:{client}",
+                     "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}")
+    assert proc.returncode == 1
+    assert f"cannot listen for peers on 127.0.0.1:{peer}" in proc.stderr
+
+
+def test_sigterm_and_sigint_stop_cleanly_and_data_survives_restart():
+    with LocalCluster(1) as cluster:
+        m = cluster.members[0]
+        m.kv().Put(rpc_pb2.PutRequest(key=b"k", value=b"v"), timeout=5)
+        cluster.kill(m, signal.SIGTERM)
+        assert m.proc.returncode == 0, m.log()
+        assert "stopped" in m.log()
+        cluster.restart(m)
+        resp = m.kv().Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)
+        assert [kv.value for kv in resp.kvs] == [b"v"] and resp.kvs[0].mod_revision == 2
+        cluster.kill(m, signal.SIGINT)
+        assert m.proc.returncode == 0, m.log()
