@@ -56,6 +56,7 @@ from metastore.mvcc_read import CurrentView, HistoricalView, View
 from metastore.mvcc_write import WriteTxn
 from metastore.store import EventListener
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
+from metastore.validate import txn_is_read_only
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class MVCCStore:
         return resp
 
     def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
-        if _read_only(req):
+        if txn_is_read_only(req):
             # Served from any thread (a linearizable read-only txn is not
             # proposed): the read lock alone gives one consistent revision,
             # without waiting behind a long mutation such as a compaction.
@@ -419,17 +420,6 @@ def _select(view: View, req: rpc_pb2.RangeRequest) -> Selection:
     if kr.empty or kr.single:
         return select(_items(view, kr), req)
     return select(view.scan(kr.start, kr.end), req)
-
-
-def _read_only(req: rpc_pb2.TxnRequest) -> bool:
-    """No put or delete on any branch, however nested."""
-    for op in (*req.success, *req.failure):
-        which = op.WhichOneof("request")
-        if which in ("request_put", "request_delete_range"):
-            return False
-        if which == "request_txn" and not _read_only(op.request_txn):
-            return False
-    return True
 
 
 def _flatten(req: rpc_pb2.TxnRequest, path: Iterator[bool]) -> Iterator[rpc_pb2.RequestOp]:

@@ -135,7 +135,7 @@ class Node:
 
     async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
         validate.validate_txn(req)
-        if _txn_is_read_only(req):
+        if validate.txn_is_read_only(req):
             # etcd serves a read-only txn as a linearizable read: no log entry.
             await self.proposer.barrier()
             resp = self.store.txn(req)
@@ -183,12 +183,3 @@ class Node:
         if not header.revision:
             header.revision = self.store.revision
 
-
-def _txn_is_read_only(req: rpc_pb2.TxnRequest) -> bool:
-    for op in list(req.success) + list(req.failure):
-        kind = op.WhichOneof("request")
-        if kind in ("request_put", "request_delete_range"):
-            return False
-        if kind == "request_txn" and not _txn_is_read_only(op.request_txn):
-            return False
-    return True

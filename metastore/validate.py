@@ -131,3 +131,15 @@ def _writes(ops: Iterable[rpc_pb2.RequestOp]) -> tuple[set[bytes], _Deletes]:
             raise errors.DUPLICATE_KEY
         puts.add(key)
     return puts, dels
+
+
+def txn_is_read_only(req: rpc_pb2.TxnRequest) -> bool:
+    """No put or delete on any branch, however nested: such a txn is a read
+    (served behind a read barrier, never written to the Raft log)."""
+    for op in (*req.success, *req.failure):
+        which = op.WhichOneof("request")
+        if which in ("request_put", "request_delete_range"):
+            return False
+        if which == "request_txn" and not txn_is_read_only(op.request_txn):
+            return False
+    return True
