@@ -1,4 +1,4 @@
-"""etcdserverpb.Maintenance: Status (the rest arrives with later work)."""
+"""etcdserverpb.Maintenance: Status, HashKV (the rest arrives with later work)."""
 from __future__ import annotations
 
 import grpc
@@ -16,3 +16,8 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
     async def Status(self, request: rpc_pb2.StatusRequest,
                      context: grpc.aio.ServicerContext) -> rpc_pb2.StatusResponse:
         return self._node.status()
+
+    @etcd_errors
+    async def HashKV(self, request: rpc_pb2.HashKVRequest,
+                     context: grpc.aio.ServicerContext) -> rpc_pb2.HashKVResponse:
+        return await self._node.hash_kv(request.revision)

@@ -52,12 +52,18 @@ def _urls(ctx: click.Context, param: click.Parameter, value: str | None) -> list
               help="Raft election timeout in ms.")
 @click.option("--max-request-bytes", default=1536 * 1024, show_default=True, type=click.IntRange(min=1),
               help="Largest client request accepted.")
+@click.option("--snapshot-count", default=10000, show_default=True, type=click.IntRange(min=100),
+              help="Raft entries between snapshots; the log before a snapshot is dropped.")
+@click.option("--unsafe-no-fsync", is_flag=True, default=False,
+              help="Do not fsync the Raft log: faster, but a power loss can lose acknowledged "
+                   "writes. For tests and benchmarks only.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(name: str, data_dir: str, listen_client_urls: list[str], advertise_client_urls: list[str],
           listen_peer_urls: list[str], initial_advertise_peer_urls: list[str], initial_cluster: str,
           initial_cluster_token: str, initial_cluster_state: str, engine: str, peer_secret_file: str | None,
-          heartbeat_interval: int, election_timeout: int, max_request_bytes: int, log_level: str) -> None:
+          heartbeat_interval: int, election_timeout: int, max_request_bytes: int, snapshot_count: int,
+          unsafe_no_fsync: bool, log_level: str) -> None:
     """Run a metastore member.
 
     With no flags: a single-member cluster on the memory engine, serving
@@ -81,7 +87,8 @@ def serve(name: str, data_dir: str, listen_client_urls: list[str], advertise_cli
         initial_advertise_peer_urls=initial_advertise_peer_urls, initial_cluster=initial_cluster,
         initial_cluster_token=initial_cluster_token, initial_cluster_state=initial_cluster_state,
         engine=engine, peer_secret=secret, heartbeat_interval_ms=heartbeat_interval,
-        election_timeout_ms=election_timeout, max_request_bytes=max_request_bytes)
+        election_timeout_ms=election_timeout, max_request_bytes=max_request_bytes,
+        snapshot_count=snapshot_count, unsafe_no_fsync=unsafe_no_fsync)
     try:
         cfg = cfg.resolved()
     except ConfigError as exc:

@@ -132,6 +132,15 @@ class Membership:
             return 0
         return self._by_address.get(address, 0)
 
+    def export(self) -> list[tuple[int, str, list[str]]]:
+        """What applied entries changed, for a snapshot."""
+        with self._lock:
+            return [(m.id, m.name, list(m.client_urls)) for m in self._members.values()]
+
+    def restore(self, exported: list[tuple[int, str, list[str]]]) -> None:
+        for mid, name, client_urls in exported:
+            self.publish(mid, name, client_urls)
+
     def publish(self, mid: int, name: str, client_urls: list[str]) -> None:
         """Apply a member's published attributes (called from the apply loop)."""
         with self._lock:

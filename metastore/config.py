@@ -39,6 +39,11 @@ class ServerConfig:
     election_timeout_ms: int = 1000
     max_request_bytes: int = 1536 * 1024
     request_timeout: float = 5.0
+    # Applied entries between snapshots (after which the Raft log is trimmed).
+    snapshot_count: int = 10000
+    # Acknowledge writes before they are fsynced: for tests and benchmarks
+    # only -- a power loss can then lose acknowledged writes.
+    unsafe_no_fsync: bool = False
 
     def resolved(self) -> "ServerConfig":
         """A copy with defaults filled in and everything checked."""
@@ -91,6 +96,8 @@ class ServerConfig:
                 "Set --peer-secret-file (or METASTORE_PEER_SECRET) to the same secret on every member.")
         if self.heartbeat_interval_ms <= 0 or self.election_timeout_ms < 5 * self.heartbeat_interval_ms:
             raise ConfigError("--election-timeout must be at least 5x --heartbeat-interval (both in ms)")
+        if self.snapshot_count < 100:
+            raise ConfigError("--snapshot-count must be at least 100")
         if self.max_request_bytes <= 0:
             raise ConfigError("--max-request-bytes must be positive")
 

@@ -17,6 +17,7 @@ committed revision; protobuf building happens after the lock is released.
 from __future__ import annotations
 
 import heapq
+import struct
 import logging
 import threading
 import zlib
@@ -25,12 +26,13 @@ from typing import Callable, Iterator
 
 from metastore import errors
 from metastore.api.pb import rpc_pb2
-from metastore.backend import Backend, WriteBatch
+from metastore.backend import TABLES, Backend, WriteBatch
 from metastore.mvcc_compact import compaction_batches
 from metastore.mvcc_compare import chosen_ops, txn_path
 from metastore.mvcc_events import RevisionEvents, change_events, read_events
 from metastore.mvcc_layout import (
     LAYOUT_VERSION,
+    META_APPLIED,
     META_COMPACT_FINISHED,
     META_COMPACT_REVISION,
     META_LAYOUT,
@@ -65,6 +67,7 @@ _RR = rpc_pb2.RangeRequest
 REPLAY_ROWS = 1_000
 
 LeaseChecker = Callable[[int], bool]
+_APPLIED = struct.Struct(">QQ")
 
 
 class MVCCStore:
@@ -87,11 +90,58 @@ class MVCCStore:
             backend.write(first)
         elif layout != LAYOUT_VERSION:
             raise RuntimeError(f"unsupported MVCC layout {layout!r} (this build: {LAYOUT_VERSION!r})")
-        self._rev = unpack_u64(backend.get("meta", META_REVISION), 1)
-        self._compact_rev = unpack_u64(backend.get("meta", META_COMPACT_REVISION), 0)
+        self._position = (0, 0)
+        self._load_meta()
         if unpack_u64(backend.get("meta", META_COMPACT_FINISHED), 0) < self._compact_rev:
             # A crash interrupted a compaction: finish it before serving.
             self._compact_physically(self._compact_rev)
+
+    def _load_meta(self) -> None:
+        backend = self._backend
+        self._rev = unpack_u64(backend.get("meta", META_REVISION), 1)
+        self._compact_rev = unpack_u64(backend.get("meta", META_COMPACT_REVISION), 0)
+        applied = backend.get("meta", META_APPLIED)
+        self._applied = _APPLIED.unpack(applied) if applied else (0, 0)
+
+    # -- Raft bookkeeping -------------------------------------------------------
+    @property
+    def applied_position(self) -> tuple[int, int]:
+        """(raft index, position in batch) of the last request whose writes
+        this store holds -- durable with the writes for a persistent backend."""
+        return self._applied
+
+    def set_apply_position(self, index: int, position: int) -> None:
+        """Tag the next mutation's writes with the request's place in the Raft log."""
+        self._position = (index, position)
+
+    # -- snapshots ----------------------------------------------------------------
+    def export_items(self) -> Iterator[tuple[str, bytes, bytes]]:
+        """Every (table, key, value) of the backend, for a snapshot. The caller
+        must not run mutations meanwhile (snapshots run on the apply thread)."""
+        for table in TABLES:
+            for key, value in self._backend.scan(table, b"", None):
+                yield table, key, value
+
+    def import_items(self, items: Iterator[tuple[str, bytes, bytes]], batch_rows: int = 10_000) -> None:
+        """Replace the whole content with a snapshot's items."""
+        with self._write_lock:
+            with self._lock:
+                for table in TABLES:
+                    keys = [k for k, _ in self._backend.scan(table, b"", None)]
+                    for i in range(0, len(keys), batch_rows):
+                        batch = WriteBatch()
+                        for key in keys[i:i + batch_rows]:
+                            batch.delete(table, key)
+                        self._backend.write(batch)
+                batch = WriteBatch()
+                for table, key, value in items:
+                    batch.put(table, key, value)
+                    if len(batch) >= batch_rows:
+                        self._backend.write(batch)
+                        batch = WriteBatch()
+                if len(batch):
+                    self._backend.write(batch)
+                self._load_meta()
 
     # -- properties -----------------------------------------------------------
     @property
@@ -304,9 +354,11 @@ class MVCCStore:
         if not w.changes:
             return  # read-only txn or a delete that matched nothing: no revision
         w.batch.put("meta", META_REVISION, pack_u64(w.rev))
+        w.batch.put("meta", META_APPLIED, _APPLIED.pack(*self._position))
         with self._lock:
             self._backend.write(w.batch)
             self._rev = w.rev
+            self._applied = self._position
         if self._listeners:
             events = change_events(w.rev, w.changes)
             for listener in list(self._listeners):

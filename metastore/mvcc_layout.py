@@ -50,6 +50,10 @@ META_REVISION = b"revision"
 META_COMPACT_REVISION = b"compact_revision"  # compaction requested (reads below fail)
 META_COMPACT_FINISHED = b"compact_finished"  # compaction physically done up to here
 META_LAYOUT = b"layout"
+# (raft index, position in its batch) of the last request whose writes are in
+# the backend: written in the same batch as those writes, so a replay of the
+# Raft log after a restart skips exactly what is already applied.
+META_APPLIED = b"applied"
 LAYOUT_VERSION = b"1"
 
 

@@ -18,7 +18,7 @@ import logging
 import os
 from typing import Any
 
-from metastore import ETCD_COMPAT_VERSION, errors, validate
+from metastore import ETCD_COMPAT_VERSION, errors, snapshot, validate
 from metastore.api.pb import raft_entry_pb2, rpc_pb2
 from metastore.cluster import Member, Membership, hostport, member_id
 from metastore.config import ConfigError, ServerConfig
@@ -50,7 +50,10 @@ class Node:
                 self_address=me.raft_address,
                 partner_addresses=partners,
                 bind_address=hostport(cfg.listen_peer_urls[0]),
-                journal_file=os.path.join(cfg.member_dir, "raft.journal"),
+                journal_file=os.path.join(cfg.member_dir, "raft.log"),
+                snapshot_file=os.path.join(cfg.member_dir, "raft.snapshot"),
+                snapshot_entries=cfg.snapshot_count,
+                fsync=not cfg.unsafe_no_fsync,
                 password=cfg.peer_secret,
                 heartbeat_interval=cfg.heartbeat_interval_ms / 1000,
                 election_timeout=cfg.election_timeout_ms / 1000,
@@ -58,6 +61,8 @@ class Node:
             node_id=self.member_id,
             member_id_of=self.membership.id_of_address,
             apply=self.state_machine.apply,
+            save_snapshot=lambda path, raft_data: snapshot.save(path, self.store, self.membership, raft_data),
+            load_snapshot=lambda path: snapshot.load(path, self.store, self.membership),
         )
         self.store.attach_raft(self.raft)
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
@@ -150,6 +155,18 @@ class Node:
         if proposal.ByteSize() > self.cfg.max_request_bytes:
             raise errors.REQUEST_TOO_LARGE
         resp = await self.proposer.propose(proposal)
+        self._fill_header(resp.header)
+        return resp
+
+    async def hash_kv(self, revision: int) -> rpc_pb2.HashKVResponse:
+        """etcd's HashKV: a hash of the MVCC history up to `revision` (0 =
+        current), identical on members that applied the same entries. The
+        scan runs off the event loop."""
+        loop = asyncio.get_running_loop()
+        rev = revision or self.store.revision
+        crc, compact = await loop.run_in_executor(None, self.store.hash_kv, rev)
+        resp = rpc_pb2.HashKVResponse(hash=crc, compact_revision=compact)
+        resp.header.revision = rev
         self._fill_header(resp.header)
         return resp
 

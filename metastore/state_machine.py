@@ -29,20 +29,31 @@ class StateMachine:
         self.store = store
         self.membership = membership
 
-    def apply(self, payload: bytes) -> list[Result]:
-        """Apply one committed entry; returns one result per proposal.
+    def apply(self, payload: bytes, index: int) -> list[Result]:
+        """Apply the committed entry at Raft `index`; one result per proposal.
 
         Runs on the Raft tick thread. Never raises: an exception escaping into
-        pysyncobj would make it retry the same entry forever.
+        pysyncobj would make it retry the same entry forever. After a restart
+        the log is replayed from the last snapshot; requests a persistent
+        store already holds (its applied position) are skipped, so nothing is
+        applied twice.
         """
         if not payload:
             return []  # a read barrier: committing it is all it is for
         try:
             batch = raft_entry_pb2.ProposalBatch.FromString(payload)
         except Exception:  # pragma: no cover - only a corrupted log gets here
-            log.critical("undecodable Raft entry (%d bytes) skipped", len(payload))
+            log.critical("undecodable Raft entry %d (%d bytes) skipped", index, len(payload))
             return []
-        return [self._apply_one(p) for p in batch.proposals]
+        applied = self.store.applied_position
+        results: list[Result] = []
+        for position, proposal in enumerate(batch.proposals):
+            if (index, position) <= applied:
+                results.append(None)  # already in the store; nobody waits for it
+                continue
+            self.store.set_apply_position(index, position)
+            results.append(self._apply_one(proposal))
+        return results
 
     def _apply_one(self, proposal: raft_entry_pb2.Proposal) -> Result:
         kind = proposal.WhichOneof("op")

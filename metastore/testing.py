@@ -224,13 +224,15 @@ class LocalCluster:
             m.proc.send_signal(sig)
             m.proc.wait(timeout=15)
 
-    def restart(self, m: Member, timeout: float = 30.0) -> None:
-        """Start a stopped member again on the same ports and data dir."""
+    def restart(self, m: Member, timeout: float = 30.0, wait: bool = True) -> None:
+        """Start a stopped member again on the same ports and data dir; with
+        wait, return once the cluster is ready again."""
         if m.running:
             raise RuntimeError(f"{m.name} is still running")
         m.stopped = False
         self._spawn(m)
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
 
     # -- observation ---------------------------------------------------------
     @property

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pysyncobj.syncobj
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
-from pysyncobj.config import SERIALIZER_STATE  # noqa: F401  (re-exported for snapshot work)
+from pysyncobj.journal import Journal
+from pysyncobj.transport import TCPTransport
 
 from metastore import errors
+from metastore.raft.journal import DurableJournal
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
 
 log = logging.getLogger("metastore.raft")
@@ -35,10 +39,29 @@ _FAILURES: dict[int, errors.EtcdError] = {
     FAIL_REASON.UNKNOWN_OUTCOME: errors.TIMEOUT_LEADER_FAIL,
 }
 
-# Applies one committed entry and returns its result; runs on the tick thread.
-ApplyFn = Callable[[bytes], Any]
+# Applies one committed entry (payload, raft index) and returns its result;
+# runs on the tick thread.
+ApplyFn = Callable[[bytes, int], Any]
+# Writes the state machine (plus pysyncobj's raft data) to a snapshot file.
+SaveSnapshotFn = Callable[[str, Any], None]
+# Loads a snapshot file into the state machine; returns the raft data saved with it.
+LoadSnapshotFn = Callable[[str], Any]
 # (result, error) for one submitted entry; runs on the tick thread.
 DoneFn = Callable[[Any, "errors.EtcdError | None"], None]
+
+
+# pysyncobj creates its journal with `createJournal(conf.journalFile)` and has
+# no other hook; a journal object passed as journalFile is used as is.
+_create_journal = pysyncobj.syncobj.createJournal
+
+
+def _journal_factory(journal_file: Any) -> Journal:
+    if isinstance(journal_file, Journal):
+        return journal_file
+    return _create_journal(journal_file)
+
+
+pysyncobj.syncobj.createJournal = _journal_factory
 
 
 @dataclass
@@ -48,6 +71,10 @@ class RaftConfig:
     bind_address: str              # 'host:port' to listen on for peers
     journal_file: str | None       # None: in-memory log (tests only)
     password: str | None = None    # cluster secret: encrypts and authenticates peers
+    fsync: bool = True             # False only for tests/benchmarks (--unsafe-no-fsync)
+    snapshot_file: str | None = None  # where the state machine snapshot lives
+    # Take a snapshot and drop the log before it after this many entries.
+    snapshot_entries: int = 20000
     heartbeat_interval: float = 0.1
     election_timeout: float = 1.0
     # Largest Raft message; an entry must stay below it (pysyncobj's chunked
@@ -55,17 +82,37 @@ class RaftConfig:
     max_message_bytes: int = 16 * 1024 * 1024
 
 
+class _DurableAckTransport(TCPTransport):
+    """Peer transport that makes the log durable before acknowledging it.
+
+    A follower tells the leader which entries it holds with 'next_node_idx'
+    right after appending them; fsyncing the journal here (once for all the
+    entries of that message) means the leader only ever counts entries that
+    are on this member's disk."""
+
+    def send(self, node: Any, message: Any) -> bool:
+        if message.get("type") == "next_node_idx" and message.get("success"):
+            journal = getattr(self._syncObj, "_durable_journal", None)
+            if journal is not None and journal.needs_sync():
+                journal.sync()
+        return super().send(node, message)
+
+
 class _ReplicatedLog(SyncObj):
     """The pysyncobj object: one replicated method that hands each committed
-    entry to metastore's state machine."""
+    entry, with its index, to metastore's state machine."""
 
-    def __init__(self, cfg: RaftConfig, conf: SyncObjConf, apply: ApplyFn) -> None:
+    def __init__(self, cfg: RaftConfig, conf: SyncObjConf, apply: ApplyFn,
+                 journal: DurableJournal | None) -> None:
         self._apply = apply
-        super().__init__(cfg.self_address, cfg.partner_addresses, conf)
+        self._durable_journal = journal
+        super().__init__(cfg.self_address, cfg.partner_addresses, conf,
+                         transportClass=_DurableAckTransport)
 
     @replicated
     def apply_entry(self, payload: bytes) -> Any:
-        return self._apply(payload)
+        # pysyncobj advances raftLastApplied after each entry: this one is +1.
+        return self._apply(payload, self.raftLastApplied + 1)
 
 
 class RaftNode(RaftStatusSource):
@@ -76,11 +123,15 @@ class RaftNode(RaftStatusSource):
     """
 
     def __init__(self, cfg: RaftConfig, node_id: int, member_id_of: Callable[[str | None], int],
-                 apply: ApplyFn) -> None:
+                 apply: ApplyFn, save_snapshot: SaveSnapshotFn | None = None,
+                 load_snapshot: LoadSnapshotFn | None = None) -> None:
         self._cfg = cfg
         self._node_id = node_id
         self._member_id_of = member_id_of
         self._apply = apply
+        self._save_snapshot = save_snapshot
+        self._load_snapshot = load_snapshot
+        self.journal: DurableJournal | None = None
         self._role = RaftRole.FOLLOWER
         self._role_listeners: list[Callable[[RaftRole], None]] = []
         self._obj: _ReplicatedLog | None = None
@@ -89,10 +140,13 @@ class RaftNode(RaftStatusSource):
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
         cfg = self._cfg
+        if cfg.journal_file is not None:
+            self.journal = DurableJournal(cfg.journal_file, fsync=cfg.fsync)
+        snapshots = cfg.snapshot_file is not None and self._save_snapshot is not None
         conf = SyncObjConf(
             bindAddress=cfg.bind_address,
             password=cfg.password,
-            journalFile=cfg.journal_file,
+            journalFile=self.journal,
             # Fail loudly on a busy peer port instead of retrying forever.
             maxBindRetries=3,
             bindRetryTime=0.2,
@@ -108,16 +162,23 @@ class RaftNode(RaftStatusSource):
             leaderFallbackTimeout=max(cfg.election_timeout * 3, cfg.heartbeat_interval * 4),
             connectionTimeout=max(3.5, cfg.election_timeout * 2.5),
             connectionRetryTime=0.5,
-            # Log compaction needs metastore's own snapshot of the Store (the
-            # default one would pickle an empty object and lose the data);
-            # until that exists the log is kept whole.
-            logCompactionMinEntries=2**62,
-            logCompactionMinTime=10**12,
+            # Snapshots are metastore's own (the Store's contents), written on
+            # the tick thread; without them the log is kept whole.
+            fullDumpFile=cfg.snapshot_file if snapshots else None,
+            serializer=self._serialize if snapshots else None,
+            deserializer=self._deserialize if snapshots else None,
+            logCompactionMinEntries=cfg.snapshot_entries if snapshots else 2**62,
+            logCompactionMinTime=3600 if snapshots else 10**12,
             commandsWaitLeader=True,
             onStateChanged=self._on_state_changed,
             dynamicMembershipChange=True,
         )
-        self._obj = _ReplicatedLog(self._cfg, conf, self._apply)
+        self._obj = _ReplicatedLog(self._cfg, conf, self._apply, self.journal)
+        if self.journal is not None:
+            # The leader's own entries reach disk before the next tick counts
+            # them toward commit (commit is computed at the start of a tick;
+            # tick callbacks run after new entries were appended).
+            self._obj.addOnTickCallback(self._sync_journal)
         try:
             self._obj.waitBinded()
         except Exception as exc:
@@ -126,6 +187,23 @@ class RaftNode(RaftStatusSource):
                                f"not available") from exc
         log.info("raft node %s listening on %s, partners %s", cfg.self_address, cfg.bind_address,
                  ",".join(cfg.partner_addresses) or "(none)")
+
+    def _sync_journal(self) -> None:
+        if self.journal.needs_sync():
+            self.journal.sync()
+
+    def _serialize(self, path: str, raft_data: Any) -> None:
+        t0 = time.monotonic()
+        self._save_snapshot(path, raft_data)
+        log.info("snapshot at raft index %d written in %.0f ms", raft_data[0][1],
+                 (time.monotonic() - t0) * 1000)
+
+    def _deserialize(self, path: str) -> Any:
+        t0 = time.monotonic()
+        raft_data = self._load_snapshot(path)
+        log.info("snapshot at raft index %d loaded in %.0f ms", raft_data[0][1],
+                 (time.monotonic() - t0) * 1000)
+        return raft_data
 
     def stop(self) -> None:
         obj, self._obj = self._obj, None
