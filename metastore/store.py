@@ -13,7 +13,7 @@ and see a consistent state as of some applied revision.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from metastore.api.pb import kv_pb2, rpc_pb2
 from metastore.types import RaftStatus, RaftStatusSource
@@ -52,6 +52,23 @@ class Store(Protocol):
     def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse: ...
 
     def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse: ...
+
+    # -- Raft bookkeeping and snapshots ---------------------------------------
+    @property
+    def applied_position(self) -> tuple[int, int]:
+        """(Raft index, position in its batch) of the last applied request
+        whose writes the store holds; persisted atomically with them."""
+        ...
+
+    def set_apply_position(self, index: int, position: int) -> None: ...
+
+    def export_items(self) -> Iterator[tuple[str, bytes, bytes]]:
+        """Every backend row, for a snapshot."""
+        ...
+
+    def import_items(self, items: Iterator[tuple[str, bytes, bytes]]) -> None:
+        """Replace the whole content with a snapshot's rows."""
+        ...
 
     # -- events, status, lifecycle -------------------------------------------
     def add_listener(self, listener: EventListener) -> None: ...
