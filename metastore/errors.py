@@ -61,5 +61,5 @@ TIMEOUT_LEADER_FAIL = _e(StatusCode.UNAVAILABLE, "request timed out, possibly du
 TOO_MANY_REQUESTS = _e(StatusCode.RESOURCE_EXHAUSTED, "too many requests")
 STOPPED = _e(StatusCode.UNAVAILABLE, "server stopped")
 MEMBER_NOT_FOUND = _e(StatusCode.NOT_FOUND, "member not found")
-NOT_CAPABLE = _e(StatusCode.UNKNOWN, "not capable")
+NOT_CAPABLE = _e(StatusCode.UNAVAILABLE, "not capable")
 PERMISSION_DENIED = _e(StatusCode.PERMISSION_DENIED, "permission denied")

@@ -65,6 +65,9 @@ class Node:
             load_snapshot=lambda path: snapshot.load(path, self.store, self.membership),
         )
         self.store.attach_raft(self.raft)
+        # Leases do not exist yet: a put naming one gets etcd's "lease not
+        # found" rather than a key that would never expire.
+        self.store.set_lease_checker(lambda lease: False)
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
         self._publish_task: asyncio.Task | None = None
 
@@ -166,8 +169,7 @@ class Node:
         rev = revision or self.store.revision
         crc, compact = await loop.run_in_executor(None, self.store.hash_kv, rev)
         resp = rpc_pb2.HashKVResponse(hash=crc, compact_revision=compact)
-        resp.header.revision = rev
-        self._fill_header(resp.header)
+        self._fill_header(resp.header)  # etcd reports the current revision
         return resp
 
     # -- cluster and status --------------------------------------------------

@@ -9,7 +9,6 @@ in this package.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -135,7 +134,6 @@ class RaftNode(RaftStatusSource):
         self._role = RaftRole.FOLLOWER
         self._role_listeners: list[Callable[[RaftRole], None]] = []
         self._obj: _ReplicatedLog | None = None
-        self._lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -169,7 +167,13 @@ class RaftNode(RaftStatusSource):
             deserializer=self._deserialize if snapshots else None,
             logCompactionMinEntries=cfg.snapshot_entries if snapshots else 2**62,
             logCompactionMinTime=3600 if snapshots else 10**12,
-            commandsWaitLeader=True,
+            # With no leader a proposal fails at once ("no leader") instead of
+            # waiting in pysyncobj's queue with no deadline, where it could be
+            # applied long after its client was told it timed out.
+            commandsWaitLeader=False,
+            # The leader advances its commit index at the start of a tick; a
+            # lone member has no peer reply to wake it, so it ticks faster.
+            autoTickPeriod=0.05 if cfg.partner_addresses else 0.002,
             onStateChanged=self._on_state_changed,
             dynamicMembershipChange=True,
         )
