@@ -59,6 +59,14 @@ class DurableJournal(Journal):
         self._pending: list[bytes] = []
         self._size = 0  # bytes of the file including pending ones
         self._durable_index = 0  # highest log index known to be on disk
+        # Entries pysyncobj deleted from the tail but that are still in the
+        # file: ((command, idx, term), offset, end offset). pysyncobj deletes
+        # and re-adds identical entries whenever a leader resends overlapping
+        # ones; re-adding the same entry re-attaches its durable record
+        # instead of cutting the file (which would un-persist entries this
+        # member already acknowledged). The file is cut only at the first
+        # entry that really diverges, in the next sync.
+        self._detached: list[tuple[tuple[bytes, int, int], int, int]] = []
         self._term, self._commit, self._voted_for = self._load_meta()
         self._meta_dirty = False
         self._load()
@@ -107,7 +115,7 @@ class DurableJournal(Journal):
 
     # -- group commit --------------------------------------------------------
     def needs_sync(self) -> bool:
-        return bool(self._pending) or self._meta_dirty
+        return bool(self._pending) or self._meta_dirty or bool(self._detached)
 
     @property
     def durable_index(self) -> int:
@@ -117,6 +125,13 @@ class DurableJournal(Journal):
     def sync(self) -> None:
         """Write everything appended so far and fsync it, once."""
         with self._lock:
+            if self._detached:
+                # Deleted entries that were not re-added: gone for good.
+                self._detached.clear()
+                self._file.flush()
+                os.truncate(self.path, self._size - sum(len(r) for r in self._pending))
+                if not self._pending:
+                    self._fsync(self._file.fileno())
             if self._pending:
                 self._file.write(b"".join(self._pending))
                 self._pending.clear()
@@ -136,6 +151,15 @@ class DurableJournal(Journal):
 
     # -- pysyncobj's Journal interface ---------------------------------------
     def add(self, command: bytes, idx: int, term: int) -> None:
+        if self._detached:
+            if not self._pending and self._detached[0][0] == (command, idx, term):
+                entry, offset, end = self._detached.pop(0)
+                self._entries.append(entry)
+                self._offsets.append(offset)
+                self._size = end
+                return
+            # Divergence: the rest of the detached tail is dropped at sync;
+            # this entry is written from the current end.
         body = _ENTRY.pack(idx, term) + command
         record = _HEADER.pack(len(body), zlib.crc32(body)) + body
         self._entries.append((command, idx, term))
@@ -150,15 +174,13 @@ class DurableJournal(Journal):
         """Drop entries at positions >= entryFrom (a conflicting tail)."""
         if entryFrom >= len(self._entries):
             return
-        self.sync()
-        cut = self._offsets[entryFrom]
+        self.sync()  # everything before is on disk, nothing pending
+        ends = self._offsets[entryFrom + 1:] + [self._size]
+        self._detached = [(e, off, end) for e, off, end in
+                          zip(self._entries[entryFrom:], self._offsets[entryFrom:], ends)]
+        self._size = self._offsets[entryFrom]
         del self._entries[entryFrom:]
         del self._offsets[entryFrom:]
-        self._file.flush()
-        os.truncate(self.path, cut)
-        self._size = cut
-        self._fsync(self._file.fileno())
-        self._durable_index = self._entries[-1][1] if self._entries else 0
 
     def deleteEntriesTo(self, entryTo: int) -> None:
         """Drop entries at positions < entryTo (covered by a snapshot)."""
@@ -168,6 +190,7 @@ class DurableJournal(Journal):
         """Replace the file with exactly `entries`, atomically and durably."""
         with self._lock:
             self._pending.clear()
+            self._detached.clear()
             self._file.close()
             tmp = self.path + ".tmp"
             offsets, pos = [], 0
@@ -195,7 +218,7 @@ class DurableJournal(Journal):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _destroy(self) -> None:
+    def _destroy(self) -> None:  # noqa: D401 - pysyncobj's name
         try:
             self.sync()
         finally:

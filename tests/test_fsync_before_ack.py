@@ -7,8 +7,8 @@ acknowledgement a follower sends the leader is checked against its journal.
 """
 from __future__ import annotations
 
+import os
 import threading
-import time
 
 import pytest
 
@@ -111,3 +111,27 @@ def test_journal_survives_reopen_and_cuts_a_torn_tail(tmp_path):
     j3 = DurableJournal(path)
     assert [(e[0], e[1], e[2]) for e in j3] == [(b"cmd3", 3, 1), (b"cmd4", 4, 1), (b"new5", 5, 3)]
     assert j3.fsync_count == 0 and j3.durable_index == 5
+
+
+def test_identical_resent_entries_are_not_cut_from_disk(tmp_path):
+    """pysyncobj deletes and re-adds entries a leader resends; identical ones
+    must stay durable (no truncate, no re-write), diverging ones replace the tail."""
+    path = str(tmp_path / "raft.log")
+    j = DurableJournal(path)
+    for i in range(1, 6):
+        j.add(f"cmd{i}".encode(), i, 1)
+    j.sync()
+    size, fsyncs = os.path.getsize(path), j.fsync_count
+    j.deleteEntriesFrom(2)          # drop indexes 3..5 ...
+    for i in range(3, 6):           # ... and re-add them unchanged
+        j.add(f"cmd{i}".encode(), i, 1)
+    assert os.path.getsize(path) == size and j.durable_index == 5
+    j.sync()
+    assert os.path.getsize(path) == size and j.fsync_count == fsyncs
+    j.deleteEntriesFrom(2)
+    j.add(b"cmd3", 3, 1)
+    j.add(b"other4", 4, 2)          # diverges: 4 and 5 are replaced
+    j.sync()
+    j._destroy()
+    assert [(e[0], e[1]) for e in DurableJournal(path)] == [
+        (b"cmd1", 1), (b"cmd2", 2), (b"cmd3", 3), (b"other4", 4)]
