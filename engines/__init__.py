@@ -2,7 +2,13 @@
 semantics on top of it are shared (`metastore.mvcc.MVCCStore`)."""
 from __future__ import annotations
 
+import os
+
 from metastore.store import Store
+
+# The RocksDB engine keeps its database in this subdirectory of the data dir,
+# so it never shares a directory with the Raft journal or snapshots.
+ROCKSDB_SUBDIR = "rocksdb"
 
 
 def open_store(engine: str, data_dir: str, node_id: int = 0) -> Store:
@@ -11,4 +17,8 @@ def open_store(engine: str, data_dir: str, node_id: int = 0) -> Store:
         from metastore.engines.memory import open_store as open_memory
 
         return open_memory(node_id=node_id)
+    if engine == "rocksdb":
+        from metastore.engines.rocksdb import open_store as open_rocksdb
+
+        return open_rocksdb(os.path.join(data_dir, ROCKSDB_SUBDIR), node_id=node_id)
     raise ValueError(f"unknown engine {engine!r}")

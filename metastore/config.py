@@ -63,8 +63,6 @@ class ServerConfig:
             raise ConfigError("--name must not be empty")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
-        if self.engine == "rocksdb":
-            raise ConfigError("--engine rocksdb is not available yet in this build; use --engine memory")
         if self.initial_cluster_state not in ("new", "existing"):
             raise ConfigError("--initial-cluster-state must be 'new' or 'existing'")
         if self.initial_cluster_state == "existing":

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from metastore.api.pb import rpc_pb2
 from metastore.testing import LocalCluster, free_ports
 
@@ -29,28 +31,18 @@ def test_bad_flag_value_is_a_usage_error(tmp_path):
     assert "expected http://host:port" in proc.stderr
 
 
-def test_client_port_in_use_fails_loudly(tmp_path):
-    client, peer = free_ports(2)
+@pytest.mark.parametrize("busy_port, message", [("client", "cannot listen for clients"),
+                                                ("peer", "cannot listen for peers")])
+def test_port_in_use_fails_loudly(tmp_path, busy_port, message):
+    ports = dict(zip(("client", "peer"), free_ports(2)))
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", client))
+        busy.bind(("127.0.0.1", ports[busy_port]))
         busy.listen()
-        proc = serve(tmp_path, "--listen-client-urls", f"http://127.0.0.1:{client}",
-                     "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}")
+        proc = serve(tmp_path, "--listen-client-urls", f"http://127.0.0.1:{ports['client']}",
+                     "--listen-peer-urls", f"http://127.0.0.1:{ports['peer']}",
+                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{ports['peer']}")
     assert proc.returncode == 1
-    assert f"cannot listen for clients on 127.0.0.1:{client}" in proc.stderr
-
-
-def test_peer_port_in_use_fails_loudly(tmp_path):
-    client, peer = free_ports(2)
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", peer))
-        busy.listen()
-        proc = serve(tmp_path, "--listen-client-urls", f"http://127.0.0.1:{client}",
-                     "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}")
-    assert proc.returncode == 1
-    assert f"cannot listen for peers on 127.0.0.1:{peer}" in proc.stderr
+    assert f"{message} on 127.0.0.1:{ports[busy_port]}" in proc.stderr
 
 
 def test_sigterm_and_sigint_stop_cleanly_and_data_survives_restart():

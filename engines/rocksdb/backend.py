@@ -1,0 +1,331 @@
+"""RocksDBBackend: the Backend tables as column families of one RocksDB.
+
+One column family per table of `metastore.backend.TABLES`, all in raw mode
+(bytes in, bytes out). A `WriteBatch` of the store becomes one RocksDB write
+batch, which RocksDB applies atomically across column families, so a crash
+never leaves `kv` at one revision and `meta` at another.
+
+Durability: the WAL is always on, so a killed process never loses a batch
+that `write` returned for. Whether each write is also fsynced is the `sync`
+flag; it defaults to off because the Raft journal is what makes an
+acknowledged request durable, and an unsynced batch lost to a power cut is
+applied again from that journal.
+
+Threading: MVCCStore serializes writes and never writes while it iterates.
+The maintenance calls (`compact`, `checkpoint`) may come from other threads;
+they exclude `close` but not reads or writes (RocksDB allows both meanwhile).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+import weakref
+from typing import Iterable, Iterator
+
+from rocksdict import (
+    BottommostLevelCompaction,
+    Checkpoint,
+    CompactOptions,
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteBatch as RocksBatch,
+    WriteOptions,
+)
+
+from metastore.backend import TABLES, WriteBatch
+from metastore.engines.rocksdb.marker import (
+    ROCKSDB_CURRENT,
+    ForeignDirectoryError,
+    fsync_dir,
+    has_marker,
+    prepare_dir,
+    write_marker,
+)
+from metastore.engines.rocksdb.options import open_options
+
+_INCOMING = ".incoming"  # a checkpoint being moved into place
+_REPLACED = ".replaced"  # the database a checkpoint replaces, until deleted
+
+_Item = tuple[bytes, bytes]
+
+
+class BackendClosedError(RuntimeError):
+    """The backend was used after close()."""
+
+
+class _Tables(dict):
+    """Table name -> column family; a miss names the real problem: an unknown
+    table, or a backend that was closed (the map is emptied then)."""
+
+    closed = False
+
+    def __missing__(self, name: str):
+        if self.closed:
+            raise BackendClosedError("RocksDB backend is closed")
+        raise KeyError(f"unknown table {name!r}")
+
+
+class RocksDBBackend:
+    """The Backend protocol (metastore.backend.Backend) on RocksDB."""
+
+    def __init__(self, path: str, *, sync: bool = False) -> None:
+        path = os.path.abspath(path)
+        _finish_swap(path)
+        create = prepare_dir(path)
+        names = list(TABLES)
+        if not create:
+            # RocksDB refuses to open a database without naming every column
+            # family it holds: open any a newer build added, too.
+            known = set(names) | {"default"}
+            names += [n for n in Rdict.list_cf(path, Options(raw_mode=True)) if n not in known]
+        opts, cf_opts = open_options(names)
+        opts.create_if_missing(create)
+        self._path = path
+        self._sync = sync
+        self._db = Rdict(path, opts, column_families=cf_opts)
+        self._cfs: _Tables = _Tables({name: self._db.get_column_family(name) for name in TABLES})
+        self._handles: _Tables = _Tables({name: self._db.get_column_family_handle(name) for name in TABLES})
+        self._wo = WriteOptions()
+        self._wo.sync = sync  # a property in rocksdict, not a method
+        # Open iterators keep the database open (and its LOCK held) after
+        # close(); close() ends the ones still alive.
+        self._scans: weakref.WeakSet[Iterator[_Item]] = weakref.WeakSet()
+        # Excludes close() from compact()/checkpoint() (long, GIL released).
+        self._admin = threading.Lock()
+        # What write() put into the memtables since RocksDB last flushed,
+        # for size(): RocksDB reports memtable memory in arena blocks of
+        # about 1 MB, far too coarse to show a single write.
+        self._acct = threading.Lock()
+        self._mem_entries = 0
+        self._mem_bytes = 0
+        self._closed = False
+
+    # -- Backend protocol ---------------------------------------------------------
+    def get(self, table: str, key: bytes) -> bytes | None:
+        return self._cfs[table].get(key)
+
+    def scan(self, table: str, start: bytes, end: bytes | None, reverse: bool = False) -> Iterator[_Item]:
+        """Items with start <= key < end in key order (descending if reverse).
+
+        The iterator is created here, so the scan reads the database as of
+        this call. Two rocksdict 0.3.29 traps shape this:
+        - set_iterate_lower_bound is broken (it sets the upper bound), so the
+          lower end comes from seeking to `start` (forward) or from stopping
+          below it (reverse);
+        - the iterator keeps only a pointer to the upper bound: once the
+          ReadOptions or the bound's bytes are freed, a later step reads
+          garbage and the scan ends early. The generator holds both for as
+          long as the iterator lives.
+        """
+        cf = self._cfs[table]
+        if end is not None and end <= start:
+            return iter(())
+        ro = ReadOptions()
+        if end is not None:
+            ro.set_iterate_upper_bound(end)
+        if reverse:
+            # Seeking to the last key honours the upper bound: the walk
+            # starts at the greatest key < end.
+            gen = _down_to(cf.items(backwards=True, read_opt=ro), start, (ro, end))
+        else:
+            gen = _all(cf.items(from_key=start, read_opt=ro), (ro, end))
+        self._scans.add(gen)
+        return gen
+
+    def write(self, batch: WriteBatch) -> None:
+        """Apply every op of the batch in one atomic RocksDB write. Resolving
+        the tables while building means a bad table name fails before
+        anything is written."""
+        ops = batch.ops
+        if not ops:
+            return
+        rb = RocksBatch(raw_mode=True)
+        handles = self._handles
+        for table, key, value in ops:
+            if value is None:
+                rb.delete(key, handles[table])
+            else:
+                rb.put(key, value, handles[table])
+        nbytes = rb.size_in_bytes()  # before write(): it consumes the batch
+        self._db.write(rb, self._wo)
+        with self._acct:
+            self._mem_entries += len(ops)
+            self._mem_bytes += nbytes
+
+    def size(self) -> tuple[int, int]:
+        """(bytes occupied, bytes in use), summed over every column family.
+
+        Occupied: the SST files plus what the memtables hold (the same bytes
+        are in the WAL on disk). In use: RocksDB's estimate of live SST data
+        plus the memtables. Deleted and overwritten data stops counting as
+        in use once compaction drops it (see compact()).
+        """
+        with self._acct:
+            self._check_open()
+            sst = live = mem_entries = 0
+            for cf in (self._db, *self._cfs.values()):
+                sst += _prop(cf, "rocksdb.total-sst-files-size")
+                live += _prop(cf, "rocksdb.estimate-live-data-size")
+                mem_entries += _prop(cf, "rocksdb.num-entries-active-mem-table")
+                mem_entries += _prop(cf, "rocksdb.num-entries-imm-mem-tables")
+            if mem_entries < self._mem_entries:
+                # Some of what we wrote was flushed to SST files (and counts
+                # there now): keep the unflushed share.
+                self._mem_bytes = self._mem_bytes * mem_entries // self._mem_entries
+                self._mem_entries = mem_entries
+            mem = self._mem_bytes
+        occupied = sst + mem
+        return occupied, min(live + mem, occupied)
+
+    def close(self) -> None:
+        """Release the database (and its LOCK file) so it can be opened again,
+        in this process or another. Idempotent."""
+        with self._admin, self._acct:
+            if self._closed:
+                return
+            self._closed = True
+            for gen in list(self._scans):
+                try:
+                    gen.close()  # type: ignore[attr-defined]
+                except ValueError:  # running in another thread: nothing to do
+                    pass
+            cfs = list(self._cfs.values())
+            for table in (self._cfs, self._handles):
+                table.clear()
+                table.closed = True
+            for cf in cfs:
+                cf.close()
+            del cfs
+            self._db.close()
+
+    # -- maintenance ------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def sync(self) -> bool:
+        return self._sync
+
+    def compact(self, tables: Iterable[str] | None = None) -> None:
+        """Full manual compaction of `tables` (default: every table): flush the
+        memtables and rewrite every level, dropping deleted and overwritten
+        data. This is how space freed by an MVCC compaction or a defragment
+        is actually given back; RocksDB alone would do it only when enough
+        new data arrives to trigger its own compactions. Reads and writes
+        continue meanwhile (the GIL is released)."""
+        names = list(TABLES if tables is None else tables)
+        with self._admin:
+            self._check_open()
+            cfs = [self._cfs[name] for name in names]
+            # Flush every table, not just these: cheap, and with the
+            # memtables empty size() counts exactly again.
+            for cf in (self._db, *self._cfs.values()):
+                cf.flush(True)
+            opts = CompactOptions()
+            opts.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+            for cf in cfs:
+                cf.compact_range(None, None, opts)
+
+    def checkpoint(self, target_dir: str) -> None:
+        """A consistent copy of the whole database in `target_dir` (which must
+        not exist yet), made of hard links where the filesystem allows, and
+        openable as a RocksDBBackend (it carries the engine marker)."""
+        target = os.path.abspath(target_dir)
+        with self._admin:
+            self._check_open()
+            if os.path.lexists(target):
+                raise FileExistsError(f"checkpoint target {target} already exists")
+            Checkpoint(self._db).create_checkpoint(target)
+            write_marker(target)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str, path: str, *, sync: bool = False) -> "RocksDBBackend":
+        """Replace the database at `path` with the checkpoint and open it.
+
+        The checkpoint directory is moved (renamed, or copied when it lives on
+        another filesystem), not kept. Any backend open on `path` must be
+        closed first. The swap is crash-safe: a restart in the middle opens
+        either the old database or the new one, never an empty directory.
+        """
+        src, path = os.path.abspath(checkpoint_dir), os.path.abspath(path)
+        if not (has_marker(src) and os.path.exists(os.path.join(src, ROCKSDB_CURRENT))):
+            raise ForeignDirectoryError(f"{src} is not a checkpoint of the RocksDB engine")
+        if os.path.exists(path) and os.listdir(path) and not has_marker(path):
+            raise ForeignDirectoryError(f"{path} was not created by the RocksDB engine; refusing to replace it")
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        incoming, replaced = path + _INCOMING, path + _REPLACED
+        shutil.rmtree(incoming, ignore_errors=True)
+        _move_dir(src, incoming)
+        shutil.rmtree(replaced, ignore_errors=True)
+        if os.path.exists(path):
+            os.rename(path, replaced)
+        os.rename(incoming, path)
+        fsync_dir(parent)
+        shutil.rmtree(replaced, ignore_errors=True)
+        return cls(path, sync=sync)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendClosedError("RocksDB backend is closed")
+
+
+# -- helpers ----------------------------------------------------------------------
+def _all(items: Iterable[_Item], keep_alive: object) -> Iterator[_Item]:
+    """`keep_alive` (the ReadOptions and its bound) must outlive `items`."""
+    yield from items
+
+
+def _down_to(items: Iterable[_Item], start: bytes, keep_alive: object) -> Iterator[_Item]:
+    for item in items:
+        if item[0] < start:
+            return
+        yield item
+
+
+def _prop(cf: Rdict, name: str) -> int:
+    return cf.property_int_value(name) or 0
+
+
+def _finish_swap(path: str) -> None:
+    """Settle a from_checkpoint swap a crash interrupted. The checkpoint is
+    complete under `.incoming` before the old database is moved away, so a
+    missing `path` next to it means: finish the swap."""
+    incoming, replaced = path + _INCOMING, path + _REPLACED
+    if not os.path.exists(path) and os.path.isdir(incoming) and has_marker(incoming):
+        os.rename(incoming, path)
+        fsync_dir(os.path.dirname(path))
+    if os.path.exists(path):
+        # Leftovers: the database a finished swap replaced, or a checkpoint
+        # whose swap never began (the old database stays, i.e. a roll back).
+        for stale in (replaced, incoming):
+            if os.path.isdir(stale) and has_marker(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _move_dir(src: str, dst: str) -> None:
+    """Rename src to dst; across filesystems copy it (under a temporary name,
+    fsyncing every file, so `dst` never exists half-copied), then remove src.
+    Either way dst is durable before this returns."""
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        partial = dst + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(src, partial)
+        for name in os.listdir(partial):
+            fd = os.open(os.path.join(partial, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(partial)
+        os.rename(partial, dst)
+        shutil.rmtree(src)
+    fsync_dir(os.path.dirname(dst))
