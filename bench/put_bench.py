@@ -8,7 +8,11 @@ per endpoint per 50 clients), each putting keys of `--key-size` bytes and
 values of `--value-size` bytes as fast as answers come back, and prints
 writes/s with p50/p90/p99/max latency. With --start N it first starts an
 N-member cluster (metastore.testing.LocalCluster) on free ports and
-measures that.
+measures that, once per engine (memory, rocksdb) and durability (durable,
+--unsafe-no-fsync) unless --engine / --fsync pick one, printing one table row
+each.
+
+    python bench/put_bench.py --start 3 --clients 100 --duration 10
 """
 from __future__ import annotations
 
@@ -76,12 +80,44 @@ async def run(endpoints: list[str], clients: int, duration: float, key_size: int
     }
 
 
+ENGINES = ("memory", "rocksdb")
+MODES = ("durable", "no-fsync")
+
+
+def measure_started(size: int, engine: str, mode: str, ns: argparse.Namespace) -> dict:
+    """Start a fresh `size`-member cluster of `engine`, benchmark it, stop it."""
+    from metastore.testing import LocalCluster
+
+    extra = ["--unsafe-no-fsync"] if mode == "no-fsync" else []
+    cluster = LocalCluster(size, engine=engine, extra_args=extra)
+    cluster.start()
+    try:
+        endpoints = [m.endpoint for m in cluster.members]
+        return asyncio.run(run(endpoints, ns.clients, ns.duration, ns.key_size, ns.value_size, ns.total))
+    finally:
+        cluster.stop()
+
+
+def print_table(rows: list[tuple[str, str, dict]]) -> None:
+    head = f"{'engine':<8} {'fsync':<9} {'writes/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} " \
+           f"{'max ms':>8} {'errors':>6}"
+    print(head)
+    print("-" * len(head))
+    for engine, mode, r in rows:
+        print(f"{engine:<8} {mode:<9} {r['writes_per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} "
+              f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {r['errors']:>6}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--endpoints", default="127.0.0.1:2379", help="comma-separated host:port list")
     ap.add_argument("--start", type=int, default=0, metavar="N",
-                    help="start an N-member cluster on free ports and benchmark it instead")
-    ap.add_argument("--engine", default="memory", help="engine of the cluster --start starts")
+                    help="start an N-member cluster on free ports for each engine/fsync combination "
+                         "and benchmark those instead")
+    ap.add_argument("--engine", choices=(*ENGINES, "both"), default="both",
+                    help="engine(s) of the clusters --start starts")
+    ap.add_argument("--fsync", choices=(*MODES, "both"), default="both",
+                    help="durable (the default of a server) and/or --unsafe-no-fsync clusters")
     ap.add_argument("--clients", type=int, default=1)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds to run (ignored with --total)")
     ap.add_argument("--total", type=int, default=None, help="stop after this many puts")
@@ -89,25 +125,20 @@ def main() -> int:
     ap.add_argument("--value-size", type=int, default=256)
     ns = ap.parse_args()
 
-    cluster = None
-    endpoints = [e.strip() for e in ns.endpoints.split(",") if e.strip()]
+    print(f"clients={ns.clients} key={ns.key_size}B value={ns.value_size}B "
+          + (f"total={ns.total}" if ns.total else f"duration={ns.duration:g}s"))
     if ns.start:
-        from metastore.testing import LocalCluster
-
-        cluster = LocalCluster(ns.start, engine=ns.engine)
-        cluster.start()
-        endpoints = [m.endpoint for m in cluster.members]
-    try:
+        engines = ENGINES if ns.engine == "both" else (ns.engine,)
+        modes = MODES if ns.fsync == "both" else (ns.fsync,)
+        rows = [(e, m, measure_started(ns.start, e, m, ns)) for e in engines for m in modes]
+        print(f"{ns.start}-member clusters started on loopback")
+    else:
+        endpoints = [e.strip() for e in ns.endpoints.split(",") if e.strip()]
         res = asyncio.run(run(endpoints, ns.clients, ns.duration, ns.key_size, ns.value_size, ns.total))
-    finally:
-        if cluster is not None:
-            cluster.stop()
-    print(f"endpoints={','.join(endpoints)} clients={ns.clients} key={ns.key_size}B value={ns.value_size}B")
-    print(f"writes={res['writes']} errors={res['errors']} time={res['seconds']:.2f}s "
-          f"throughput={res['writes_per_s']:.0f} writes/s")
-    print(f"latency ms: mean={res['mean_ms']:.2f} p50={res['p50_ms']:.2f} p90={res['p90_ms']:.2f} "
-          f"p99={res['p99_ms']:.2f} max={res['max_ms']:.2f}")
-    return 1 if res["errors"] else 0
+        rows = [("?", "?", res)]
+        print(f"endpoints={','.join(endpoints)} (engine and fsync: as the servers were started)")
+    print_table(rows)
+    return 1 if any(r["errors"] for _, _, r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -146,6 +146,28 @@ class MVCCStore:
                     self._backend.write(batch)
                 self._load_meta()
 
+    def checkpoint(self, target_dir: str) -> bool:
+        """Write the engine's own consistent copy of the data to `target_dir`
+        if it has one (RocksDB: a hard-linked checkpoint); False if not.
+        Same caller rule as export_items."""
+        make = getattr(self._backend, "checkpoint", None)
+        if make is None:
+            return False
+        make(target_dir)
+        return True
+
+    def install_checkpoint(self, checkpoint_dir: str) -> bool:
+        """Swap the backend for a checkpoint made by `checkpoint` on an
+        engine of the same kind (the directory is consumed); False, with
+        nothing changed, if this engine cannot install checkpoints."""
+        if getattr(self._backend, "replace_with_checkpoint", None) is None:
+            return False
+        with self._write_lock:
+            with self._lock:
+                self._backend = self._backend.replace_with_checkpoint(checkpoint_dir)  # type: ignore[attr-defined]
+                self._load_meta()
+        return True
+
     # -- properties -----------------------------------------------------------
     @property
     def revision(self) -> int:

@@ -75,7 +75,6 @@ class Node:
         """Create the data dir, or check an existing one belongs to this member
         and engine (opening another engine's data would silently lose it)."""
         cfg = self.cfg
-        os.makedirs(cfg.member_dir, exist_ok=True)
         marker = os.path.join(cfg.data_dir, _DATA_DIR_MARKER)
         wanted = {"engine": cfg.engine, "name": cfg.name, "member_id": f"{self.member_id:x}",
                   "cluster_id": f"{self.cluster_id:x}"}
@@ -87,7 +86,9 @@ class Node:
                     raise ConfigError(
                         f"data dir {cfg.data_dir} was written with {key}={found.get(key)}, this server "
                         f"has {key}={wanted[key]}; use a matching configuration or another --data-dir")
+            os.makedirs(cfg.member_dir, exist_ok=True)
             return
+        os.makedirs(cfg.member_dir, exist_ok=True)
         tmp = marker + ".tmp"
         with open(tmp, "w") as f:
             json.dump(wanted, f)

@@ -1,56 +1,77 @@
 """Raft snapshots of a member's state machine (the Store plus the member table).
 
 pysyncobj compacts its log by asking for a snapshot file and, on a follower
-too far behind, ships that file and loads it there. The file holds every
-backend table row (engine-independent, so both engines share one format) and
-the raft data pysyncobj needs back. Writing it runs on the tick thread, so it
-streams rows straight to disk without building the state in memory.
+too far behind, ships that file and loads it there. Writing runs on the tick
+thread, where nothing is applied meanwhile, so the copy is consistent; it must
+also be quick, since heartbeats wait for it.
 
-Format: MAGIC | u32 header length | pickled header | rows | END, where a row
-is u8 table | u32 key length | u32 value length | key | value.
+The body comes in one of two formats, named in the header:
+- ``rows``: every backend row, streamed (the memory engine: no copy of the
+  state is built in memory);
+- ``rocksdb-checkpoint``: the files of a RocksDB checkpoint (hard links, made
+  in milliseconds), packed one after the other.
+Either format loads into either engine: members of one cluster may run
+different engines, and a checkpoint received by a memory member is read row
+by row.
+
+File: MAGIC | u32 header length | pickled header | body.
+rows body: (u8 table | u32 key length | u32 value length | key | value)* | 0xFF.
+checkpoint body: (u16 name length | u64 size | name | content)* | u16 0.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import struct
 from typing import Any, BinaryIO, Iterator
 
 from metastore.backend import TABLES
 from metastore.cluster import Membership
-from metastore.mvcc import MVCCStore
+from metastore.store import Store
 
-MAGIC = b"METASTORE-SNAPSHOT-1\n"
+MAGIC = b"METASTORE-SNAPSHOT-2\n"
+_OLD_MAGIC = b"METASTORE-SNAPSHOT-1\n"  # rows only, no format in the header
+assert len(MAGIC) == len(_OLD_MAGIC)
+ROWS = "rows"
+CHECKPOINT = "rocksdb-checkpoint"
+
+_LEN = struct.Struct("<I")
 _ROW = struct.Struct("<BII")
 _END = 0xFF
-_LEN = struct.Struct("<I")
+_FILE = struct.Struct("<HQ")
+_COPY_CHUNK = 1 << 20
 
 
-def save(path: str, store: MVCCStore, membership: Membership, raft_data: Any) -> None:
+def save(path: str, store: Store, membership: Membership, raft_data: Any) -> None:
     """Write the snapshot to `path` and fsync it before returning: pysyncobj
     drops the log entries it covers as soon as this returns."""
-    header = pickle.dumps({"raft_data": raft_data, "members": membership.export(),
-                           "revision": store.revision, "applied": store.applied_position})
-    with open(path, "wb") as f:
-        f.write(MAGIC)
-        f.write(_LEN.pack(len(header)))
-        f.write(header)
-        table_ids = {name: i for i, name in enumerate(TABLES)}
-        write = f.write
-        for table, key, value in store.export_items():
-            write(_ROW.pack(table_ids[table], len(key), len(value)))
-            write(key)
-            write(value)
-        f.write(bytes([_END]))
-        f.flush()
-        os.fsync(f.fileno())
+    staging = path + ".checkpoint"
+    shutil.rmtree(staging, ignore_errors=True)
+    fmt = CHECKPOINT if store.checkpoint(staging) else ROWS
+    try:
+        header = pickle.dumps({"format": fmt, "raft_data": raft_data, "members": membership.export(),
+                               "revision": store.revision, "applied": store.applied_position})
+        with open(path, "wb") as f:
+            f.write(MAGIC)
+            f.write(_LEN.pack(len(header)))
+            f.write(header)
+            if fmt == CHECKPOINT:
+                _pack_dir(f, staging)
+            else:
+                _write_rows(f, store)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def load(path: str, store: MVCCStore, membership: Membership) -> Any:
+def load(path: str, store: Store, membership: Membership) -> Any:
     """Load a snapshot into the store (unless the store, being persistent,
     already holds everything it covers); returns pysyncobj's raft data."""
     with open(path, "rb") as f:
-        if f.read(len(MAGIC)) != MAGIC:
+        magic = f.read(len(MAGIC))
+        if magic not in (MAGIC, _OLD_MAGIC):
             raise RuntimeError(f"{path} is not a metastore snapshot")
         (length,) = _LEN.unpack(f.read(_LEN.size))
         header = pickle.loads(f.read(length))
@@ -59,11 +80,50 @@ def load(path: str, store: MVCCStore, membership: Membership) -> Any:
         membership.restore(header["members"])
         if store.applied_position[0] >= snapshot_index:
             return raft_data  # a persistent engine that is already past it
-        store.import_items(_rows(f, path))
+        if header.get("format", ROWS) == ROWS:
+            body = f.tell()
+            _check_rows(f, path)  # a damaged file must leave the store as it was
+            f.seek(body)
+            store.import_items(_read_rows(f, path))
+        else:
+            staging = path + ".unpacked"
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                _unpack_dir(f, staging, path)
+                if not store.install_checkpoint(staging):
+                    _import_checkpoint_rows(store, staging)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     return raft_data
 
 
-def _rows(f: BinaryIO, path: str) -> Iterator[tuple[str, bytes, bytes]]:
+# -- rows ---------------------------------------------------------------------------
+def _write_rows(f: BinaryIO, store: Store) -> None:
+    table_ids = {name: i for i, name in enumerate(TABLES)}
+    write = f.write
+    for table, key, value in store.export_items():
+        write(_ROW.pack(table_ids[table], len(key), len(value)))
+        write(key)
+        write(value)
+    write(bytes([_END]))
+
+
+def _check_rows(f: BinaryIO, path: str) -> None:
+    """Walk the rows by their lengths (no data read) up to the end mark."""
+    size = os.fstat(f.fileno()).st_size
+    while True:
+        tag = f.read(1)
+        if tag and tag[0] == _END:
+            return
+        head = tag + f.read(_ROW.size - 1)
+        if len(head) != _ROW.size:
+            raise RuntimeError(f"snapshot {path} is truncated")
+        table, klen, vlen = _ROW.unpack(head)
+        if table >= len(TABLES) or f.seek(klen + vlen, os.SEEK_CUR) >= size:
+            raise RuntimeError(f"snapshot {path} is truncated or damaged")
+
+
+def _read_rows(f: BinaryIO, path: str) -> Iterator[tuple[str, bytes, bytes]]:
     read = f.read
     while True:
         tag = read(1)
@@ -73,3 +133,62 @@ def _rows(f: BinaryIO, path: str) -> Iterator[tuple[str, bytes, bytes]]:
             return
         table, klen, vlen = _ROW.unpack(tag + read(_ROW.size - 1))
         yield TABLES[table], read(klen), read(vlen)
+
+
+# -- checkpoint files -----------------------------------------------------------------
+def _pack_dir(f: BinaryIO, root: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root).encode()
+            with open(full, "rb") as src:
+                size = os.fstat(src.fileno()).st_size
+                f.write(_FILE.pack(len(rel), size))
+                f.write(rel)
+                _copy(src, f, size, full)
+    f.write(_FILE.pack(0, 0))
+
+
+def _unpack_dir(f: BinaryIO, root: str, path: str) -> None:
+    """Recreate the packed files under `root`, each fsynced: RocksDB will
+    take them over as its database."""
+    os.makedirs(root)
+    base = os.path.realpath(root)
+    while True:
+        head = f.read(_FILE.size)
+        if len(head) != _FILE.size:
+            raise RuntimeError(f"snapshot {path} is truncated")
+        name_len, size = _FILE.unpack(head)
+        if name_len == 0:
+            break
+        rel = f.read(name_len).decode()
+        target = os.path.realpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or not target.startswith(base + os.sep):
+            raise RuntimeError(f"snapshot {path} names a file outside its directory: {rel!r}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as out:
+            _copy(f, out, size, path)
+            out.flush()
+            os.fsync(out.fileno())
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, size: int, name: str) -> None:
+    left = size
+    while left:
+        chunk = src.read(min(left, _COPY_CHUNK))
+        if not chunk:
+            raise RuntimeError(f"{name} ended early (truncated snapshot or file)")
+        dst.write(chunk)
+        left -= len(chunk)
+
+
+def _import_checkpoint_rows(store: Store, checkpoint_dir: str) -> None:
+    """A RocksDB checkpoint loaded into an engine that cannot adopt it."""
+    from metastore.engines.rocksdb import RocksDBBackend
+
+    backend = RocksDBBackend(checkpoint_dir)
+    try:
+        store.import_items((table, k, v) for table in TABLES for k, v in backend.scan(table, b"", None))
+    finally:
+        backend.close()

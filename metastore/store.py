@@ -70,6 +70,17 @@ class Store(Protocol):
         """Replace the whole content with a snapshot's rows."""
         ...
 
+    def checkpoint(self, target_dir: str) -> bool:
+        """Write an engine-native copy of the data into `target_dir` (faster
+        than export_items for a persistent engine); False if the engine has
+        none."""
+        ...
+
+    def install_checkpoint(self, checkpoint_dir: str) -> bool:
+        """Replace the whole content with a checkpoint from an engine of the
+        same kind; False, nothing changed, if this engine cannot."""
+        ...
+
     # -- events, status, lifecycle -------------------------------------------
     def add_listener(self, listener: EventListener) -> None: ...
 

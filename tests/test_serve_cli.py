@@ -1,6 +1,7 @@
 """`metastore serve` as a user runs it: refusals, port clashes, clean shutdown."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -57,3 +58,33 @@ def test_sigterm_and_sigint_stop_cleanly_and_data_survives_restart():
         assert [kv.value for kv in resp.kvs] == [b"v"] and resp.kvs[0].mod_revision == 2
         cluster.kill(m, signal.SIGINT)
         assert m.proc.returncode == 0, m.log()
+
+
+def _tree(root: str) -> dict[str, tuple[int, int]]:
+    """Every file under root with its size and modification time."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.stat(os.path.join(dirpath, name))
+            out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("written_by, opened_with", [("memory", "rocksdb"), ("rocksdb", "memory")])
+def test_data_dir_of_the_other_engine_is_refused_untouched(written_by, opened_with):
+    with LocalCluster(1, engine=written_by) as cluster:
+        m = cluster.members[0]
+        m.kv().Put(rpc_pb2.PutRequest(key=b"k", value=b"kept"), timeout=5)
+        cluster.kill(m, signal.SIGTERM)
+        before = _tree(m.data_dir)
+        cmd = cluster.command(m)
+        cmd[cmd.index("--engine") + 1] = opened_with
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=cluster.base_dir)
+        assert proc.returncode == 1, proc.stderr
+        assert f"written with engine={written_by}, this server has engine={opened_with}" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert _tree(m.data_dir) == before
+        # The right engine still finds everything.
+        cluster.restart(m)
+        resp = m.kv().Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)
+        assert [kv.value for kv in resp.kvs] == [b"kept"]

@@ -242,6 +242,12 @@ class RocksDBBackend:
             Checkpoint(self._db).create_checkpoint(target)
             write_marker(target)
 
+    def replace_with_checkpoint(self, checkpoint_dir: str) -> "RocksDBBackend":
+        """Close this backend and return its database replaced by the
+        checkpoint (see from_checkpoint); how a snapshot is installed."""
+        self.close()
+        return type(self).from_checkpoint(checkpoint_dir, self._path, sync=self._sync)
+
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str, path: str, *, sync: bool = False) -> "RocksDBBackend":
         """Replace the database at `path` with the checkpoint and open it.
