@@ -109,10 +109,14 @@ async def _run(cfg: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    log.info("member %s (%x) serving clients on %s", cfg.name, server.node.member_id,
-             ",".join(cfg.listen_client_urls))
-    await stop.wait()
-    log.info("shutting down")
-    await server.stop()
+    try:
+        await server.start()
+        log.info("member %s (%x) serving clients on %s", cfg.name, server.node.member_id,
+                 ",".join(cfg.listen_client_urls))
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        # Also after a failed start: release the ports, the Raft node and
+        # the database LOCK before the process reports the error.
+        await server.stop()
     log.info("stopped")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from metastore import cluster
 
@@ -79,6 +80,13 @@ class ServerConfig:
             raise ConfigError("--listen-client-urls must name at least one URL")
         if len(self.listen_peer_urls) != 1:
             raise ConfigError("--listen-peer-urls takes exactly one URL (the Raft transport binds one address)")
+        peer_urls = self.listen_peer_urls + self.initial_advertise_peer_urls + [
+            u for urls in members.values() for u in urls]
+        for url in peer_urls:
+            if ":" in (urlsplit(url).hostname or ""):
+                # pysyncobj splits node addresses at the first ':'.
+                raise ConfigError(f"peer URL {url}: IPv6 addresses are not supported for the Raft "
+                                  f"peer transport; use an IPv4 address or a host name")
         if self.name not in members:
             raise ConfigError(f"--initial-cluster has no entry for this member's --name {self.name!r}")
         mine = sorted(cluster.hostport(u) for u in members[self.name])

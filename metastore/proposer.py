@@ -12,6 +12,7 @@ committed before the read began. Concurrent reads share that one barrier.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from typing import Any
@@ -46,6 +47,8 @@ class Proposer:
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open = _Batch()
+        # Full batches waiting for a free in-flight slot, oldest first.
+        self._ready: collections.deque[_Batch] = collections.deque()
         self._flush_scheduled = False
         self._inflight = 0
         self._closed = False
@@ -61,7 +64,10 @@ class Proposer:
         proposal.request_id = next(self._ids)
         size = proposal.ByteSize()
         if self._open.size + size > self._max_batch_bytes and self._open.proposals:
-            self._submit()  # keep every entry under the Raft message limit
+            # Keep every entry under the Raft message limit; the full batch
+            # waits its turn like any other (max_inflight still holds).
+            self._ready.append(self._open)
+            self._open = _Batch()
         fut = self._loop.create_future()
         self._open.proposals.append(proposal)
         self._open.futures.append(fut)
@@ -101,12 +107,14 @@ class Proposer:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        while self._inflight < self._max_inflight and self._ready:
+            self._submit(self._ready.popleft())
         if self._inflight < self._max_inflight and (self._open.proposals or self._open.barriers):
-            self._submit()
+            batch, self._open = self._open, _Batch()
+            self._submit(batch)
         # else: a finishing entry calls _flush again
 
-    def _submit(self) -> None:
-        batch, self._open = self._open, _Batch()
+    def _submit(self, batch: _Batch) -> None:
         payload = b""
         if batch.proposals:
             payload = raft_entry_pb2.ProposalBatch(
@@ -116,7 +124,10 @@ class Proposer:
         batch.timer = loop.call_later(self._timeout * 2, self._finish, batch, None, errors.TIMEOUT)
 
         def done(result: Any, error: EtcdError | None) -> None:  # tick thread
-            loop.call_soon_threadsafe(self._finish, batch, result, error)
+            try:
+                loop.call_soon_threadsafe(self._finish, batch, result, error)
+            except RuntimeError:
+                pass  # the loop is closed: the server stopped, nobody waits
 
         self._raft.submit(payload, done)
 

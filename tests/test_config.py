@@ -25,6 +25,8 @@ def test_defaults_are_a_single_loopback_member():
     (dict(listen_client_urls=["127.0.0.1:2379"]), "expected http://host:port"),
     (dict(engine="leveldb"), "--engine must be one of"),
     (dict(heartbeat_interval_ms=500, election_timeout_ms=1000), "at least 5x"),
+    (dict(listen_peer_urls=["http://[::1]:2380"], initial_advertise_peer_urls=["http://[::1]:2380"]),
+     "IPv6 addresses are not supported"),
 ])
 def test_bad_configs_are_refused_with_a_reason(kwargs, fragment):
     with pytest.raises(ConfigError) as info:

@@ -1,0 +1,122 @@
+"""Proposer logic in isolation: batching, the in-flight limit, barriers,
+timeouts. The Raft node is a fake that records submissions and lets the test
+decide when each entry is applied."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from metastore import errors
+from metastore.api.pb import raft_entry_pb2, rpc_pb2
+from metastore.proposer import Proposer
+
+
+class FakeRaft:
+    def __init__(self) -> None:
+        self.submitted: list[tuple[bytes, object]] = []
+
+    def submit(self, payload: bytes, done) -> None:
+        self.submitted.append((payload, done))
+
+    def apply(self, i: int, error=None) -> None:
+        """Apply submission i: one result per proposal, its key."""
+        payload, done = self.submitted[i]
+        batch = raft_entry_pb2.ProposalBatch.FromString(payload)
+        done(None if error else [p.put.key for p in batch.proposals], error)
+
+
+def put(key: bytes, value: bytes = b"") -> raft_entry_pb2.Proposal:
+    return raft_entry_pb2.Proposal(put=rpc_pb2.PutRequest(key=key, value=value))
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make(raft: FakeRaft, **kw) -> Proposer:
+    p = Proposer(raft, origin=7, **kw)  # type: ignore[arg-type]
+    p.bind(asyncio.get_running_loop())
+    return p
+
+
+def test_requests_of_one_loop_iteration_share_one_entry():
+    async def main():
+        raft = FakeRaft()
+        p = make(raft)
+        tasks = [asyncio.create_task(p.propose(put(b"k%d" % i))) for i in range(10)]
+        await settle()
+        assert len(raft.submitted) == 1
+        batch = raft_entry_pb2.ProposalBatch.FromString(raft.submitted[0][0])
+        assert batch.origin == 7 and len(batch.proposals) == 10
+        raft.apply(0)
+        assert await asyncio.gather(*tasks) == [b"k%d" % i for i in range(10)]
+    run(main())
+
+
+def test_in_flight_limit_holds_for_full_batches_too():
+    async def main():
+        raft = FakeRaft()
+        p = make(raft, max_inflight=2, max_batch_bytes=1000)
+        # 10 proposals of ~300 bytes: several full batches at once.
+        tasks = [asyncio.create_task(p.propose(put(b"k%d" % i, b"x" * 300))) for i in range(10)]
+        await settle()
+        assert len(raft.submitted) == 2, "more entries in flight than max_inflight"
+        for payload, _ in raft.submitted:
+            assert len(payload) <= 1000
+        done = 0
+        while done < len(raft.submitted):
+            raft.apply(done)
+            done += 1
+            await settle()
+            assert len(raft.submitted) - done <= 2
+        results = await asyncio.gather(*tasks)
+        assert results == [b"k%d" % i for i in range(10)]
+    run(main())
+
+
+def test_barrier_rides_the_open_batch_or_an_empty_entry():
+    async def main():
+        raft = FakeRaft()
+        p = make(raft)
+        w = asyncio.create_task(p.propose(put(b"a")))
+        b = asyncio.create_task(p.barrier())
+        await settle()
+        assert len(raft.submitted) == 1
+        raft.apply(0)
+        await asyncio.gather(w, b)
+        b2 = asyncio.create_task(p.barrier())
+        await settle()
+        assert raft.submitted[1][0] == b"", "a lone barrier sends an empty entry"
+        assert not b2.done()
+        raft.apply(1)
+        await b2
+    run(main())
+
+
+def test_errors_and_timeouts_reach_every_waiter():
+    async def main():
+        raft = FakeRaft()
+        p = make(raft, timeout=0.2)
+        t1 = asyncio.create_task(p.propose(put(b"a")))
+        t2 = asyncio.create_task(p.barrier())
+        await settle()
+        raft.submitted[0][1](None, errors.NO_LEADER)
+        for t in (t1, t2):
+            with pytest.raises(errors.EtcdError) as e:
+                await t
+            assert e.value is errors.NO_LEADER
+        t3 = asyncio.create_task(p.propose(put(b"b")))
+        with pytest.raises(errors.EtcdError) as e:
+            await t3  # never applied
+        assert e.value is errors.TIMEOUT
+        p.close()
+        with pytest.raises(errors.EtcdError) as e:
+            await p.propose(put(b"c"))
+        assert e.value is errors.STOPPED
+    run(main())
