@@ -10,9 +10,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from metastore.api.cluster import ClusterService
 from metastore.api.kv import KVService
+from metastore.api.lease import LeaseService
 from metastore.api.maintenance import MaintenanceService
 from metastore.api.pb import metastore_pb2_grpc, rpc_pb2_grpc
 from metastore.api.raft_status import RaftStatusService
+from metastore.api.watch import WatchService
 from metastore.cluster import hostport
 from metastore.node import Node
 
@@ -43,6 +45,8 @@ async def build_server(node: Node) -> tuple[grpc.aio.Server, health.aio.HealthSe
     rpc_pb2_grpc.add_KVServicer_to_server(KVService(node), server)
     rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), server)
     rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), server)
+    rpc_pb2_grpc.add_WatchServicer_to_server(WatchService(node), server)
+    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(node), server)
     metastore_pb2_grpc.add_RaftServicer_to_server(RaftStatusService(node), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -75,6 +79,9 @@ class Server:
     async def stop(self, grace: float = 1.0) -> None:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        # End watch streams now rather than after the grace period: their
+        # clients reconnect to another member at once.
+        self.node.watch_hub.stop()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.node.stop()

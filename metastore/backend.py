@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
-# The tables every backend provides. Their layouts are defined by metastore.mvcc.
-TABLES: tuple[str, ...] = ("kv", "hist", "rev", "meta")
+# The tables every backend provides. Their layouts are defined by
+# metastore.mvcc_layout and metastore.mvcc_lease. New tables go at the end:
+# snapshots name tables by position.
+TABLES: tuple[str, ...] = ("kv", "hist", "rev", "meta", "lease")
 
 
 @dataclass

@@ -22,7 +22,7 @@ import logging
 import threading
 import zlib
 from itertools import islice
-from typing import Callable, Iterator
+from typing import Iterator
 
 from metastore import errors
 from metastore.api.pb import rpc_pb2
@@ -44,6 +44,7 @@ from metastore.mvcc_layout import (
     split_hist_key,
     unpack_u64,
 )
+from metastore.mvcc_lease import attached_keys, lease_key, load_leases, pack_ttl
 from metastore.mvcc_range import (
     KeyRange,
     Selection,
@@ -66,7 +67,6 @@ _RR = rpc_pb2.RangeRequest
 # Changes read per lock hold when replaying history for a watcher.
 REPLAY_ROWS = 1_000
 
-LeaseChecker = Callable[[int], bool]
 # Tables a compaction leaves garbage in: the history it deleted (see
 # mvcc_compact) and meta, whose few rows are overwritten on every write.
 COMPACTED_TABLES = ("hist", "rev", "meta")
@@ -84,7 +84,7 @@ class MVCCStore:
         self._write_lock = threading.RLock()
         self._listeners: list[EventListener] = []
         self._raft: RaftStatusSource | None = None
-        self._lease_exists: LeaseChecker | None = None
+        self._leases: dict[int, int] = {}  # the lease table's L rows: id -> TTL
 
         layout = backend.get("meta", META_LAYOUT)
         if layout is None:
@@ -105,6 +105,7 @@ class MVCCStore:
         self._compact_rev = unpack_u64(backend.get("meta", META_COMPACT_REVISION), 0)
         applied = backend.get("meta", META_APPLIED)
         self._applied = _APPLIED.unpack(applied) if applied else (0, 0)
+        self._leases = load_leases(backend)
 
     # -- Raft bookkeeping -------------------------------------------------------
     @property
@@ -375,15 +376,20 @@ class MVCCStore:
             raise errors.COMPACTED
 
     def _require_lease(self, lease: int) -> None:
-        # Lease hook: until the lease subsystem exists no checker is set and
-        # any lease id is stored as given. etcd rejects an unknown lease with
-        # LEASE_NOT_FOUND before applying anything; the checker must answer
-        # deterministically from replicated state (it runs in the apply loop).
-        if lease and self._lease_exists is not None and not self._lease_exists(lease):
+        # etcd rejects a put naming an unknown lease before applying anything.
+        if lease and lease not in self._leases:
             raise errors.LEASE_NOT_FOUND
 
-    def _commit(self, w: WriteTxn) -> None:
+    def _commit(self, w: WriteTxn, always: bool = False) -> None:
+        """Write the request's batch (with the applied position) and move
+        the revision if it changed any key. A request that changed no key
+        writes nothing, unless `always` (lease rows changed)."""
         if not w.changes:
+            if always:
+                w.batch.put("meta", META_APPLIED, _APPLIED.pack(*self._position))
+                with self._lock:
+                    self._backend.write(w.batch)
+                    self._applied = self._position
             return  # read-only txn or a delete that matched nothing: no revision
         w.batch.put("meta", META_REVISION, pack_u64(w.rev))
         w.batch.put("meta", META_APPLIED, _APPLIED.pack(*self._position))
@@ -398,6 +404,49 @@ class MVCCStore:
                     listener(w.rev, events)
                 except Exception:  # one bad listener must not stop the apply loop
                     log.exception("store listener failed at revision %d", w.rev)
+
+    # -- leases -------------------------------------------------------------------
+    def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> rpc_pb2.LeaseGrantResponse:
+        """Record a lease (ID and TTL chosen and checked by the proposer)."""
+        with self._write_lock:
+            if req.ID in self._leases:
+                raise errors.LEASE_EXISTS
+            w = WriteTxn(self._backend, self._rev)
+            w.batch.put("lease", lease_key(req.ID), pack_ttl(req.TTL))
+            self._commit(w, always=True)
+            self._leases[req.ID] = req.TTL
+            resp = rpc_pb2.LeaseGrantResponse(ID=req.ID, TTL=req.TTL)
+            resp.header.revision = self._rev
+        return resp
+
+    def lease_revoke(self, req: rpc_pb2.LeaseRevokeRequest) -> rpc_pb2.LeaseRevokeResponse:
+        """Drop a lease and delete every key attached to it, in one revision."""
+        with self._write_lock:
+            if req.ID not in self._leases:
+                raise errors.LEASE_NOT_FOUND
+            w = WriteTxn(self._backend, self._rev)
+            for key in list(attached_keys(self._backend, req.ID)):
+                rec = w.get(key)
+                if rec is not None:
+                    w.delete(key, rec)  # also drops the attachment row
+            w.batch.delete("lease", lease_key(req.ID))
+            self._commit(w, always=True)
+            del self._leases[req.ID]
+            resp = rpc_pb2.LeaseRevokeResponse()
+            resp.header.revision = self._rev
+        return resp
+
+    def lease_ttl(self, lease: int) -> int | None:
+        """Granted TTL of a lease, None if there is no such lease."""
+        return self._leases.get(lease)
+
+    def leases(self) -> dict[int, int]:
+        """Every lease: id -> granted TTL (a copy)."""
+        return dict(self._leases)
+
+    def lease_keys(self, lease: int) -> list[bytes]:
+        with self._lock:
+            return list(attached_keys(self._backend, lease))
 
     # -- events -------------------------------------------------------------------
     def add_listener(self, listener: EventListener) -> None:
@@ -422,13 +471,13 @@ class MVCCStore:
         end_revision (default: the revision current now) as (revision, events),
         one item per revision, from history.
 
-        Raises COMPACTED now if start_revision <= compact_revision (that
+        Raises COMPACTED now if start_revision < compact_revision (that
         history is gone; etcd cancels such a watch with compact_revision), or
         later, from the iterator, if a compaction overtakes the replay.
         """
         start = max(start_revision, 1)
         with self._lock:
-            if start <= self._compact_rev:
+            if start < self._compact_rev:
                 raise errors.COMPACTED
             end = self._rev if end_revision is None else end_revision
         return self._replay(start, end, key_range(key, range_end))
@@ -437,7 +486,7 @@ class MVCCStore:
         nxt = start
         while nxt <= end and not keys.empty:
             with self._lock:
-                if nxt <= self._compact_rev:
+                if nxt < self._compact_rev:
                     raise errors.COMPACTED
                 chunk, nxt = read_events(self._backend, nxt, end, keys, REPLAY_ROWS)
             yield from chunk
@@ -460,10 +509,6 @@ class MVCCStore:
                 if main <= rev:
                     crc = zlib.crc32(rec, zlib.crc32(pack_rev(main, sub), zlib.crc32(key, crc)))
         return crc, compact
-
-    def set_lease_checker(self, checker: LeaseChecker | None) -> None:
-        """Hook for the lease subsystem: checker(lease_id) -> exists."""
-        self._lease_exists = checker
 
     def attach_raft(self, source: RaftStatusSource | None) -> None:
         self._raft = source

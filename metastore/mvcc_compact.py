@@ -5,6 +5,8 @@ only if that is not a delete) plus everything newer. Only keys written since
 the previous compaction can have anything to drop -- older keys were already
 reduced to that one version -- and the `rev` table lists exactly those writes,
 in revision order, so compaction walks `rev` up to C instead of all keys.
+The rows of C itself stay (a watch may start at C and replays them), but the
+keys they name are reclaimed too.
 
 The work is cut into batches so the store lock is never held for a whole
 compaction of millions of rows. Each batch removes the `rev` rows it walked
@@ -29,11 +31,13 @@ def compaction_batches(backend: Backend, target: int, chunk: int = CHUNK_ROWS) -
     is found again from the start of `rev`, which only works once the rows of
     the previous chunk are gone.
     """
-    stop = pack_rev(target + 1, 0)
+    # The changes made at `target` itself stay listed: etcd lets a watch
+    # start at the compacted revision, and it replays them from `rev`.
+    stop = pack_rev(target, 0)
     while True:
         rows = list(islice(backend.scan("rev", b"", stop), chunk))
         if not rows:
-            return
+            break
         batch = WriteBatch()
         touched: set[bytes] = set()
         for rk, key in rows:
@@ -41,6 +45,13 @@ def compaction_batches(backend: Backend, target: int, chunk: int = CHUNK_ROWS) -
             touched.add(key)
         for key in sorted(touched):
             _reclaim_key(backend, key, target, batch)
+        yield batch
+    # Keys written at `target` may leave older versions nobody reads any more.
+    at_target = {key for _rk, key in backend.scan("rev", stop, pack_rev(target + 1, 0))}
+    batch = WriteBatch()
+    for key in sorted(at_target):
+        _reclaim_key(backend, key, target, batch)
+    if len(batch):
         yield batch
 
 

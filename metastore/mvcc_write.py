@@ -18,6 +18,7 @@ from metastore.mvcc_layout import (
     pack_rev,
     record_header,
 )
+from metastore.mvcc_lease import attach_key
 from metastore.mvcc_read import Item
 
 
@@ -83,12 +84,18 @@ class WriteTxn:
         """Make `value` the current version of `key`; `prev` is its current
         record (from get). Returns the new record."""
         sub = len(self.changes)
+        prev_lease = 0
         if prev is None:
             create, version = self.rev, 1
         else:
-            p_create, p_mod, p_sub, p_version, _ = record_header(prev)
+            p_create, p_mod, p_sub, p_version, prev_lease = record_header(prev)
             create, version = p_create, p_version + 1
             self.batch.put("hist", hist_key(key, p_mod, p_sub), prev)
+        if prev_lease != lease:
+            if prev_lease:
+                self.batch.delete("lease", attach_key(prev_lease, key))
+            if lease:
+                self.batch.put("lease", attach_key(lease, key), b"")
         rec = encode_record(create, self.rev, sub, version, lease, value)
         self.batch.put("kv", key, rec)
         self.batch.put("rev", pack_rev(self.rev, sub), key)
@@ -99,7 +106,9 @@ class WriteTxn:
     def delete(self, key: bytes, prev: bytes) -> None:
         """Delete live `key` whose current record is `prev`."""
         sub = len(self.changes)
-        _create, p_mod, p_sub, _version, _lease = record_header(prev)
+        _create, p_mod, p_sub, _version, prev_lease = record_header(prev)
+        if prev_lease:
+            self.batch.delete("lease", attach_key(prev_lease, key))
         self.batch.put("hist", hist_key(key, p_mod, p_sub), prev)
         self.batch.put("hist", hist_key(key, self.rev, sub), TOMBSTONE)
         self.batch.delete("kv", key)

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 from typing import Any
 
 from metastore import ETCD_COMPAT_VERSION, errors, snapshot, validate
@@ -23,10 +24,12 @@ from metastore.api.pb import raft_entry_pb2, rpc_pb2
 from metastore.cluster import Member, Membership, hostport, member_id
 from metastore.config import ConfigError, ServerConfig
 from metastore.engines import open_store
+from metastore.lessor import MAX_LEASE_TTL, Lessor, minimum_ttl
 from metastore.proposer import Proposer
 from metastore.raft import RaftConfig, RaftNode
 from metastore.state_machine import StateMachine
 from metastore.types import RaftStatus
+from metastore.watch_hub import WatchHub
 
 log = logging.getLogger("metastore.node")
 
@@ -42,7 +45,11 @@ class Node:
         self.cluster_id = self.membership.cluster_id
         self._prepare_data_dir()
         self.store = open_store(cfg.engine, cfg.data_dir, self.member_id)
-        self.state_machine = StateMachine(self.store, self.membership)
+        self.min_lease_ttl = minimum_ttl(cfg.election_timeout_ms)
+        self.lessor = Lessor(self.store, grace=self.min_lease_ttl)
+        self.state_machine = StateMachine(self.store, self.membership, self.lessor)
+        # Registered before Raft can apply anything, so no event is missed.
+        self.watch_hub = WatchHub(self.store)
         me = self.membership.get(self.member_id)
         partners = [m.raft_address for m in self.membership.members() if m.id != self.member_id]
         self.raft = RaftNode(
@@ -65,11 +72,9 @@ class Node:
             load_snapshot=lambda path: snapshot.load(path, self.store, self.membership),
         )
         self.store.attach_raft(self.raft)
-        # Leases do not exist yet: a put naming one gets etcd's "lease not
-        # found" rather than a key that would never expire.
-        self.store.set_lease_checker(lambda lease: False)
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
         self._publish_task: asyncio.Task | None = None
+        self._expiry_task: asyncio.Task | None = None
 
     def _prepare_data_dir(self) -> None:
         """Create the data dir, or check an existing one belongs to this member
@@ -100,13 +105,17 @@ class Node:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.proposer.bind(loop)
+        self.watch_hub.start(loop)
         await loop.run_in_executor(None, self.raft.start)
         self._publish_task = loop.create_task(self._publish_attributes())
+        self._expiry_task = loop.create_task(self._expire_leases())
 
     async def stop(self) -> None:
         self.proposer.close()
-        if self._publish_task is not None:
-            self._publish_task.cancel()
+        self.watch_hub.stop()
+        for task in (self._publish_task, self._expiry_task):
+            if task is not None:
+                task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, self.raft.stop)
         self.store.close()
 
@@ -172,6 +181,93 @@ class Node:
         resp = rpc_pb2.HashKVResponse(hash=crc, compact_revision=compact)
         self._fill_header(resp.header)  # etcd reports the current revision
         return resp
+
+    # -- leases --------------------------------------------------------------
+    async def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> rpc_pb2.LeaseGrantResponse:
+        if req.TTL > MAX_LEASE_TTL:
+            raise errors.LEASE_TTL_TOO_LARGE
+        # Clamped here, not when applied: every member must store the same TTL.
+        ttl = max(req.TTL, self.min_lease_ttl)
+        if req.ID:
+            return await self._propose(raft_entry_pb2.Proposal(
+                lease_grant=rpc_pb2.LeaseGrantRequest(ID=req.ID, TTL=ttl)))
+        while True:  # a server-chosen id: random, retried on the rare clash
+            lease = secrets.randbits(63) or 1
+            try:
+                return await self._propose(raft_entry_pb2.Proposal(
+                    lease_grant=rpc_pb2.LeaseGrantRequest(ID=lease, TTL=ttl)))
+            except errors.EtcdError as err:
+                if err is not errors.LEASE_EXISTS:
+                    raise
+
+    async def lease_revoke(self, req: rpc_pb2.LeaseRevokeRequest) -> rpc_pb2.LeaseRevokeResponse:
+        return await self._propose(raft_entry_pb2.Proposal(lease_revoke=req))
+
+    async def lease_keepalive(self, lease: int) -> rpc_pb2.LeaseKeepAliveResponse:
+        """Restart the lease's clock on every member; TTL 0 for a lease that
+        does not exist or has already expired (etcd's answer)."""
+        resp = rpc_pb2.LeaseKeepAliveResponse(ID=lease)
+        if self.store.lease_ttl(lease) is None:
+            await self.proposer.barrier()  # granted through another member just now?
+        left = self.lessor.remaining(lease)
+        if left is not None and left > 0:
+            await self.proposer.propose(raft_entry_pb2.Proposal(
+                lease_refresh=raft_entry_pb2.LeaseRefresh(ids=[lease])))
+            resp.TTL = self.store.lease_ttl(lease) or 0
+        self._fill_header(resp.header)
+        return resp
+
+    async def lease_time_to_live(self, req: rpc_pb2.LeaseTimeToLiveRequest) -> rpc_pb2.LeaseTimeToLiveResponse:
+        await self.proposer.barrier()
+        resp = rpc_pb2.LeaseTimeToLiveResponse(ID=req.ID, TTL=-1)
+        granted = self.store.lease_ttl(req.ID)
+        left = self.lessor.remaining(req.ID)
+        if granted is not None and left is not None:
+            resp.TTL = max(0, int(left))
+            resp.grantedTTL = granted
+            if req.keys:
+                resp.keys.extend(self.store.lease_keys(req.ID))
+        self._fill_header(resp.header)
+        return resp
+
+    async def lease_leases(self) -> rpc_pb2.LeaseLeasesResponse:
+        await self.proposer.barrier()
+        resp = rpc_pb2.LeaseLeasesResponse()
+        for lease in sorted(self.store.leases()):
+            resp.leases.add(ID=lease)
+        self._fill_header(resp.header)
+        return resp
+
+    async def _expire_leases(self, period: float = 0.1, max_per_round: int = 500) -> None:
+        """On the leader: revoke every lease past its deadline."""
+        was_leader = False
+        pending: set[int] = set()
+
+        async def revoke(lease: int) -> None:
+            try:
+                await self.proposer.propose(raft_entry_pb2.Proposal(
+                    lease_revoke=rpc_pb2.LeaseRevokeRequest(ID=lease)))
+                log.info("lease %x expired and was revoked", lease)
+            except errors.EtcdError as err:
+                if err is not errors.LEASE_NOT_FOUND:
+                    log.debug("revoking expired lease %x failed: %s", lease, err.message)
+            finally:
+                pending.discard(lease)
+
+        while True:
+            await asyncio.sleep(period)
+            leader = self.raft.is_leader()
+            if leader and not was_leader:
+                self.lessor.became_leader()
+            was_leader = leader
+            if not leader:
+                continue
+            for lease in self.lessor.expired():
+                if len(pending) >= max_per_round:
+                    break
+                if lease not in pending:
+                    pending.add(lease)
+                    asyncio.get_running_loop().create_task(revoke(lease))
 
     # -- cluster and status --------------------------------------------------
     def raft_status(self) -> RaftStatus:

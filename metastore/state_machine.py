@@ -17,6 +17,7 @@ from grpc import StatusCode
 from metastore.api.pb import raft_entry_pb2
 from metastore.cluster import Membership
 from metastore.errors import EtcdError
+from metastore.lessor import Lessor
 from metastore.store import Store
 
 log = logging.getLogger("metastore.apply")
@@ -25,9 +26,10 @@ Result = Union[Message, EtcdError, None]
 
 
 class StateMachine:
-    def __init__(self, store: Store, membership: Membership) -> None:
+    def __init__(self, store: Store, membership: Membership, lessor: Lessor | None = None) -> None:
         self.store = store
         self.membership = membership
+        self.lessor = lessor
 
     def apply(self, payload: bytes, index: int) -> list[Result]:
         """Apply the committed entry at Raft `index`; one result per proposal.
@@ -67,6 +69,20 @@ class StateMachine:
                 return store.txn(proposal.txn)
             if kind == "compaction":
                 return store.compact(proposal.compaction)
+            if kind == "lease_grant":
+                resp = store.lease_grant(proposal.lease_grant)
+                if self.lessor is not None:
+                    self.lessor.granted(resp.ID, resp.TTL)
+                return resp
+            if kind == "lease_revoke":
+                resp = store.lease_revoke(proposal.lease_revoke)
+                if self.lessor is not None:
+                    self.lessor.revoked(proposal.lease_revoke.ID)
+                return resp
+            if kind == "lease_refresh":
+                if self.lessor is not None:
+                    self.lessor.refreshed(list(proposal.lease_refresh.ids))
+                return None
             if kind == "publish":
                 attrs = proposal.publish
                 self.membership.publish(attrs.member_id, attrs.name, list(attrs.client_urls))

@@ -53,6 +53,24 @@ class Store(Protocol):
 
     def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse: ...
 
+    def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> rpc_pb2.LeaseGrantResponse:
+        """Record lease req.ID with req.TTL; LEASE_EXISTS if it exists. A put
+        naming a lease that does not exist fails with LEASE_NOT_FOUND."""
+        ...
+
+    def lease_revoke(self, req: rpc_pb2.LeaseRevokeRequest) -> rpc_pb2.LeaseRevokeResponse:
+        """Drop the lease and delete its keys in one revision."""
+        ...
+
+    # -- lease reads -----------------------------------------------------------
+    def lease_ttl(self, lease: int) -> int | None:
+        """Granted TTL, None for an unknown lease."""
+        ...
+
+    def leases(self) -> dict[int, int]: ...
+
+    def lease_keys(self, lease: int) -> list[bytes]: ...
+
     # -- Raft bookkeeping and snapshots ---------------------------------------
     @property
     def applied_position(self) -> tuple[int, int]:

@@ -6,6 +6,10 @@ metastore/api/pb, so the generated modules import each other as
 ``metastore.api.pb.*`` -- the installed package name -- and never as
 generic top-level modules.
 
+The generated *_pb2.py modules are then pointed at metastore's private
+descriptor pool (api/pb/_pool.py) instead of protobuf's default one, so they
+never clash with an etcd client library's copy of the same messages.
+
 Usage: python scripts/gen_protos.py [--out DIR]
 (--out writes elsewhere; tests/test_protos_fresh.py uses it to detect stale stubs.)
 """
@@ -21,6 +25,18 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = REPO / "api" / "pb"
 VIRTUAL = "metastore/api/pb"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+_DEFAULT_POOL = "_descriptor_pool.Default().AddSerializedFile("
+_PRIVATE_POOL = "_pool.POOL.AddSerializedFile("
+_POOL_IMPORT = "from metastore.api.pb import _pool\n"
+
+
+def use_private_pool(source: str) -> str:
+    """Register a generated module's descriptors in metastore's own pool."""
+    if _DEFAULT_POOL not in source:
+        raise SystemExit("unexpected protoc output: no default-pool registration to redirect")
+    source = source.replace(_DEFAULT_POOL, _PRIVATE_POOL)
+    marker = "# @@protoc_insertion_point(imports)\n"
+    return source.replace(marker, _POOL_IMPORT + marker, 1)
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -47,7 +63,10 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
         for f in sorted((pathlib.Path(tmp) / VIRTUAL).iterdir()):
             if f.name.endswith(GENERATED_SUFFIXES):
                 target = out_dir / f.name
-                shutil.copyfile(f, target)
+                if f.name.endswith("_pb2.py"):
+                    target.write_text(use_private_pool(f.read_text()))
+                else:
+                    shutil.copyfile(f, target)
                 written.append(target)
         return written
 

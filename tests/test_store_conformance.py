@@ -32,6 +32,11 @@ def get(s: MVCCStore, key: bytes, range_end: bytes = b"", **kw) -> pb.RangeRespo
     return s.range(RR(key=key, range_end=range_end, **kw))
 
 
+def grant(s: MVCCStore, *leases: int, ttl: int = 60) -> None:
+    for lease in leases:
+        s.lease_grant(pb.LeaseGrantRequest(ID=lease, TTL=ttl))
+
+
 def delete(s: MVCCStore, key: bytes, range_end: bytes = b"", **kw) -> pb.DeleteRangeResponse:
     return s.delete_range(pb.DeleteRangeRequest(key=key, range_end=range_end, **kw))
 
@@ -136,6 +141,7 @@ def test_put_prev_kv(store: MVCCStore) -> None:
 
 
 def test_put_lease_is_stored(store: MVCCStore) -> None:
+    grant(store, 42)
     put(store, b"a", b"1", lease=42)
     assert get(store, b"a").kvs[0].lease == 42
     put(store, b"a", b"2")  # a put without lease detaches
@@ -145,6 +151,7 @@ def test_put_lease_is_stored(store: MVCCStore) -> None:
 def test_put_ignore_value(store: MVCCStore) -> None:
     raises(errors.KEY_NOT_FOUND, put, store, b"a", b"", ignore_value=True)
     assert store.revision == 1
+    grant(store, 5, 6)
     put(store, b"a", b"keep", lease=5)
     resp = put(store, b"a", ignore_value=True, lease=6, prev_kv=True)
     assert resp.header.revision == 3 and resp.prev_kv.value == b"keep"
@@ -154,17 +161,58 @@ def test_put_ignore_value(store: MVCCStore) -> None:
 def test_put_ignore_lease(store: MVCCStore) -> None:
     raises(errors.KEY_NOT_FOUND, put, store, b"a", b"v", ignore_lease=True)
     assert store.revision == 1
+    grant(store, 9)
     put(store, b"a", b"1", lease=9)
     put(store, b"a", b"2", ignore_lease=True)
     assert kvt(get(store, b"a").kvs[0]) == (b"a", 2, 3, 2, b"2", 9)
 
 
-def test_lease_checker_hook(store: MVCCStore) -> None:
-    store.set_lease_checker(lambda lease: lease == 1)
+def test_put_needs_an_existing_lease(store: MVCCStore) -> None:
+    grant(store, 1)
     put(store, b"a", b"1", lease=1)
     raises(errors.LEASE_NOT_FOUND, put, store, b"a", b"2", lease=2)
     raises(errors.LEASE_NOT_FOUND, txn, store, (), [op_put(b"b", lease=3)])
     assert store.revision == 2
+
+
+def test_lease_grant_and_revoke(store: MVCCStore) -> None:
+    rec = Recorder()
+    store.add_listener(rec)
+    resp = store.lease_grant(pb.LeaseGrantRequest(ID=7, TTL=30))
+    assert (resp.ID, resp.TTL, resp.header.revision) == (7, 30, 1)  # no revision for a grant
+    raises(errors.LEASE_EXISTS, store.lease_grant, pb.LeaseGrantRequest(ID=7, TTL=5))
+    assert store.lease_ttl(7) == 30 and store.leases() == {7: 30} and store.lease_ttl(8) is None
+    grant(store, 8)
+    put(store, b"a", b"1", lease=7)  # 2
+    put(store, b"b", b"1", lease=7)  # 3
+    put(store, b"c", b"1", lease=8)  # 4
+    put(store, b"b", b"2", lease=8)  # 5: b moves to lease 8
+    put(store, b"d", b"1", lease=7)  # 6
+    delete(store, b"d")  # 7: d no longer attached
+    assert store.lease_keys(7) == [b"a"]
+    assert store.lease_keys(8) == [b"b", b"c"]
+    rec.calls.clear()
+    out = store.lease_revoke(pb.LeaseRevokeRequest(ID=8))
+    assert out.header.revision == 8 and store.revision == 8  # both keys in one revision
+    assert [(rev, [(e.type, e.kv.key) for e in evs]) for rev, evs in rec.calls] == [
+        (8, [(kv_pb2.Event.DELETE, b"b"), (kv_pb2.Event.DELETE, b"c")])]
+    assert keys(get(store, *ALL)) == [b"a"]
+    assert store.lease_ttl(8) is None and store.lease_keys(8) == []
+    raises(errors.LEASE_NOT_FOUND, store.lease_revoke, pb.LeaseRevokeRequest(ID=8))
+    # A lease with no keys goes without a revision.
+    put(store, b"a", b"2")  # 9: detached from 7
+    store.lease_revoke(pb.LeaseRevokeRequest(ID=7))
+    assert store.revision == 9 and keys(get(store, *ALL)) == [b"a"] and store.leases() == {}
+
+
+def test_leases_survive_reopen(make_store, reopen) -> None:
+    store, path = make_store()
+    grant(store, 11, ttl=15)
+    put(store, b"k", b"v", lease=11)
+    again = reopen(store, path)
+    assert again.leases() == {11: 15} and again.lease_keys(11) == [b"k"]
+    again.lease_revoke(pb.LeaseRevokeRequest(ID=11))
+    assert get(again, b"k").count == 0
 
 
 # -- range: which keys --------------------------------------------------------------
@@ -389,6 +437,7 @@ _EXPECT = {  # result -> (vs actual, vs below, vs above)
 @pytest.mark.parametrize("target", list(_FIELD))
 @pytest.mark.parametrize("result", list(_EXPECT))
 def test_txn_compare_result_and_target(store: MVCCStore, target: int, result: int) -> None:
+    grant(store, 7)
     put(store, b"k", b"m", lease=7)
     put(store, b"k", b"m", lease=7)
     for operand, want in zip((_ACTUAL, _BELOW, _ABOVE), _EXPECT[result]):
@@ -640,13 +689,13 @@ def test_compaction_reclaims_history(store: MVCCStore) -> None:
     assert hist > 0 and revs == 13
     store.compact(pb.CompactionRequest(revision=9))
     mid_hist, mid_revs = rows(store, "hist"), rows(store, "rev")
-    assert mid_hist < hist and mid_revs == 4  # revisions 10..13 remain
+    assert mid_hist < hist and mid_revs == 5  # revisions 9..13 remain (9: a watch may start there)
     # At 9 only "b" (b2 at 8, current b3 at 13) still needs an old version.
     assert [kvt(kv) for kv in get(store, b"b", revision=9).kvs] == [(b"b", 8, 8, 1, b"b2", 0)]
     assert mid_hist == 1 + 1 + 2  # b2; a3 (a4 at 11); d1 + its tombstone at 12
     used_before = store.db_size()[1]
     store.compact(pb.CompactionRequest(revision=13))
-    assert rows(store, "hist") == 0 and rows(store, "rev") == 0
+    assert rows(store, "hist") == 0 and rows(store, "rev") == 1  # revision 13's change
     assert store.db_size()[1] < used_before
     assert _snapshot(store, 13) == _snapshot(store, 0)
 
@@ -698,7 +747,7 @@ def test_interrupted_compaction_finishes_on_reopen(make_store, reopen, monkeypat
     monkeypatch.undo()
     again = reopen(store, path)
     assert again.compact_revision == 25
-    assert rows(again, "rev") == 6  # revisions 26..31
+    assert rows(again, "rev") == 7  # revisions 25..31
     assert _snapshot(again, 25) == expected
     # Per key: its version at 25 and the one superseded after 25.
     assert rows(again, "hist") == 3 * 2
@@ -708,6 +757,7 @@ def test_interrupted_compaction_finishes_on_reopen(make_store, reopen, monkeypat
 def test_events_for_each_request(store: MVCCStore) -> None:
     rec = Recorder()
     store.add_listener(rec)
+    grant(store, 3)
     put(store, b"a", b"1", lease=3)  # 2
     put(store, b"a", b"2")  # 3
     delete(store, b"a")  # 4
@@ -754,10 +804,17 @@ def test_events_since_replays_history(store: MVCCStore) -> None:
     assert list(store.events_since(14, *ALL)) == []
 
     store.compact(pb.CompactionRequest(revision=9))
-    raises(errors.COMPACTED, store.events_since, 9, *ALL)
+    raises(errors.COMPACTED, store.events_since, 8, *ALL)
     raises(errors.COMPACTED, store.events_since, 3, *ALL)
     # What follows the compaction replays exactly, prev_kv included.
     assert list(store.events_since(10, *ALL)) == [c for c in rec.calls if c[0] >= 10]
+    # etcd lets a watch start at the compacted revision itself. A delete made
+    # there is gone with the compaction (etcd drops such tombstones too)...
+    assert list(store.events_since(9, *ALL)) == [c for c in rec.calls if c[0] >= 10]
+    # ...a put made there replays (its prev_kv may be gone, as in etcd).
+    store.compact(pb.CompactionRequest(revision=10))
+    at10 = [(rev, [(e.type, e.kv) for e in evs]) for rev, evs in store.events_since(10, *ALL, end_revision=10)]
+    assert at10 == [(rev, [(e.type, e.kv) for e in evs]) for rev, evs in rec.calls if rev == 10] and at10
 
 
 def test_events_since_in_chunks(store: MVCCStore, monkeypatch) -> None:
@@ -833,6 +890,7 @@ def _random_ops(seed: int, n: int) -> list[tuple[str, object]]:
 
 
 def _apply(s: MVCCStore, ops: Iterable[tuple[str, object]], rnd: random.Random) -> None:
+    grant(s, 5)  # the lease _random_ops uses
     for kind, req in ops:
         if kind == "put":
             s.put(req)  # type: ignore[arg-type]

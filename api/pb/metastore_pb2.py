@@ -17,6 +17,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
     '',
     'metastore/api/pb/metastore.proto'
 )
+from metastore.api.pb import _pool
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
@@ -24,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n metastore/api/pb/metastore.proto\x12\x0bmetastorepb\"\x16\n\x14GetRaftStatusRequest\"y\n\x15GetRaftStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x11\n\tleader_id\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x06 \x01(\x04\x32`\n\x04Raft\x12X\n\rGetRaftStatus\x12!.metastorepb.GetRaftStatusRequest\x1a\".metastorepb.GetRaftStatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n metastore/api/pb/metastore.proto\x12\x0bmetastorepb\"\x16\n\x14GetRaftStatusRequest\"y\n\x15GetRaftStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x11\n\tleader_id\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x06 \x01(\x04\x32`\n\x04Raft\x12X\n\rGetRaftStatus\x12!.metastorepb.GetRaftStatusRequest\x1a\".metastorepb.GetRaftStatusResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

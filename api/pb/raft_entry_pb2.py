@@ -17,6 +17,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
     '',
     'metastore/api/pb/raft_entry.proto'
 )
+from metastore.api.pb import _pool
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
@@ -25,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from metastore.api.pb import rpc_pb2 as metastore_dot_api_dot_pb_dot_rpc__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!metastore/api/pb/raft_entry.proto\x12\x10metastore.raftpb\x1a\x1ametastore/api/pb/rpc.proto\"H\n\x10MemberAttributes\x12\x11\n\tmember_id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_urls\x18\x03 \x03(\t\"\x9e\x02\n\x08Proposal\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\'\n\x03put\x18\x02 \x01(\x0b\x32\x18.etcdserverpb.PutRequestH\x00\x12\x38\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32 .etcdserverpb.DeleteRangeRequestH\x00\x12\'\n\x03txn\x18\x04 \x01(\x0b\x32\x18.etcdserverpb.TxnRequestH\x00\x12\x35\n\ncompaction\x18\x05 \x01(\x0b\x32\x1f.etcdserverpb.CompactionRequestH\x00\x12\x35\n\x07publish\x18\x06 \x01(\x0b\x32\".metastore.raftpb.MemberAttributesH\x00\x42\x04\n\x02op\"N\n\rProposalBatch\x12\x0e\n\x06origin\x18\x01 \x01(\x04\x12-\n\tproposals\x18\x02 \x03(\x0b\x32\x1a.metastore.raftpb.Proposalb\x06proto3')
+DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n!metastore/api/pb/raft_entry.proto\x12\x10metastore.raftpb\x1a\x1ametastore/api/pb/rpc.proto\"H\n\x10MemberAttributes\x12\x11\n\tmember_id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_urls\x18\x03 \x03(\t\"\xc9\x03\n\x08Proposal\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\'\n\x03put\x18\x02 \x01(\x0b\x32\x18.etcdserverpb.PutRequestH\x00\x12\x38\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32 .etcdserverpb.DeleteRangeRequestH\x00\x12\'\n\x03txn\x18\x04 \x01(\x0b\x32\x18.etcdserverpb.TxnRequestH\x00\x12\x35\n\ncompaction\x18\x05 \x01(\x0b\x32\x1f.etcdserverpb.CompactionRequestH\x00\x12\x35\n\x07publish\x18\x06 \x01(\x0b\x32\".metastore.raftpb.MemberAttributesH\x00\x12\x36\n\x0blease_grant\x18\x07 \x01(\x0b\x32\x1f.etcdserverpb.LeaseGrantRequestH\x00\x12\x38\n\x0clease_revoke\x18\x08 \x01(\x0b\x32 .etcdserverpb.LeaseRevokeRequestH\x00\x12\x37\n\rlease_refresh\x18\t \x01(\x0b\x32\x1e.metastore.raftpb.LeaseRefreshH\x00\x42\x04\n\x02op\"\x1b\n\x0cLeaseRefresh\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"N\n\rProposalBatch\x12\x0e\n\x06origin\x18\x01 \x01(\x04\x12-\n\tproposals\x18\x02 \x03(\x0b\x32\x1a.metastore.raftpb.Proposalb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBERATTRIBUTES']._serialized_start=83
   _globals['_MEMBERATTRIBUTES']._serialized_end=155
   _globals['_PROPOSAL']._serialized_start=158
-  _globals['_PROPOSAL']._serialized_end=444
-  _globals['_PROPOSALBATCH']._serialized_start=446
-  _globals['_PROPOSALBATCH']._serialized_end=524
+  _globals['_PROPOSAL']._serialized_end=615
+  _globals['_LEASEREFRESH']._serialized_start=617
+  _globals['_LEASEREFRESH']._serialized_end=644
+  _globals['_PROPOSALBATCH']._serialized_start=646
+  _globals['_PROPOSALBATCH']._serialized_end=724
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,46 @@
+"""etcdserverpb.Lease: grant, revoke, keep-alive stream, time-to-live, list."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+
+from metastore.api.errors import etcd_errors
+from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
+from metastore.errors import EtcdError
+from metastore.node import Node
+
+
+class LeaseService(rpc_pb2_grpc.LeaseServicer):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    @etcd_errors
+    async def LeaseGrant(self, request: rpc_pb2.LeaseGrantRequest,
+                         context: grpc.aio.ServicerContext) -> rpc_pb2.LeaseGrantResponse:
+        return await self._node.lease_grant(request)
+
+    @etcd_errors
+    async def LeaseRevoke(self, request: rpc_pb2.LeaseRevokeRequest,
+                          context: grpc.aio.ServicerContext) -> rpc_pb2.LeaseRevokeResponse:
+        return await self._node.lease_revoke(request)
+
+    async def LeaseKeepAlive(self, request_iterator: AsyncIterator[rpc_pb2.LeaseKeepAliveRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.LeaseKeepAliveResponse]:
+        """One answer per request, in order. An error (no leader, server
+        stopping) ends the stream with etcd's code; the client reconnects."""
+        async for req in request_iterator:
+            try:
+                yield await self._node.lease_keepalive(req.ID)
+            except EtcdError as err:
+                await context.abort(err.code, err.message)
+
+    @etcd_errors
+    async def LeaseTimeToLive(self, request: rpc_pb2.LeaseTimeToLiveRequest,
+                              context: grpc.aio.ServicerContext) -> rpc_pb2.LeaseTimeToLiveResponse:
+        return await self._node.lease_time_to_live(request)
+
+    @etcd_errors
+    async def LeaseLeases(self, request: rpc_pb2.LeaseLeasesRequest,
+                          context: grpc.aio.ServicerContext) -> rpc_pb2.LeaseLeasesResponse:
+        return await self._node.lease_leases()

@@ -1,0 +1,61 @@
+"""etcdserverpb.Watch: the bidi Watch stream, served by the node's WatchHub.
+
+Each call gets one `WatchStream` from the hub. A reader task applies the
+client's requests (create / cancel / progress) as they arrive; the handler
+itself sends whatever the stream queues, in order. Like etcd, a client that
+half-closes its side keeps its watches until it cancels the call.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterable, AsyncIterator
+
+import grpc
+
+from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
+from metastore.node import Node
+from metastore.watch_hub import WatchStream
+
+log = logging.getLogger("metastore.api.watch")
+
+
+class WatchService(rpc_pb2_grpc.WatchServicer):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def _fill_header(self, header: rpc_pb2.ResponseHeader, revision: int) -> None:
+        header.CopyFrom(self._node.header())  # cluster, member, raft term
+        header.revision = revision
+
+    async def Watch(self, request_iterator: AsyncIterable[rpc_pb2.WatchRequest],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.WatchResponse]:
+        stream = self._node.watch_hub.open_stream(
+            max_response_bytes=self._node.cfg.max_request_bytes, fill_header=self._fill_header)
+        reader = asyncio.ensure_future(self._read(request_iterator, stream))
+        try:
+            while True:
+                resp = await stream.next_response()
+                if resp is None:
+                    return
+                yield resp
+        finally:
+            reader.cancel()
+            stream.close()
+
+    @staticmethod
+    async def _read(request_iterator: AsyncIterable[rpc_pb2.WatchRequest], stream: WatchStream) -> None:
+        """Apply requests until the client half-closes (watches stay) or the
+        call breaks (the stream ends). A request that trips a bug is logged
+        and skipped: bad input must not take the server or the stream down."""
+        try:
+            async for req in request_iterator:
+                try:
+                    stream.handle(req)
+                except Exception:
+                    log.exception("watch request failed: %s", req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the call broke (client gone, reset, ...)
+            log.debug("watch stream receive ended: %r", exc)
+            stream.close()
