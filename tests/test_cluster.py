@@ -8,13 +8,14 @@ import pytest
 
 from metastore.api.pb import rpc_pb2
 from metastore.testing import LocalCluster, wait_for
+from store_engines import ENGINES
 
 pytestmark = pytest.mark.usefixtures("etcdctl_installed")
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(3) as c:
+@pytest.fixture(scope="module", params=ENGINES)
+def cluster(request):
+    with LocalCluster(3, engine=request.param) as c:
         yield c
 
 

@@ -19,15 +19,16 @@ import pytest
 
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
 from metastore.testing import LocalCluster, Member, wait_for
+from store_engines import ENGINES
 
 pytestmark = pytest.mark.usefixtures("etcdctl_installed")
 
 TIMEOUT = 15.0
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(3) as c:
+@pytest.fixture(scope="module", params=ENGINES)
+def cluster(request):
+    with LocalCluster(3, engine=request.param) as c:
         yield c
 
 
