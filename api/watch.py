@@ -50,6 +50,7 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         and skipped: bad input must not take the server or the stream down."""
         try:
             async for req in request_iterator:
+                await stream.wait_for_room()
                 try:
                     stream.handle(req)
                 except Exception:

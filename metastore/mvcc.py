@@ -127,9 +127,17 @@ class MVCCStore:
                 yield table, key, value
 
     def import_items(self, items: Iterator[tuple[str, bytes, bytes]], batch_rows: int = 10_000) -> None:
-        """Replace the whole content with a snapshot's items."""
+        """Replace the whole content with a snapshot's items.
+
+        Crash-safe on a persistent engine: the applied position is dropped
+        first and written last, so a restart in the middle finds the store
+        behind the snapshot and loads it again, never a half-loaded store
+        that claims to hold it."""
         with self._write_lock:
             with self._lock:
+                forget = WriteBatch()
+                forget.delete("meta", META_APPLIED)
+                self._backend.write(forget)
                 for table in TABLES:
                     keys = [k for k, _ in self._backend.scan(table, b"", None)]
                     for i in range(0, len(keys), batch_rows):
@@ -137,15 +145,30 @@ class MVCCStore:
                         for key in keys[i:i + batch_rows]:
                             batch.delete(table, key)
                         self._backend.write(batch)
+                applied: bytes | None = None
                 batch = WriteBatch()
                 for table, key, value in items:
+                    if table == "meta" and key == META_APPLIED:
+                        applied = value
+                        continue
                     batch.put(table, key, value)
                     if len(batch) >= batch_rows:
                         self._backend.write(batch)
                         batch = WriteBatch()
-                if len(batch):
-                    self._backend.write(batch)
+                if applied is not None:
+                    batch.put("meta", META_APPLIED, applied)
+                self._backend.write(batch)
                 self._load_meta()
+            self._notify_reset()
+
+    def _notify_reset(self) -> None:
+        """Tell listeners the content was replaced (a snapshot was loaded):
+        revision jumped with no events of its own; they catch up from history."""
+        for listener in list(self._listeners):
+            try:
+                listener(self._rev, [])
+            except Exception:
+                log.exception("store listener failed after a snapshot load")
 
     def checkpoint(self, target_dir: str) -> bool:
         """Write the engine's own consistent copy of the data to `target_dir`
@@ -167,6 +190,7 @@ class MVCCStore:
             with self._lock:
                 self._backend = self._backend.replace_with_checkpoint(checkpoint_dir)  # type: ignore[attr-defined]
                 self._load_meta()
+            self._notify_reset()
         return True
 
     # -- properties -----------------------------------------------------------

@@ -28,7 +28,7 @@ from metastore.lessor import MAX_LEASE_TTL, Lessor, minimum_ttl
 from metastore.proposer import Proposer
 from metastore.raft import RaftConfig, RaftNode
 from metastore.state_machine import StateMachine
-from metastore.types import RaftStatus
+from metastore.types import RaftRole, RaftStatus
 from metastore.watch_hub import WatchHub
 
 log = logging.getLogger("metastore.node")
@@ -72,6 +72,8 @@ class Node:
             load_snapshot=lambda path: snapshot.load(path, self.store, self.membership),
         )
         self.store.attach_raft(self.raft)
+        # Before this member's first expiry check as leader (tick thread).
+        self.raft.on_role_change(lambda role: self.lessor.became_leader() if role is RaftRole.LEADER else None)
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
         self._publish_task: asyncio.Task | None = None
         self._expiry_task: asyncio.Task | None = None
@@ -209,8 +211,9 @@ class Node:
         resp = rpc_pb2.LeaseKeepAliveResponse(ID=lease)
         if self.store.lease_ttl(lease) is None:
             await self.proposer.barrier()  # granted through another member just now?
-        left = self.lessor.remaining(lease)
-        if left is not None and left > 0:
+        if self.store.lease_ttl(lease) is not None:
+            # Even past its deadline on this member's clock: only a revoke
+            # ends a lease, and a client told TTL 0 gives it up for good.
             await self.proposer.propose(raft_entry_pb2.Proposal(
                 lease_refresh=raft_entry_pb2.LeaseRefresh(ids=[lease])))
             resp.TTL = self.store.lease_ttl(lease) or 0
@@ -240,7 +243,6 @@ class Node:
 
     async def _expire_leases(self, period: float = 0.1, max_per_round: int = 500) -> None:
         """On the leader: revoke every lease past its deadline."""
-        was_leader = False
         pending: set[int] = set()
 
         async def revoke(lease: int) -> None:
@@ -256,13 +258,14 @@ class Node:
 
         while True:
             await asyncio.sleep(period)
-            leader = self.raft.is_leader()
-            if leader and not was_leader:
-                self.lessor.became_leader()
-            was_leader = leader
-            if not leader:
+            if not self.raft.is_leader():
                 continue
-            for lease in self.lessor.expired():
+            try:
+                expired = self.lessor.expired()
+            except Exception:  # never let one bad round end expiry for good
+                log.exception("checking lease expiry failed")
+                continue
+            for lease in expired:
                 if len(pending) >= max_per_round:
                     break
                 if lease not in pending:

@@ -19,7 +19,8 @@ from metastore.api.pb import kv_pb2, rpc_pb2
 from metastore.types import RaftStatus, RaftStatusSource
 
 # Called after every committed mutation with the new store revision and the
-# events it produced (all events of one revision at once, in order).
+# events it produced (all events of one revision at once, in order), and with
+# no events when a snapshot replaced the content (the revision may jump).
 EventListener = Callable[[int, Sequence[kv_pb2.Event]], None]
 
 

@@ -276,6 +276,13 @@ class WatchStream:
         else:
             self._enqueue(resp)
 
+    async def wait_for_room(self) -> None:
+        """Until the send queue is below its bound (or the stream closed): the
+        reader waits here, so a client that sends requests but never reads
+        answers cannot grow the queue without limit (etcd does the same)."""
+        while self.full and not self.closed:
+            await self._room.wait()
+
     async def next_response(self) -> rpc_pb2.WatchResponse | None:
         """The next response to send; None once the stream is closed."""
         while not self._queue:
@@ -388,7 +395,9 @@ class WatchHub:
         # Loop-owned state.
         self._last_rev = store.revision
         self._by_key: dict[bytes, set[Watcher]] = {}
-        self._ranged: dict[Watcher, None] = {}
+        # Range watchers grouped by their exact range: thousands watching the
+        # same prefix cost one match per revision, not one each.
+        self._ranged: dict[tuple[bytes, bytes], dict[Watcher, None]] = {}
         self._progress_watchers: dict[Watcher, None] = {}
         self._streams: set[WatchStream] = set()
         self._progress_task: asyncio.Task | None = None
@@ -472,12 +481,19 @@ class WatchHub:
                 self._dispatch(revision, events)
             except Exception:
                 log.exception("watch dispatch failed at revision %d", revision)
+                # Whoever did not get it reads it from history: never a gap.
+                self._resync_all_synced(revision + 1)
             self._last_rev = revision
 
     def _resync_all_synced(self, revision: int) -> None:
+        """Send synced watchers that lack `revision - 1` back to history. A
+        synced watcher has everything dispatched so far, however long ago its
+        own last event was: it resumes after that, not from a stale revision
+        a compaction may have passed."""
         for stream in list(self._streams):
             for w in list(stream.watchers.values()):
                 if w.synced and w.next_rev < revision:
+                    w.next_rev = max(w.next_rev, self._last_rev + 1)
                     stream._mark_unsynced(w)
 
     def _dispatch(self, revision: int, events: Sequence[kv_pb2.Event]) -> None:
@@ -488,11 +504,12 @@ class WatchHub:
             for key, ev in zip(keys, events):
                 for w in by_key.get(key, ()):
                     matched.setdefault(w, []).append(ev)
-        for w in self._ranged:
-            contains = w.keys.contains
+        for group in self._ranged.values():
+            contains = next(iter(group)).keys.contains
             mine = [ev for key, ev in zip(keys, events) if contains(key)]
             if mine:
-                matched[w] = mine
+                for w in group:
+                    matched[w] = mine
         for w, evs in matched.items():
             if not w.synced or revision < w.next_rev:
                 continue
@@ -506,6 +523,7 @@ class WatchHub:
                 # follows) will come from history once it has read the backlog.
                 log.debug("watch %d: send queue full, continuing from history at revision %d",
                           w.id, revision)
+                w.next_rev = max(w.next_rev, revision)  # it had everything before
                 stream._mark_unsynced(w)
                 continue
             stream._push_events(w, w.response(selected), revision)
@@ -598,7 +616,7 @@ class WatchHub:
         if w.single:
             self._by_key.setdefault(w.key, set()).add(w)
         else:
-            self._ranged[w] = None
+            self._ranged.setdefault((w.key, w.range_end), {})[w] = None
         if w.progress_notify:
             self._progress_watchers[w] = None
 
@@ -610,7 +628,11 @@ class WatchHub:
                 if not bucket:
                     del self._by_key[w.key]
         else:
-            self._ranged.pop(w, None)
+            group = self._ranged.get((w.key, w.range_end))
+            if group is not None:
+                group.pop(w, None)
+                if not group:
+                    del self._ranged[(w.key, w.range_end)]
         self._progress_watchers.pop(w, None)
 
 

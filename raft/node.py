@@ -241,7 +241,10 @@ class RaftNode(RaftStatusSource):
         term = obj.raftCurrentTerm if obj is not None else 0
         log.info("raft state %s -> %s (term %d)", _ROLES.get(old, old).value, self._role.value, term)
         for listener in self._role_listeners:
-            listener(self._role)
+            try:
+                listener(self._role)
+            except Exception:  # must not escape into pysyncobj's tick
+                log.exception("raft role listener failed")
 
     def leader_address(self) -> str | None:
         obj = self._obj

@@ -39,7 +39,10 @@ def test_snapshot_loads_into_any_engine(tmp_path: Path, src_engine: str, dst_eng
     src = FACTORIES[src_engine].open(tmp_path / "src")
     dst = FACTORIES[dst_engine].open(tmp_path / "dst")
     try:
+        src.lease_grant(rpc_pb2.LeaseGrantRequest(ID=9, TTL=30))
         _fill(src)
+        src.set_apply_position(10_000, 0)
+        src.put(rpc_pb2.PutRequest(key=b"leased", value=b"x", lease=9))
         dst.set_apply_position(1, 0)
         dst.put(rpc_pb2.PutRequest(key=b"stale", value=b"gone after load"))
         path = str(tmp_path / "raft.snapshot")
@@ -54,11 +57,12 @@ def test_snapshot_loads_into_any_engine(tmp_path: Path, src_engine: str, dst_eng
         assert _content(dst) == _content(src)
         assert dst.revision == src.revision
         assert dst.applied_position == src.applied_position
+        assert dst.leases() == {9: 30} and dst.lease_keys(9) == [b"leased"]
         assert members.get(a.id).client_urls == ["http://127.0.0.1:2379"]
         # The loaded store keeps working: history reads and new writes.
         old = dst.range(rpc_pb2.RangeRequest(key=b"k0005", revision=10))
         assert old.kvs[0].value == b"v5"
-        dst.set_apply_position(1000, 0)
+        dst.set_apply_position(20_000, 0)
         dst.put(rpc_pb2.PutRequest(key=b"after", value=b"x"))
         assert dst.revision == src.revision + 1
         # A restart keeps what was installed.
@@ -123,3 +127,38 @@ def test_truncated_snapshot_is_refused(tmp_path: Path) -> None:
         finally:
             src.close()
             dst.close()
+
+
+def test_import_killed_midway_is_not_taken_for_done(tmp_path: Path) -> None:
+    """A persistent store killed while loading a row snapshot must come back
+    *behind* the snapshot (so it is loaded again), not claiming to hold it."""
+    src = FACTORIES["memory"].open(tmp_path / "src")
+    src.lease_grant(rpc_pb2.LeaseGrantRequest(ID=7, TTL=60))
+    _fill(src, 50)
+    dst = FACTORIES["rocksdb"].open(tmp_path / "dst")
+
+    class Killed(BaseException):
+        pass
+
+    real_write = dst.backend.write
+
+    def dying_write(batch):
+        # Killed just before the lease rows (the last table) land.
+        if any(table == "lease" and value is not None for table, _key, value in batch.ops):
+            raise Killed
+        real_write(batch)
+
+    dst.backend.write = dying_write  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        dst.import_items(src.export_items(), batch_rows=1)
+    dst.backend.write = real_write  # type: ignore[method-assign]
+    again = FACTORIES["rocksdb"].reopen(dst, tmp_path / "dst")
+    try:
+        assert again.applied_position < src.applied_position
+        path = str(tmp_path / "raft.snapshot")
+        snapshot.save(path, src, _membership(), ((0, src.applied_position[0]), None, []))
+        snapshot.load(path, again, _membership())
+        assert _content(again) == _content(src) and again.leases() == {7: 60}
+    finally:
+        again.close()
+        src.close()

@@ -480,3 +480,49 @@ def test_closing_the_stream_drops_its_watchers_and_stop_ends_streams():
         assert await hub.open_stream().next_response() is None
         await ap.put(b"x")  # the store keeps working after the hub stopped
     run(t)
+
+
+# -- found in review: stale next revisions ------------------------------------------------
+async def _drain_all(stream, timeout=1.0):
+    out = []
+    while True:
+        try:
+            out.append(await asyncio.wait_for(stream.next_response(), timeout))
+        except asyncio.TimeoutError:
+            return out
+
+
+def test_idle_watcher_on_a_full_stream_is_not_canceled_as_compacted():
+    async def t(hub, ap):
+        s = hub.open_stream()
+        await create(s, key=b"busy")
+        idle = (await create(s, key=b"idle")).watch_id
+        for i in range(20):
+            await ap.put(b"other", b"%d" % i)
+        await ap.compact(15)
+        for i in range(6):
+            await ap.put(b"busy", b"%d" % i)       # s fills up: nobody reads it
+        rev = await ap.put(b"idle", b"x")
+        mine = [r for r in await _drain_all(s) if r.watch_id == idle]
+        assert not any(r.canceled for r in mine), mine
+        assert [e.kv.mod_revision for r in mine for e in r.events] == [rev]
+    run(t, max_queued_responses=4)
+
+
+def test_watch_from_now_after_a_snapshot_install():
+    async def t(hub, ap):
+        await ap.put(b"a")
+        leader = open_store()
+        for i in range(1, 50):
+            leader.set_apply_position(i, 0)
+            leader.put(rpc_pb2.PutRequest(key=b"z", value=b"%d" % i))
+        leader.compact(rpc_pb2.CompactionRequest(revision=45))
+        await ap.run(lambda: hub.store.import_items(leader.export_items()))
+        s = hub.open_stream()
+        created = await create(s, key=b"w")
+        assert created.header.revision == hub.store.revision
+        rev = await ap.put(b"w", b"new")
+        got = await _drain_all(s)
+        assert [e.kv.mod_revision for r in got for e in r.events] == [rev] and not any(r.canceled for r in got)
+        leader.close()
+    run(t)
