@@ -1,11 +1,22 @@
-"""etcdserverpb.Maintenance: Status, HashKV (the rest arrives with later work)."""
+"""etcdserverpb.Maintenance: Alarm, Status, Defragment, Hash, HashKV,
+Snapshot, MoveLeader.
+
+The work is in `metastore.maintenance` (one member's side of each call) and
+`Node.move_leader`; this layer only maps requests and errors.
+"""
 from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
 
 import grpc
 
 from metastore.api.errors import etcd_errors
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
+from metastore.errors import EtcdError
 from metastore.node import Node
+
+log = logging.getLogger("metastore.api")
 
 
 class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
@@ -13,11 +24,50 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         self._node = node
 
     @etcd_errors
+    async def Alarm(self, request: rpc_pb2.AlarmRequest,
+                    context: grpc.aio.ServicerContext) -> rpc_pb2.AlarmResponse:
+        return await self._node.maintenance.alarm(request)
+
+    @etcd_errors
     async def Status(self, request: rpc_pb2.StatusRequest,
                      context: grpc.aio.ServicerContext) -> rpc_pb2.StatusResponse:
-        return self._node.status()
+        resp = self._node.status()
+        # etcd 3.4 lists the active alarms among the errors (ERRORS column of
+        # `etcdctl endpoint status`).
+        resp.errors.extend(self._node.maintenance.alarm_errors())
+        return resp
+
+    @etcd_errors
+    async def Defragment(self, request: rpc_pb2.DefragmentRequest,
+                         context: grpc.aio.ServicerContext) -> rpc_pb2.DefragmentResponse:
+        return await self._node.maintenance.defragment()
+
+    @etcd_errors
+    async def Hash(self, request: rpc_pb2.HashRequest,
+                   context: grpc.aio.ServicerContext) -> rpc_pb2.HashResponse:
+        return await self._node.maintenance.hash()
 
     @etcd_errors
     async def HashKV(self, request: rpc_pb2.HashKVRequest,
                      context: grpc.aio.ServicerContext) -> rpc_pb2.HashKVResponse:
         return await self._node.hash_kv(request.revision)
+
+    @etcd_errors
+    async def MoveLeader(self, request: rpc_pb2.MoveLeaderRequest,
+                         context: grpc.aio.ServicerContext) -> rpc_pb2.MoveLeaderResponse:
+        return await self._node.move_leader(request.targetID)
+
+    async def Snapshot(self, request: rpc_pb2.SnapshotRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.SnapshotResponse]:
+        """A server stream, so errors are mapped here rather than by
+        etcd_errors (which wraps unary handlers)."""
+        try:
+            async for resp in self._node.maintenance.snapshot():
+                yield resp
+        except EtcdError as err:
+            await context.abort(err.code, err.message)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # a bug or a full disk: say so, keep serving
+            log.exception("Snapshot failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"etcdserver: snapshot failed: {exc}")

@@ -1,14 +1,18 @@
-"""The client-facing gRPC server (grpc.aio) with etcd's services registered.
+"""The client-facing gRPC server (grpc.aio) with etcd's services registered,
+and the HTTP listener for /metrics, /health and /version (api/http.py).
 
-One asyncio event loop serves every client stream; thousands of idle streams
-cost a coroutine each, not a thread.
+One asyncio event loop serves every client stream and HTTP request; thousands
+of idle streams cost a coroutine each, not a thread.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from metastore.api.cluster import ClusterService
+from metastore.api.http import HTTPServer, Router, add_member_routes
 from metastore.api.kv import KVService
 from metastore.api.lease import LeaseService
 from metastore.api.maintenance import MaintenanceService
@@ -16,6 +20,7 @@ from metastore.api.pb import metastore_pb2_grpc, rpc_pb2_grpc
 from metastore.api.raft_status import RaftStatusService
 from metastore.api.watch import WatchService
 from metastore.cluster import hostport
+from metastore.metrics import NodeMetrics
 from metastore.node import Node
 
 # etcd accepts this much on top of --max-request-bytes at the gRPC layer, so a
@@ -39,9 +44,10 @@ def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-async def build_server(node: Node) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+async def build_server(node: Node, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+                       ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """Create (not start) the server, bound to every --listen-client-urls."""
-    server = grpc.aio.server(options=server_options(node.cfg.max_request_bytes))
+    server = grpc.aio.server(interceptors=list(interceptors), options=server_options(node.cfg.max_request_bytes))
     rpc_pb2_grpc.add_KVServicer_to_server(KVService(node), server)
     rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), server)
     rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), server)
@@ -63,18 +69,44 @@ async def build_server(node: Node) -> tuple[grpc.aio.Server, health.aio.HealthSe
 
 
 class Server:
-    """A running member: the Node plus its client listener. Used by
-    `metastore serve`, and by anything that wants a member in-process."""
+    """A running member: the Node plus its client listener and its HTTP
+    listener (--listen-metrics-urls; none when that is empty). Used by
+    `metastore serve`, and by anything that wants a member in-process.
+
+    `metrics` is the member's own registry and collectors; `router` takes
+    more HTTP routes (async handlers on the node's loop) before `start`."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.metrics = NodeMetrics(node)
+        self.router = Router()
+        add_member_routes(self.router, node, self.metrics)
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
+        self._http: HTTPServer | None = None
+        self._metrics_started = False
+        self._grpc_started = False
+
+    @property
+    def http(self) -> HTTPServer | None:
+        """The HTTP listener once started (its `addresses` say where it is bound)."""
+        return self._http
 
     async def start(self) -> None:
-        self._grpc, self._health = await build_server(self.node)
+        self._grpc, self._health = await build_server(self.node, self.metrics.interceptors)
+        if self.node.cfg.listen_metrics_urls:
+            # Bound now so that a busy port fails the start before the node
+            # runs; it answers only once the node has started.
+            self._http = HTTPServer(self.router, self.node.cfg.listen_metrics_urls, what="metrics")
+            await self._http.bind()
+        self.metrics.instrument()
         await self.node.start()
+        self.metrics.start()
+        self._metrics_started = True
         await self._grpc.start()
+        self._grpc_started = True
+        if self._http is not None:
+            await self._http.start()
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._health is not None:
@@ -82,6 +114,15 @@ class Server:
         # End watch streams now rather than after the grace period: their
         # clients reconnect to another member at once.
         self.node.watch_hub.stop()
+        if self._http is not None:
+            await self._http.stop()
         if self._grpc is not None:
+            if not self._grpc_started:
+                # grpc releases the ports it bound only when a started
+                # server shuts down (grpc/grpc#14917): an embedding process
+                # must get its port back after a failed start.
+                await self._grpc.start()
             await self._grpc.stop(grace)
+        if self._metrics_started:
+            await self.metrics.stop()
         await self.node.stop()

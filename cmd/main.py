@@ -4,7 +4,9 @@ from __future__ import annotations
 import click
 
 from metastore import __version__
+from metastore.cmd.ctl import ctl
 from metastore.cmd.serve import serve
+from metastore.cmd.snapshot import snapshot
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,3 +20,5 @@ def cli() -> None:
 
 
 cli.add_command(serve)
+cli.add_command(snapshot)
+cli.add_command(ctl)

@@ -9,7 +9,8 @@ import sys
 
 import click
 
-from metastore.config import DEFAULT_CLIENT_URL, DEFAULT_PEER_URL, ConfigError, ServerConfig
+from metastore import logs
+from metastore.config import DEFAULT_CLIENT_URL, DEFAULT_METRICS_URL, DEFAULT_PEER_URL, ConfigError, ServerConfig
 from metastore.cluster import parse_urls
 
 log = logging.getLogger("metastore.serve")
@@ -24,6 +25,11 @@ def _urls(ctx: click.Context, param: click.Parameter, value: str | None) -> list
         raise click.BadParameter(str(exc)) from None
 
 
+def _optional_urls(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    """Like _urls, but None when the flag is not given (the default applies)."""
+    return None if value is None else _urls(ctx, param, value)
+
+
 @click.command("serve")
 @click.option("--name", default="default", show_default=True, help="Human-readable name of this member.")
 @click.option("--data-dir", default="", help="Directory for this member's data  [default: <name>.metastore]")
@@ -35,6 +41,9 @@ def _urls(ctx: click.Context, param: click.Parameter, value: str | None) -> list
               help="URL to listen on for Raft traffic from other members.")
 @click.option("--initial-advertise-peer-urls", default=DEFAULT_PEER_URL, show_default=True, callback=_urls,
               help="Peer URL the other members reach this one on.")
+@click.option("--listen-metrics-urls", default=None, callback=_optional_urls,
+              help=f"Comma-separated URLs to serve /metrics, /health and /version on (HTTP); '' for none  "
+                   f"[default: {DEFAULT_METRICS_URL} if --listen-client-urls is the default, else none]")
 @click.option("--initial-cluster", default="",
               help="Every initial member as name=peer-url, comma-separated  [default: <name>=<advertised peer url>]")
 @click.option("--initial-cluster-token", default="metastore-cluster", show_default=True,
@@ -52,6 +61,9 @@ def _urls(ctx: click.Context, param: click.Parameter, value: str | None) -> list
               help="Raft election timeout in ms.")
 @click.option("--max-request-bytes", default=1536 * 1024, show_default=True, type=click.IntRange(min=1),
               help="Largest client request accepted.")
+@click.option("--quota-backend-bytes", default=0, show_default=True, type=int,
+              help="Backend size that raises the NOSPACE alarm (writes refused until disarmed); "
+                   "0 means etcd's default of 2 GiB, a negative value disables the quota.")
 @click.option("--snapshot-count", default=10000, show_default=True, type=click.IntRange(min=100),
               help="Raft entries between snapshots; the log before a snapshot is dropped.")
 @click.option("--unsafe-no-fsync", is_flag=True, default=False,
@@ -59,19 +71,22 @@ def _urls(ctx: click.Context, param: click.Parameter, value: str | None) -> list
                    "writes. For tests and benchmarks only.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text for people; json: one object per line (ts, level, member, logger, msg).")
 def serve(name: str, data_dir: str, listen_client_urls: list[str], advertise_client_urls: list[str],
-          listen_peer_urls: list[str], initial_advertise_peer_urls: list[str], initial_cluster: str,
+          listen_peer_urls: list[str], initial_advertise_peer_urls: list[str],
+          listen_metrics_urls: list[str] | None, initial_cluster: str,
           initial_cluster_token: str, initial_cluster_state: str, engine: str, peer_secret_file: str | None,
-          heartbeat_interval: int, election_timeout: int, max_request_bytes: int, snapshot_count: int,
-          unsafe_no_fsync: bool, log_level: str) -> None:
+          heartbeat_interval: int, election_timeout: int, max_request_bytes: int, quota_backend_bytes: int,
+          snapshot_count: int,
+          unsafe_no_fsync: bool, log_level: str, log_format: str) -> None:
     """Run a metastore member.
 
     With no flags: a single-member cluster on the memory engine, serving
     clients on 127.0.0.1:2379, like a fresh `etcd`. Stops cleanly on
     SIGTERM or SIGINT.
     """
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(log_level, log_format, name)
     secret = os.environ.get("METASTORE_PEER_SECRET") or None
     if peer_secret_file:
         try:
@@ -84,10 +99,12 @@ def serve(name: str, data_dir: str, listen_client_urls: list[str], advertise_cli
     cfg = ServerConfig(
         name=name, data_dir=data_dir, listen_client_urls=listen_client_urls,
         advertise_client_urls=advertise_client_urls, listen_peer_urls=listen_peer_urls,
-        initial_advertise_peer_urls=initial_advertise_peer_urls, initial_cluster=initial_cluster,
+        initial_advertise_peer_urls=initial_advertise_peer_urls, listen_metrics_urls=listen_metrics_urls,
+        initial_cluster=initial_cluster,
         initial_cluster_token=initial_cluster_token, initial_cluster_state=initial_cluster_state,
         engine=engine, peer_secret=secret, heartbeat_interval_ms=heartbeat_interval,
         election_timeout_ms=election_timeout, max_request_bytes=max_request_bytes,
+        quota_backend_bytes=quota_backend_bytes,
         snapshot_count=snapshot_count, unsafe_no_fsync=unsafe_no_fsync)
     try:
         cfg = cfg.resolved()
@@ -113,8 +130,13 @@ async def _run(cfg: ServerConfig) -> None:
         await server.start()
         log.info("member %s (%x) serving clients on %s", cfg.name, server.node.member_id,
                  ",".join(cfg.listen_client_urls))
-        await stop.wait()
-        log.info("shutting down")
+        if cfg.listen_metrics_urls:
+            log.info("serving /metrics, /health and /version on %s", ",".join(cfg.listen_metrics_urls))
+        else:
+            log.info("no metrics listener (set --listen-metrics-urls to serve /metrics and /health)")
+        removed = asyncio.ensure_future(server.node.removed.wait())
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), removed], return_when=asyncio.FIRST_COMPLETED)
+        log.info("shutting down" if not removed.done() else "shutting down: removed from the cluster")
     finally:
         # Also after a failed start: release the ports, the Raft node and
         # the database LOCK before the process reports the error.

@@ -1,9 +1,12 @@
 """Cluster identity: member ids, peer addresses and the member table.
 
 pysyncobj names nodes by 'host:port' and has no numeric ids, while etcd
-clients need stable u64 member and cluster ids. They are derived here from the
-member name and the cluster token, so every member computes the same ids
-without talking to anyone, and a restart keeps them.
+clients need stable u64 member and cluster ids. As in etcd, a member's id is
+derived from its peer URLs and the cluster token, so every member computes the
+same ids without talking to anyone, a restart keeps them, and a member added
+later (`member add` knows only its peer URLs) gets the id it will compute for
+itself when it starts. The cluster id comes from the token alone: it must not
+change when members come and go.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from metastore.api.pb import rpc_pb2
+
 
 def _u64(*parts: str) -> int:
     digest = hashlib.sha256("\x00".join(parts).encode()).digest()
@@ -21,14 +26,14 @@ def _u64(*parts: str) -> int:
     return value or 1  # etcd never uses id 0: it means "none"
 
 
-def member_id(name: str, token: str) -> int:
-    """The u64 member id of `name` in the cluster created with `token`."""
-    return _u64("member", token, name)
+def member_id(peer_urls: list[str], token: str) -> int:
+    """The u64 id of the member reached at `peer_urls` in the cluster `token`."""
+    return _u64("member", token, *sorted(hostport(u) for u in peer_urls))
 
 
-def cluster_id(token: str, member_ids: list[int]) -> int:
-    """The u64 cluster id: fixed by the token and the initial members."""
-    return _u64("cluster", token, *(f"{m:016x}" for m in sorted(member_ids)))
+def cluster_id(token: str) -> int:
+    """The u64 cluster id of the cluster created with `token`."""
+    return _u64("cluster", token)
 
 
 def parse_urls(value: str) -> list[str]:
@@ -99,12 +104,18 @@ class Member:
         return hostport(self.peer_urls[0])
 
 
+def member_pb(m: Member) -> rpc_pb2.Member:
+    """etcd's wire form of a member."""
+    return rpc_pb2.Member(ID=m.id, name=m.name, peerURLs=m.peer_urls, clientURLs=m.client_urls,
+                          isLearner=m.is_learner)
+
+
 class Membership:
     """The member table: who is in the cluster and how to reach them.
 
-    Seeded from --initial-cluster (identical on every member) and updated only
-    by applied Raft entries (members publishing their client URLs), so every
-    member holds the same table.
+    Seeded from --initial-cluster and updated only by applied Raft entries
+    (members publishing their client URLs, members added and removed) or by
+    a Raft snapshot, so every member holds the same table.
     """
 
     def __init__(self, token: str, initial: dict[str, list[str]]) -> None:
@@ -112,9 +123,12 @@ class Membership:
         self._lock = threading.Lock()
         self._members: dict[int, Member] = {}
         for name, urls in initial.items():
-            mid = member_id(name, token)
+            mid = member_id(urls, token)
             self._members[mid] = Member(mid, name, list(urls))
-        self.cluster_id = cluster_id(token, list(self._members))
+        self.cluster_id = cluster_id(token)
+        self._reindex()
+
+    def _reindex(self) -> None:
         self._by_address = {m.raft_address: m.id for m in self._members.values()}
 
     def members(self) -> list[Member]:
@@ -132,20 +146,48 @@ class Membership:
             return 0
         return self._by_address.get(address, 0)
 
-    def export(self) -> list[tuple[int, str, list[str]]]:
-        """What applied entries changed, for a snapshot."""
+    def export(self) -> list[dict]:
+        """The whole table, for a snapshot."""
         with self._lock:
-            return [(m.id, m.name, list(m.client_urls)) for m in self._members.values()]
+            return [{"id": m.id, "name": m.name, "peer_urls": list(m.peer_urls),
+                     "client_urls": list(m.client_urls), "is_learner": m.is_learner}
+                    for m in self._members.values()]
 
-    def restore(self, exported: list[tuple[int, str, list[str]]]) -> None:
-        for mid, name, client_urls in exported:
-            self.publish(mid, name, client_urls)
+    def restore(self, exported: list[dict]) -> None:
+        """Replace the table with a snapshot's."""
+        with self._lock:
+            self._members = {d["id"]: Member(d["id"], d["name"], list(d["peer_urls"]), list(d["client_urls"]),
+                                             d["is_learner"]) for d in exported}
+            self._reindex()
 
-    def publish(self, mid: int, name: str, client_urls: list[str]) -> None:
-        """Apply a member's published attributes (called from the apply loop)."""
+    def add(self, mid: int, peer_urls: list[str], is_learner: bool = False) -> None:
+        """Apply a member addition (idempotent: a log replay may repeat it)."""
+        with self._lock:
+            if mid not in self._members:
+                self._members[mid] = Member(mid, "", list(peer_urls), [], is_learner)
+                self._reindex()
+
+    def remove(self, mid: int) -> None:
+        with self._lock:
+            if self._members.pop(mid, None) is not None:
+                self._reindex()
+
+    def id_of_peer_urls(self, peer_urls: list[str]) -> int:
+        """Id of the member using any of these peer addresses; 0 if none."""
+        addresses = {hostport(u) for u in peer_urls}
+        with self._lock:
+            for m in self._members.values():
+                if addresses & {hostport(u) for u in m.peer_urls}:
+                    return m.id
+        return 0
+
+    def publish(self, mid: int, name: str, client_urls: list[str]) -> bool:
+        """Apply a member's published attributes (called from the apply loop);
+        False, nothing changed, if it is not (or no longer) a member."""
         with self._lock:
             member = self._members.get(mid)
             if member is None:
-                return  # not (or no longer) a member: ignore, as etcd does
+                return False
             member.name = name or member.name
             member.client_urls = list(client_urls)
+            return True

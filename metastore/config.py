@@ -14,6 +14,11 @@ from metastore import cluster
 
 DEFAULT_CLIENT_URL = "http://127.0.0.1:2379"
 DEFAULT_PEER_URL = "http://127.0.0.1:2380"
+# etcd's default --listen-metrics-urls is empty (metrics on the client port);
+# metastore's client port speaks gRPC only, so it serves them on etcd's
+# conventional metrics port instead -- but only for the default single-member
+# setup, see `ServerConfig.resolved`.
+DEFAULT_METRICS_URL = "http://127.0.0.1:2381"
 ENGINES = ("memory", "rocksdb")
 
 
@@ -28,6 +33,10 @@ class ServerConfig:
     listen_client_urls: list[str] = field(default_factory=lambda: [DEFAULT_CLIENT_URL])
     advertise_client_urls: list[str] = field(default_factory=list)  # [] -> listen_client_urls
     listen_peer_urls: list[str] = field(default_factory=lambda: [DEFAULT_PEER_URL])
+    # Where the HTTP listener serves /metrics, /health and /version. None: the
+    # default (DEFAULT_METRICS_URL when the client URLs are the default ones,
+    # else none); []: no HTTP listener.
+    listen_metrics_urls: list[str] | None = None
     initial_advertise_peer_urls: list[str] = field(default_factory=lambda: [DEFAULT_PEER_URL])
     initial_cluster: str = ""  # "" -> "<name>=<initial_advertise_peer_urls>"
     initial_cluster_token: str = "metastore-cluster"
@@ -39,6 +48,9 @@ class ServerConfig:
     heartbeat_interval_ms: int = 100
     election_timeout_ms: int = 1000
     max_request_bytes: int = 1536 * 1024
+    # Backend size at which the NOSPACE alarm is raised (etcd's flag): 0 is
+    # etcd's default of 2 GiB, a negative value disables the quota.
+    quota_backend_bytes: int = 0
     request_timeout: float = 5.0
     # Applied entries between snapshots (after which the Raft log is trimmed).
     snapshot_count: int = 10000
@@ -51,6 +63,16 @@ class ServerConfig:
         cfg = ServerConfig(**self.__dict__)
         cfg.data_dir = cfg.data_dir or f"{cfg.name}.metastore"
         cfg.advertise_client_urls = cfg.advertise_client_urls or list(cfg.listen_client_urls)
+        if cfg.listen_metrics_urls is None:
+            # Several members on one machine each need their own client URL,
+            # so at most one of them keeps the default one: only that member
+            # takes the default metrics port, and the others never collide on
+            # it. A member with its own client URLs serves metrics only where
+            # --listen-metrics-urls says.
+            default = cfg.listen_client_urls == [DEFAULT_CLIENT_URL]
+            cfg.listen_metrics_urls = [DEFAULT_METRICS_URL] if default else []
+        else:
+            cfg.listen_metrics_urls = list(cfg.listen_metrics_urls)
         if not cfg.initial_cluster:
             cfg.initial_cluster = ",".join(f"{cfg.name}={u}" for u in cfg.initial_advertise_peer_urls)
         cfg._validate()
@@ -66,12 +88,9 @@ class ServerConfig:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if self.initial_cluster_state not in ("new", "existing"):
             raise ConfigError("--initial-cluster-state must be 'new' or 'existing'")
-        if self.initial_cluster_state == "existing":
-            raise ConfigError("--initial-cluster-state existing (joining a running cluster) is not "
-                              "supported yet")
         try:
             for url in (self.listen_client_urls + self.advertise_client_urls + self.listen_peer_urls
-                        + self.initial_advertise_peer_urls):
+                        + self.initial_advertise_peer_urls + (self.listen_metrics_urls or [])):
                 cluster.hostport(url)
             members = self.initial_members()
         except ValueError as exc:
@@ -80,6 +99,13 @@ class ServerConfig:
             raise ConfigError("--listen-client-urls must name at least one URL")
         if len(self.listen_peer_urls) != 1:
             raise ConfigError("--listen-peer-urls takes exactly one URL (the Raft transport binds one address)")
+        taken = {cluster.hostport(u): flag for flag, urls in (("--listen-client-urls", self.listen_client_urls),
+                                                              ("--listen-peer-urls", self.listen_peer_urls))
+                 for u in urls}
+        for url in self.listen_metrics_urls or []:
+            if cluster.hostport(url) in taken:
+                raise ConfigError(f"--listen-metrics-urls {url} is also in {taken[cluster.hostport(url)]}; "
+                                  f"the metrics listener needs a port of its own")
         peer_urls = self.listen_peer_urls + self.initial_advertise_peer_urls + [
             u for urls in members.values() for u in urls]
         for url in peer_urls:

@@ -61,5 +61,10 @@ TIMEOUT_LEADER_FAIL = _e(StatusCode.UNAVAILABLE, "request timed out, possibly du
 TOO_MANY_REQUESTS = _e(StatusCode.RESOURCE_EXHAUSTED, "too many requests")
 STOPPED = _e(StatusCode.UNAVAILABLE, "server stopped")
 MEMBER_NOT_FOUND = _e(StatusCode.NOT_FOUND, "member not found")
+PEER_URL_EXISTS = _e(StatusCode.FAILED_PRECONDITION, "Peer URLs already exists")
+MEMBERSHIP_CHANGE_IN_PROGRESS = _e(StatusCode.FAILED_PRECONDITION,
+                                   "another membership change is in progress; retry when it is done")
+BAD_LEADER_TRANSFEREE = _e(StatusCode.FAILED_PRECONDITION, "bad leader transferee")
+TIMEOUT_LEADER_TRANSFER = _e(StatusCode.UNAVAILABLE, "request timed out, leader transfer took too long")
 NOT_CAPABLE = _e(StatusCode.UNAVAILABLE, "not capable")
 PERMISSION_DENIED = _e(StatusCode.PERMISSION_DENIED, "permission denied")

@@ -557,6 +557,58 @@ class MVCCStore:
         with self._write_lock, self._lock:
             self._backend.close()
 
+    # -- maintenance service: replicated meta rows, whole-backend hash, copies ----
+    # (metastore.maintenance builds etcd's Alarm, Hash and Snapshot on these.)
+    def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """The `meta` rows whose key starts with `prefix`, in key order."""
+        end = prefix[:-1] + bytes([prefix[-1] + 1]) if prefix and prefix[-1] < 0xFF else None
+        with self._lock:
+            return list(self._backend.scan("meta", prefix, end))
+
+    def write_meta(self, rows: dict[bytes, bytes | None]) -> None:
+        """Put (value) or delete (None) `meta` rows as one applied request:
+        tagged with its place in the Raft log like any mutation, so a
+        replay after a restart skips it, and no revision is used (etcd's
+        alarms live outside the MVCC keyspace too). Apply thread only."""
+        with self._write_lock:
+            w = WriteTxn(self._backend, self._rev)
+            for key, value in rows.items():
+                if value is None:
+                    w.batch.delete("meta", key)
+                else:
+                    w.batch.put("meta", key, value)
+            self._commit(w, always=True)
+
+    def hash_backend(self, ignore: frozenset[tuple[str, bytes]] = frozenset()) -> tuple[int, int]:
+        """(crc32 of every backend row of every table but `ignore`, revision),
+        both read under one lock hold: etcd's Hash of the whole backend.
+        Rows are framed by table and lengths so no two contents collide by
+        concatenation; engine-independent since both engines hold the same bytes."""
+        frame = struct.Struct(">II")  # key and value lengths
+        with self._lock:
+            crc = 0
+            for table in TABLES:
+                crc = zlib.crc32(table.encode(), crc)
+                for key, value in self._backend.scan(table, b"", None):
+                    if (table, key) in ignore:
+                        continue
+                    crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(frame.pack(len(key), len(value)), crc)))
+            return crc, self._rev
+
+    def frozen_copy(self, target_dir: str) -> list[tuple[str, bytes, bytes]] | None:
+        """A point-in-time copy of the whole backend taken while the apply
+        thread keeps going (a client snapshot): between two mutations, so it
+        never holds half a request or half a compaction. The RocksDB engine
+        writes a checkpoint (hard links, milliseconds) to `target_dir` and
+        returns None; the memory engine returns the rows (the bytes objects
+        are shared, not copied). Mutations wait meanwhile."""
+        with self._write_lock:
+            if self.checkpoint(target_dir):
+                return None
+            with self._lock:
+                return [(table, key, value) for table in TABLES
+                        for key, value in self._backend.scan(table, b"", None)]
+
 
 # -- helpers --------------------------------------------------------------------
 def _items(view: View, kr: KeyRange) -> list[tuple[bytes, bytes]]:

@@ -18,13 +18,18 @@ import logging
 import os
 import secrets
 from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
 
 from metastore import ETCD_COMPAT_VERSION, errors, snapshot, validate
-from metastore.api.pb import raft_entry_pb2, rpc_pb2
-from metastore.cluster import Member, Membership, hostport, member_id
+from metastore.api.pb import metastore_pb2, metastore_pb2_grpc, raft_entry_pb2, rpc_pb2, rpc_pb2_grpc
+from metastore.cluster import Member, Membership, hostport, is_loopback, member_id, member_pb
 from metastore.config import ConfigError, ServerConfig
+from metastore.errors import EtcdError
 from metastore.engines import open_store
 from metastore.lessor import MAX_LEASE_TTL, Lessor, minimum_ttl
+from metastore.maintenance import Maintenance
 from metastore.proposer import Proposer
 from metastore.raft import RaftConfig, RaftNode
 from metastore.state_machine import StateMachine
@@ -32,6 +37,10 @@ from metastore.types import RaftRole, RaftStatus
 from metastore.watch_hub import WatchHub
 
 log = logging.getLogger("metastore.node")
+
+# How long a leader waits for a member added by MemberAdd to start, so that
+# pysyncobj's configuration change for it commits.
+_MEMBER_START_TIMEOUT = 300.0
 
 _DATA_DIR_MARKER = "metastore.json"
 
@@ -41,7 +50,7 @@ class Node:
         self.cfg = cfg = cfg.resolved()
         initial = cfg.initial_members()
         self.membership = Membership(cfg.initial_cluster_token, initial)
-        self.member_id = member_id(cfg.name, cfg.initial_cluster_token)
+        self.member_id = member_id(cfg.initial_advertise_peer_urls, cfg.initial_cluster_token)
         self.cluster_id = self.membership.cluster_id
         self._prepare_data_dir()
         self.store = open_store(cfg.engine, cfg.data_dir, self.member_id)
@@ -75,8 +84,17 @@ class Node:
         # Before this member's first expiry check as leader (tick thread).
         self.raft.on_role_change(lambda role: self.lessor.became_leader() if role is RaftRole.LEADER else None)
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
+        # Alarms and the space quota, defragment, hash, client snapshots.
+        self.maintenance = Maintenance(self)
         self._publish_task: asyncio.Task | None = None
         self._expiry_task: asyncio.Task | None = None
+        # Membership changes: one at a time, run by the leader.
+        self._changing_membership = False
+        self._membership_tasks: set[asyncio.Task] = set()
+        # Set once this member has been removed from the cluster.
+        self.removed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.state_machine.on_member_removed = self._member_removed
 
     def _prepare_data_dir(self) -> None:
         """Create the data dir, or check an existing one belongs to this member
@@ -106,6 +124,7 @@ class Node:
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self.proposer.bind(loop)
         self.watch_hub.start(loop)
         await loop.run_in_executor(None, self.raft.start)
@@ -113,6 +132,13 @@ class Node:
         self._expiry_task = loop.create_task(self._expire_leases())
 
     async def stop(self) -> None:
+        if self.raft.is_leader() and len(self.membership.members()) > 1:
+            # Hand leadership over first, so a rolling restart costs the
+            # cluster no election timeout.
+            try:
+                await self.move_leader(0)
+            except errors.EtcdError as err:
+                log.warning("leadership not handed over before stopping: %s", err.message)
         self.proposer.close()
         self.watch_hub.stop()
         for task in (self._publish_task, self._expiry_task):
@@ -167,6 +193,7 @@ class Node:
         return await self._propose(raft_entry_pb2.Proposal(compaction=req))
 
     async def _propose(self, proposal: raft_entry_pb2.Proposal) -> Any:
+        await self.maintenance.check_quota(proposal)  # NOSPACE: etcd's quota, before anything else
         if proposal.ByteSize() > self.cfg.max_request_bytes:
             raise errors.REQUEST_TOO_LARGE
         resp = await self.proposer.propose(proposal)
@@ -272,9 +299,227 @@ class Node:
                     pending.add(lease)
                     asyncio.get_running_loop().create_task(revoke(lease))
 
+    # -- leadership -----------------------------------------------------------
+    async def move_leader(self, target_id: int) -> rpc_pb2.MoveLeaderResponse:
+        """etcd's MoveLeader: only the leader can hand over; returns once the
+        target leads. target_id 0 picks the most caught-up follower. New
+        proposals wait meanwhile, so the target can catch up with the log."""
+        if not self.raft.is_leader():
+            raise errors.NOT_LEADER
+        target_address: str | None = None
+        if target_id:
+            member = self.membership.get(target_id)
+            if member is None:
+                raise errors.BAD_LEADER_TRANSFEREE
+            if target_id == self.member_id:
+                resp = rpc_pb2.MoveLeaderResponse()
+                self._fill_header(resp.header)
+                return resp
+            target_address = member.raft_address
+        loop = asyncio.get_running_loop()
+        sent: asyncio.Future[bool] = loop.create_future()
+
+        def done(ok: bool) -> None:  # tick thread
+            loop.call_soon_threadsafe(lambda: sent.done() or sent.set_result(ok))
+
+        timeout = max(self.cfg.election_timeout_ms / 1000 * 2, 2.0)
+        deadline = loop.time() + timeout
+        self.proposer.pause()
+        try:
+            self.raft.transfer_leadership(target_address, timeout, done)
+            if not await sent:
+                raise errors.TIMEOUT_LEADER_TRANSFER
+            while True:
+                leader = self.raft.raft_status().leader_id
+                if leader and leader != self.member_id and (not target_id or leader == target_id):
+                    break
+                if loop.time() >= deadline:
+                    raise errors.TIMEOUT_LEADER_TRANSFER
+                await asyncio.sleep(0.01)
+        finally:
+            self.proposer.resume()
+        log.info("leadership moved from %x to %x", self.member_id, self.raft.raft_status().leader_id)
+        resp = rpc_pb2.MoveLeaderResponse()
+        self._fill_header(resp.header)
+        return resp
+
     # -- cluster and status --------------------------------------------------
     def raft_status(self) -> RaftStatus:
         return self.store.get_raft_status()
+
+    # -- membership ------------------------------------------------------------
+    async def member_add(self, req: rpc_pb2.MemberAddRequest) -> rpc_pb2.MemberAddResponse:
+        if req.isLearner:
+            raise EtcdError(grpc.StatusCode.UNIMPLEMENTED, "etcdserver: learner members are not supported yet")
+        urls = [str(u) for u in req.peerURLs]
+        self._check_peer_urls(urls)
+        if not self.raft.is_leader():
+            return await self._relay_to_leader("MemberAdd", req)
+        if self.membership.id_of_peer_urls(urls):
+            raise errors.PEER_URL_EXISTS
+        new_id = member_id(urls, self.cfg.initial_cluster_token)
+        table_done = asyncio.get_running_loop().create_future()
+
+        async def steps() -> None:
+            # The table first (a new member replays the log, so it learns it
+            # too), then Raft. pysyncobj counts a new voter as soon as its
+            # change is appended, so that change may only commit once the new
+            # member runs (as in etcd, a 1-member cluster waits for it): the
+            # client is answered after the table entry.
+            await self.proposer.propose(raft_entry_pb2.Proposal(
+                member_change=raft_entry_pb2.MemberChange(member_id=new_id, peer_urls=urls)))
+            table_done.set_result(None)
+            await self._raft_membership(hostport(urls[0]), add=True, timeout=_MEMBER_START_TIMEOUT)
+
+        await self._run_membership_change(steps(), table_done)
+        log.info("member %x added (%s)", new_id, ",".join(urls))
+        resp = rpc_pb2.MemberAddResponse(member=rpc_pb2.Member(ID=new_id, peerURLs=urls))
+        resp.members.extend(member_pb(m) for m in self.members())
+        self._fill_header(resp.header)
+        return resp
+
+    async def member_remove(self, req: rpc_pb2.MemberRemoveRequest) -> rpc_pb2.MemberRemoveResponse:
+        member = self.membership.get(req.ID)
+        if member is None:
+            raise errors.MEMBER_NOT_FOUND
+        if len(self.membership.members()) == 1:
+            raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION,
+                            "etcdserver: cannot remove the only member of the cluster")
+        if self.raft.is_leader() and req.ID == self.member_id:
+            await self.move_leader(0)  # the next leader removes us
+        if not self.raft.is_leader():
+            return await self._relay_to_leader("MemberRemove", req)
+        done = asyncio.get_running_loop().create_future()
+
+        async def steps() -> None:
+            # The table first: the member being removed must still receive
+            # it (it stops itself when it applies it), then Raft.
+            await self.proposer.propose(raft_entry_pb2.Proposal(
+                member_change=raft_entry_pb2.MemberChange(member_id=req.ID, remove=True)))
+            await self._wait_applied_on(member, self.raft.raft_status().commit)
+            await self._raft_membership(member.raft_address, add=False, timeout=self.cfg.request_timeout)
+            done.set_result(None)
+
+        await self._run_membership_change(steps(), done)
+        log.info("member %x (%s) removed", req.ID, member.name)
+        resp = rpc_pb2.MemberRemoveResponse()
+        resp.members.extend(member_pb(m) for m in self.members())
+        self._fill_header(resp.header)
+        return resp
+
+    def _check_peer_urls(self, urls: list[str]) -> None:
+        """Peer URLs a member add may name. Without the cluster secret the
+        peer transport (pickle) must stay on loopback: every member would
+        dial the new address and trust what answers."""
+        if not urls:
+            raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: no peer URLs given")
+        for url in urls:
+            try:
+                hostport(url)
+            except ValueError as exc:
+                raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, f"etcdserver: {exc}") from None
+            if ":" in (urlsplit(url).hostname or ""):
+                raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, f"etcdserver: peer URL {url}: IPv6 "
+                                f"addresses are not supported for the Raft peer transport")
+            if not self.cfg.peer_secret and not is_loopback(url):
+                raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"etcdserver: peer URL {url} is beyond loopback and this cluster has no peer "
+                                f"secret; start every member with --peer-secret-file first")
+
+    async def _run_membership_change(self, steps: Any, answered: asyncio.Future) -> None:
+        """Run a change's steps to the end even if the client gives up (a
+        half-done change would leave Raft and the member table disagreeing),
+        one change at a time; return when `answered` is resolved."""
+        if self._changing_membership:
+            steps.close()
+            raise errors.MEMBERSHIP_CHANGE_IN_PROGRESS
+        self._changing_membership = True
+
+        async def run() -> None:
+            try:
+                await steps
+            except errors.EtcdError as err:
+                if not answered.done():
+                    answered.set_exception(err)
+                else:
+                    log.error("membership change did not finish its Raft step: %s", err.message)
+            finally:
+                self._changing_membership = False
+                if not answered.done():
+                    answered.set_exception(errors.STOPPED)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._membership_tasks.add(task)
+        task.add_done_callback(self._membership_tasks.discard)
+        await asyncio.shield(answered)
+
+    async def _raft_membership(self, address: str, add: bool, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def done(_result: Any, error: errors.EtcdError | None) -> None:  # tick thread
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(error))
+
+        self.raft.change_membership(address, add, done)
+        try:
+            error = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise errors.TIMEOUT from None
+        if error is not None:
+            raise error
+
+    async def _wait_applied_on(self, member: Member, index: int) -> None:
+        """Best effort, up to the request timeout: let `member` apply the
+        log up to `index` (its own removal) before Raft stops replicating to
+        it -- else it would never learn it was removed and keep campaigning."""
+        if not member.client_urls:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.request_timeout
+        async with grpc.aio.insecure_channel(hostport(member.client_urls[0])) as channel:
+            stub = metastore_pb2_grpc.RaftStub(channel)
+            while loop.time() < deadline:
+                try:
+                    st = await stub.GetRaftStatus(metastore_pb2.GetRaftStatusRequest(), timeout=1)
+                except grpc.aio.AioRpcError:
+                    return  # down: it cannot apply anything; it stays stopped
+                if st.applied >= index:
+                    return
+                await asyncio.sleep(0.05)
+        log.warning("member %x did not confirm its removal in time", member.id)
+
+    async def _relay_to_leader(self, method: str, req: Any) -> Any:
+        """Membership changes run on the leader (one at a time); a follower
+        passes the request on over the leader's client URL."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.request_timeout
+        while True:  # a leader that just started may not have published its URLs yet
+            leader = self.membership.get(self.raft.raft_status().leader_id)
+            if leader is not None and leader.client_urls:
+                break
+            if loop.time() >= deadline:
+                raise errors.NO_LEADER
+            await asyncio.sleep(0.05)
+        async with grpc.aio.insecure_channel(hostport(leader.client_urls[0])) as channel:
+            try:
+                return await getattr(rpc_pb2_grpc.ClusterStub(channel), method)(req, timeout=self.cfg.request_timeout)
+            except grpc.aio.AioRpcError as err:
+                raise EtcdError(err.code(), err.details() or "") from None
+
+    def _member_removed(self, mid: int) -> None:  # apply thread
+        if mid != self.member_id or self._loop is None:
+            return
+        log.error("this member (%x) was removed from the cluster; it stops serving", mid)
+        # Not at once: the Raft change that follows is easier to commit
+        # while this member still answers.
+        grace = max(2.0, self.cfg.election_timeout_ms / 1000 * 2)
+
+        def stop_if_still_removed() -> None:
+            # A replay may apply an old removal of a member added again since.
+            if self.membership.get(self.member_id) is None:
+                self.removed.set()
+
+        self._loop.call_soon_threadsafe(lambda: self._loop.call_later(grace, stop_if_still_removed))
 
     def members(self) -> list[Member]:
         return self.membership.members()

@@ -52,6 +52,7 @@ class Proposer:
         self._flush_scheduled = False
         self._inflight = 0
         self._closed = False
+        self._paused = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -92,6 +93,15 @@ class Proposer:
     def close(self) -> None:
         self._closed = True
 
+    def pause(self) -> None:
+        """Hold new entries back (they keep gathering) so that a leadership
+        transfer target can catch up with a log that stops growing."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._schedule_flush()
+
     # -- batching ------------------------------------------------------------
     async def _wait(self, fut: asyncio.Future) -> Any:
         try:
@@ -107,6 +117,8 @@ class Proposer:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._paused:
+            return  # resume() flushes
         while self._inflight < self._max_inflight and self._ready:
             self._submit(self._ready.popleft())
         if self._inflight < self._max_inflight and (self._open.proposals or self._open.barriers):

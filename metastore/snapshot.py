@@ -15,7 +15,7 @@ different engines, and a checkpoint received by a memory member is read row
 by row.
 
 File: MAGIC | u32 header length | pickled header | body.
-rows body: (u8 table | u32 key length | u32 value length | key | value)* | 0xFF.
+rows body: metastore.rows' row stream.
 checkpoint body: (u16 name length | u64 size | name | content)* | u16 0.
 """
 from __future__ import annotations
@@ -24,10 +24,12 @@ import os
 import pickle
 import shutil
 import struct
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from metastore.backend import TABLES
 from metastore.cluster import Membership
+from metastore.fsutil import fsync_tree
+from metastore.rows import RowFormatError, check_rows, read_rows, write_rows
 from metastore.store import Store
 
 MAGIC = b"METASTORE-SNAPSHOT-2\n"
@@ -37,8 +39,6 @@ ROWS = "rows"
 CHECKPOINT = "rocksdb-checkpoint"
 
 _LEN = struct.Struct("<I")
-_ROW = struct.Struct("<BII")
-_END = 0xFF
 _FILE = struct.Struct("<HQ")
 _COPY_CHUNK = 1 << 20
 
@@ -59,7 +59,7 @@ def save(path: str, store: Store, membership: Membership, raft_data: Any) -> Non
             if fmt == CHECKPOINT:
                 _pack_dir(f, staging)
             else:
-                _write_rows(f, store)
+                write_rows(f.write, store.export_items())
             f.flush()
             os.fsync(f.fileno())
     finally:
@@ -82,9 +82,12 @@ def load(path: str, store: Store, membership: Membership) -> Any:
             return raft_data  # a persistent engine that is already past it
         if header.get("format", ROWS) == ROWS:
             body = f.tell()
-            _check_rows(f, path)  # a damaged file must leave the store as it was
+            try:
+                check_rows(f, os.fstat(f.fileno()).st_size)  # a damaged file leaves the store as it was
+            except RowFormatError as exc:
+                raise RuntimeError(f"snapshot {path}: {exc}") from None
             f.seek(body)
-            store.import_items(_read_rows(f, path))
+            store.import_items(read_rows(f))
         else:
             staging = path + ".unpacked"
             shutil.rmtree(staging, ignore_errors=True)
@@ -95,44 +98,6 @@ def load(path: str, store: Store, membership: Membership) -> Any:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return raft_data
-
-
-# -- rows ---------------------------------------------------------------------------
-def _write_rows(f: BinaryIO, store: Store) -> None:
-    table_ids = {name: i for i, name in enumerate(TABLES)}
-    write = f.write
-    for table, key, value in store.export_items():
-        write(_ROW.pack(table_ids[table], len(key), len(value)))
-        write(key)
-        write(value)
-    write(bytes([_END]))
-
-
-def _check_rows(f: BinaryIO, path: str) -> None:
-    """Walk the rows by their lengths (no data read) up to the end mark."""
-    size = os.fstat(f.fileno()).st_size
-    while True:
-        tag = f.read(1)
-        if tag and tag[0] == _END:
-            return
-        head = tag + f.read(_ROW.size - 1)
-        if len(head) != _ROW.size:
-            raise RuntimeError(f"snapshot {path} is truncated")
-        table, klen, vlen = _ROW.unpack(head)
-        if table >= len(TABLES) or f.seek(klen + vlen, os.SEEK_CUR) >= size:
-            raise RuntimeError(f"snapshot {path} is truncated or damaged")
-
-
-def _read_rows(f: BinaryIO, path: str) -> Iterator[tuple[str, bytes, bytes]]:
-    read = f.read
-    while True:
-        tag = read(1)
-        if not tag:
-            raise RuntimeError(f"snapshot {path} is truncated")
-        if tag[0] == _END:
-            return
-        table, klen, vlen = _ROW.unpack(tag + read(_ROW.size - 1))
-        yield TABLES[table], read(klen), read(vlen)
 
 
 # -- checkpoint files -----------------------------------------------------------------
@@ -151,8 +116,7 @@ def _pack_dir(f: BinaryIO, root: str) -> None:
 
 
 def _unpack_dir(f: BinaryIO, root: str, path: str) -> None:
-    """Recreate the packed files under `root`, each fsynced: RocksDB will
-    take them over as its database."""
+    """Recreate the packed files under `root`, durably."""
     os.makedirs(root)
     base = os.path.realpath(root)
     while True:
@@ -169,8 +133,7 @@ def _unpack_dir(f: BinaryIO, root: str, path: str) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as out:
             _copy(f, out, size, path)
-            out.flush()
-            os.fsync(out.fileno())
+    fsync_tree(root)  # RocksDB takes these files over as its database
 
 
 def _copy(src: BinaryIO, dst: BinaryIO, size: int, name: str) -> None:

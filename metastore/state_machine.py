@@ -9,11 +9,12 @@ its error is its result and the other requests of the batch still apply.
 from __future__ import annotations
 
 import logging
-from typing import Union
+from typing import Callable, Union
 
 from google.protobuf.message import Message
 from grpc import StatusCode
 
+from metastore import errors
 from metastore.api.pb import raft_entry_pb2
 from metastore.cluster import Membership
 from metastore.errors import EtcdError
@@ -21,6 +22,11 @@ from metastore.lessor import Lessor
 from metastore.store import Store
 
 log = logging.getLogger("metastore.apply")
+
+# Requests whose effect is not kept in the store (the member table lives in
+# memory, rebuilt from snapshot + log): a replay applies them again, whatever
+# the store's applied position says. Both are idempotent.
+_OUTSIDE_STORE = frozenset({"member_change", "publish"})
 
 Result = Union[Message, EtcdError, None]
 
@@ -30,6 +36,8 @@ class StateMachine:
         self.store = store
         self.membership = membership
         self.lessor = lessor
+        # Called (apply thread) with the id of every member removed.
+        self.on_member_removed: Callable[[int], None] | None = None
 
     def apply(self, payload: bytes, index: int) -> list[Result]:
         """Apply the committed entry at Raft `index`; one result per proposal.
@@ -50,7 +58,7 @@ class StateMachine:
         applied = self.store.applied_position
         results: list[Result] = []
         for position, proposal in enumerate(batch.proposals):
-            if (index, position) <= applied:
+            if (index, position) <= applied and proposal.WhichOneof("op") not in _OUTSIDE_STORE:
                 results.append(None)  # already in the store; nobody waits for it
                 continue
             self.store.set_apply_position(index, position)
@@ -83,9 +91,24 @@ class StateMachine:
                 if self.lessor is not None:
                     self.lessor.refreshed(list(proposal.lease_refresh.ids))
                 return None
+            if kind == "member_change":
+                change = proposal.member_change
+                if change.remove:
+                    self.membership.remove(change.member_id)
+                    if self.on_member_removed is not None:
+                        self.on_member_removed(change.member_id)
+                else:
+                    self.membership.add(change.member_id, list(change.peer_urls), change.is_learner)
+                return None
+            if kind == "alarm":
+                from metastore import alarms  # etcd's Alarm: replicated in the store's meta table
+
+                return alarms.apply(store, proposal.alarm)
             if kind == "publish":
                 attrs = proposal.publish
-                self.membership.publish(attrs.member_id, attrs.name, list(attrs.client_urls))
+                if not self.membership.publish(attrs.member_id, attrs.name, list(attrs.client_urls)):
+                    # Not (yet) in the table: its addition is still on the way.
+                    return errors.MEMBER_NOT_FOUND
                 return None
             log.error("proposal with unknown op %r ignored", kind)
             return EtcdError(StatusCode.INTERNAL, f"etcdserver: unknown request type {kind!r}")

@@ -83,6 +83,8 @@ class Member:
     proc: subprocess.Popen | None = None
     # Set by LocalCluster.kill: the member is down on purpose.
     stopped: bool = False
+    # "new" for the founding members; "existing" for one added later.
+    cluster_state: str = "new"
     _channel: grpc.Channel | None = field(default=None, repr=False)
 
     @property
@@ -204,6 +206,7 @@ class LocalCluster:
             "--initial-advertise-peer-urls", m.peer_url,
             "--initial-cluster", initial,
             "--initial-cluster-token", self.token,
+            "--initial-cluster-state", m.cluster_state,
             "--engine", self.engine,
             *self.extra_args,
         ]
@@ -215,6 +218,26 @@ class LocalCluster:
         m.proc = subprocess.Popen(self.command(m), stdout=log, stderr=subprocess.STDOUT,
                                   cwd=self.base_dir, env=self.env, start_new_session=True)
         log.close()
+
+    def add_member(self, name: str | None = None, start: bool = True) -> Member:
+        """A new member on free ports that joins the running cluster
+        (--initial-cluster-state existing), as after `etcdctl member add`:
+        call MemberAdd with its peer URL first, then start it."""
+        client_port, peer_port = free_ports(2)
+        name = name or f"m{len(self.members) + 1}"
+        m = Member(name=name, client_port=client_port, peer_port=peer_port,
+                   data_dir=os.path.join(self.base_dir, f"{name}.data"),
+                   log_path=os.path.join(self.base_dir, f"{name}.log"), cluster_state="existing")
+        self.members.append(m)
+        m.stopped = not start
+        if start:
+            self._spawn(m)
+        return m
+
+    def start_member(self, m: Member) -> None:
+        """Start a member created with add_member(start=False)."""
+        m.stopped = False
+        self._spawn(m)
 
     def kill(self, m: Member, sig: int = signal.SIGKILL) -> None:
         """Send `sig` (default SIGKILL) to a member and wait for it to exit."""

@@ -27,23 +27,17 @@ import struct
 import threading
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 from pysyncobj.journal import Journal
+
+from metastore.fsutil import fsync_path
 
 log = logging.getLogger("metastore.raft.journal")
 
 _HEADER = struct.Struct("<II")
 _ENTRY = struct.Struct("<QQ")
 _META = struct.Struct("<QQ")  # term, commit index; then votedFor as utf-8
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DurableJournal(Journal):
@@ -53,6 +47,7 @@ class DurableJournal(Journal):
         self.fsync_enabled = fsync
         self.fsync_count = 0
         self.fsync_seconds = 0.0  # total time spent in fsync (for metrics)
+        self.on_fsync: Callable[[float], None] | None = None  # each fsync's duration (metrics)
         self._lock = threading.Lock()
         self._entries: list[tuple[bytes, int, int]] = []
         self._offsets: list[int] = []  # file offset of each entry's record
@@ -90,7 +85,7 @@ class DurableJournal(Journal):
             with open(self.path, "wb") as f:
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(self.path)
+            _fsync_parent(self.path)
         with open(self.path, "rb") as f:
             data = f.read()
         pos = 0
@@ -146,8 +141,11 @@ class DurableJournal(Journal):
             return
         t0 = time.perf_counter()
         os.fsync(fd)
-        self.fsync_seconds += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.fsync_seconds += elapsed
         self.fsync_count += 1
+        if self.on_fsync is not None:
+            self.on_fsync(elapsed)
 
     # -- pysyncobj's Journal interface ---------------------------------------
     def add(self, command: bytes, idx: int, term: int) -> None:
@@ -205,7 +203,7 @@ class DurableJournal(Journal):
                 self._fsync(f.fileno())
             os.replace(tmp, self.path)
             if self.fsync_enabled:
-                _fsync_dir(self.path)
+                _fsync_parent(self.path)
             self._entries = list(entries)
             self._offsets = offsets
             self._size = pos
@@ -262,5 +260,10 @@ class DurableJournal(Journal):
             self._fsync(f.fileno())
         os.replace(tmp, self.meta_path)
         if self.fsync_enabled:
-            _fsync_dir(self.meta_path)
+            _fsync_parent(self.meta_path)
         self._meta_dirty = False
+
+
+def _fsync_parent(path: str) -> None:
+    """Make a file's creation or rename durable: fsync its directory."""
+    fsync_path(os.path.dirname(os.path.abspath(path)))

@@ -9,6 +9,7 @@ in this package.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -134,6 +135,10 @@ class RaftNode(RaftStatusSource):
         self._role = RaftRole.FOLLOWER
         self._role_listeners: list[Callable[[RaftRole], None]] = []
         self._obj: _ReplicatedLog | None = None
+        # Leadership transfers asked for, run on the tick thread:
+        # (target address or None, deadline, done callback).
+        self._transfers: list[tuple[str | None, float, Callable[[bool], None]]] = []
+        self._transfers_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -183,6 +188,7 @@ class RaftNode(RaftStatusSource):
             # them toward commit (commit is computed at the start of a tick;
             # tick callbacks run after new entries were appended).
             self._obj.addOnTickCallback(self._sync_journal)
+        self._obj.addOnTickCallback(self._run_transfers)
         try:
             self._obj.waitBinded()
         except Exception as exc:
@@ -191,6 +197,55 @@ class RaftNode(RaftStatusSource):
                                f"not available") from exc
         log.info("raft node %s listening on %s, partners %s", cfg.self_address, cfg.bind_address,
                  ",".join(cfg.partner_addresses) or "(none)")
+
+    # -- membership ----------------------------------------------------------
+    def change_membership(self, address: str, add: bool, done: DoneFn) -> None:
+        """Add or remove a voting peer through pysyncobj's one-server change
+        (a log entry of its own); done(None, None) once committed here, or
+        done(None, error). The caller serializes changes: pysyncobj does not."""
+        obj = self._obj
+        if obj is None:
+            done(None, errors.STOPPED)
+            return
+
+        def callback(_result: Any, reason: int) -> None:
+            done(None, None if reason == FAIL_REASON.SUCCESS else _FAILURES.get(reason, errors.LEADER_CHANGED))
+
+        if add:
+            obj.addNodeToCluster(address, callback=callback)
+        else:
+            obj.removeNodeFromCluster(address, callback=callback)
+
+    # -- leadership transfer -------------------------------------------------
+    def transfer_leadership(self, target: str | None, timeout: float, done: Callable[[bool], None]) -> None:
+        """Ask the leader to hand over to `target` (a peer address; None: the
+        most caught-up follower). pysyncobj only sends the "timeout now" when
+        the target holds the whole log, so the request is retried every tick
+        until it is sent or `timeout` passes; done(True) once sent, done(False)
+        if not. Whether the target then leads must be checked by the caller."""
+        with self._transfers_lock:
+            self._transfers.append((target, time.monotonic() + timeout, done))
+
+    def _run_transfers(self) -> None:  # tick thread
+        if not self._transfers:
+            return
+        with self._transfers_lock:
+            pending, self._transfers = self._transfers, []
+        obj = self._obj
+        keep = []
+        for target, deadline, done in pending:
+            outcome: list[int] = []
+            if obj is not None:
+                obj.transferLeadership(target, callback=lambda _res, reason: outcome.append(reason))
+            if outcome and outcome[0] == FAIL_REASON.SUCCESS:
+                done(True)
+            elif obj is None or time.monotonic() >= deadline or (outcome and outcome[0] == FAIL_REASON.NOT_LEADER):
+                done(False)
+            else:
+                keep.append((target, deadline, done))  # target not caught up yet: next tick
+        if keep:
+            with self._transfers_lock:
+                self._transfers[:0] = keep
 
     def _sync_journal(self) -> None:
         if self.journal.needs_sync():
@@ -239,7 +294,11 @@ class RaftNode(RaftStatusSource):
         self._role = _ROLES.get(new, RaftRole.UNKNOWN)
         obj = self._obj
         term = obj.raftCurrentTerm if obj is not None else 0
-        log.info("raft state %s -> %s (term %d)", _ROLES.get(old, old).value, self._role.value, term)
+        log.info("raft state %s -> %s (term %d)", _ROLES.get(old, old).value, self._role.value, term,
+                 extra={"term": term, "role": self._role.value})
+        if self._role is RaftRole.LEADER:
+            log.info("%x elected leader at term %d", self._node_id, term,
+                     extra={"term": term, "leader": f"{self._node_id:x}"})
         for listener in self._role_listeners:
             try:
                 listener(self._role)

@@ -65,7 +65,8 @@ def test_applied_never_exceeds_commit():
 def test_member_ids_are_stable_and_distinct():
     from metastore.cluster import cluster_id, member_id
 
-    assert member_id("a", "tok") == member_id("a", "tok")
-    assert member_id("a", "tok") != member_id("a", "other") != member_id("b", "tok")
-    assert 0 < member_id("a", "tok") < 2**64
-    assert cluster_id("tok", [1, 2]) == cluster_id("tok", [2, 1])
+    a, b = ["http://127.0.0.1:2380"], ["http://127.0.0.1:2381"]
+    assert member_id(a, "tok") == member_id(["http://127.0.0.1:2380/"], "tok")
+    assert member_id(a, "tok") != member_id(a, "other") != member_id(b, "tok")
+    assert 0 < member_id(a, "tok") < 2**64
+    assert cluster_id("tok") == cluster_id("tok") != cluster_id("other")

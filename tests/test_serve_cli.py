@@ -1,6 +1,7 @@
 """`metastore serve` as a user runs it: refusals, port clashes, clean shutdown."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -88,3 +89,15 @@ def test_data_dir_of_the_other_engine_is_refused_untouched(written_by, opened_wi
         cluster.restart(m)
         resp = m.kv().Range(rpc_pb2.RangeRequest(key=b"k"), timeout=5)
         assert [kv.value for kv in resp.kvs] == [b"kept"]
+
+
+def test_json_logs_name_the_member_and_leadership():
+    with LocalCluster(1, extra_args=["--log-format", "json"]) as cluster:
+        m = cluster.members[0]
+        m.kv().Put(rpc_pb2.PutRequest(key=b"k", value=b"v"), timeout=5)
+        cluster.kill(m, signal.SIGTERM)
+        entries = [json.loads(line) for line in m.log().splitlines() if line.startswith("{")]
+        assert entries and all(e["member"] == "m1" and e["level"] and e["ts"] and e["logger"] for e in entries)
+        elected = [e for e in entries if "elected leader" in e["msg"]]
+        assert elected and elected[0]["term"] >= 1
+        assert any(e["msg"] == "stopped" for e in entries)

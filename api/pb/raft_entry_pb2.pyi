@@ -18,7 +18,7 @@ class MemberAttributes(_message.Message):
     def __init__(self, member_id: _Optional[int] = ..., name: _Optional[str] = ..., client_urls: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Proposal(_message.Message):
-    __slots__ = ("request_id", "put", "delete_range", "txn", "compaction", "publish", "lease_grant", "lease_revoke", "lease_refresh")
+    __slots__ = ("request_id", "put", "delete_range", "txn", "compaction", "publish", "lease_grant", "lease_revoke", "lease_refresh", "alarm", "member_change")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,8 @@ class Proposal(_message.Message):
     LEASE_GRANT_FIELD_NUMBER: _ClassVar[int]
     LEASE_REVOKE_FIELD_NUMBER: _ClassVar[int]
     LEASE_REFRESH_FIELD_NUMBER: _ClassVar[int]
+    ALARM_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_CHANGE_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     put: _rpc_pb2.PutRequest
     delete_range: _rpc_pb2.DeleteRangeRequest
@@ -37,13 +39,27 @@ class Proposal(_message.Message):
     lease_grant: _rpc_pb2.LeaseGrantRequest
     lease_revoke: _rpc_pb2.LeaseRevokeRequest
     lease_refresh: LeaseRefresh
-    def __init__(self, request_id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutRequest, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeRequest, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnRequest, _Mapping]] = ..., compaction: _Optional[_Union[_rpc_pb2.CompactionRequest, _Mapping]] = ..., publish: _Optional[_Union[MemberAttributes, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeRequest, _Mapping]] = ..., lease_refresh: _Optional[_Union[LeaseRefresh, _Mapping]] = ...) -> None: ...
+    alarm: _rpc_pb2.AlarmRequest
+    member_change: MemberChange
+    def __init__(self, request_id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutRequest, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeRequest, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnRequest, _Mapping]] = ..., compaction: _Optional[_Union[_rpc_pb2.CompactionRequest, _Mapping]] = ..., publish: _Optional[_Union[MemberAttributes, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeRequest, _Mapping]] = ..., lease_refresh: _Optional[_Union[LeaseRefresh, _Mapping]] = ..., alarm: _Optional[_Union[_rpc_pb2.AlarmRequest, _Mapping]] = ..., member_change: _Optional[_Union[MemberChange, _Mapping]] = ...) -> None: ...
 
 class LeaseRefresh(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MemberChange(_message.Message):
+    __slots__ = ("member_id", "peer_urls", "is_learner", "remove")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_URLS_FIELD_NUMBER: _ClassVar[int]
+    IS_LEARNER_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    member_id: int
+    peer_urls: _containers.RepeatedScalarFieldContainer[str]
+    is_learner: bool
+    remove: bool
+    def __init__(self, member_id: _Optional[int] = ..., peer_urls: _Optional[_Iterable[str]] = ..., is_learner: _Optional[bool] = ..., remove: _Optional[bool] = ...) -> None: ...
 
 class ProposalBatch(_message.Message):
     __slots__ = ("origin", "proposals")

@@ -39,12 +39,12 @@ from metastore.backend import TABLES, WriteBatch
 from metastore.engines.rocksdb.marker import (
     ROCKSDB_CURRENT,
     ForeignDirectoryError,
-    fsync_dir,
     has_marker,
     prepare_dir,
     write_marker,
 )
 from metastore.engines.rocksdb.options import open_options
+from metastore.fsutil import fsync_path, fsync_tree
 
 _INCOMING = ".incoming"  # a checkpoint being moved into place
 _REPLACED = ".replaced"  # the database a checkpoint replaces, until deleted
@@ -271,7 +271,7 @@ class RocksDBBackend:
         if os.path.exists(path):
             os.rename(path, replaced)
         os.rename(incoming, path)
-        fsync_dir(parent)
+        fsync_path(parent)
         shutil.rmtree(replaced, ignore_errors=True)
         return cls(path, sync=sync)
 
@@ -304,7 +304,7 @@ def _finish_swap(path: str) -> None:
     incoming, replaced = path + _INCOMING, path + _REPLACED
     if not os.path.exists(path) and os.path.isdir(incoming) and has_marker(incoming):
         os.rename(incoming, path)
-        fsync_dir(os.path.dirname(path))
+        fsync_path(os.path.dirname(path))
     if os.path.exists(path):
         # Leftovers: the database a finished swap replaced, or a checkpoint
         # whose swap never began (the old database stays, i.e. a roll back).
@@ -325,13 +325,7 @@ def _move_dir(src: str, dst: str) -> None:
         partial = dst + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(src, partial)
-        for name in os.listdir(partial):
-            fd = os.open(os.path.join(partial, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(partial)
+        fsync_tree(partial)
         os.rename(partial, dst)
         shutil.rmtree(src)
-    fsync_dir(os.path.dirname(dst))
+    fsync_path(os.path.dirname(dst))

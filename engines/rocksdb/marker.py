@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from metastore.fsutil import fsync_path
+
 MARKER_NAME = "METASTORE_ENGINE"
 MARKER_CONTENT = b"metastore-rocksdb 1\n"
 # RocksDB's own pointer to the live MANIFEST: present in every created database.
@@ -19,15 +21,6 @@ ROCKSDB_CURRENT = "CURRENT"
 
 class ForeignDirectoryError(RuntimeError):
     """The directory exists but was not created by the RocksDB engine."""
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or a new entry in `path` durable (POSIX needs the directory fsynced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_marker(path: str) -> None:
@@ -40,7 +33,7 @@ def write_marker(path: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    fsync_dir(path)
+    fsync_path(path)
 
 
 def has_marker(path: str) -> bool:

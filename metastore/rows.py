@@ -1,0 +1,62 @@
+"""The row stream both snapshot formats use: every backend row, in order.
+
+A row is u8 table | u32 key length | u32 value length | key | value, and the
+stream ends with the byte 0xFF. Raft snapshots (metastore.snapshot) and the
+client snapshots of `etcdctl snapshot save` (metastore.dbsnapshot) carry it.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from metastore.backend import TABLES
+
+ROW = struct.Struct("<BII")
+END = 0xFF
+
+Row = tuple[str, bytes, bytes]
+
+
+class RowFormatError(RuntimeError):
+    """The row stream is truncated or malformed."""
+
+
+def write_rows(write: Callable[[bytes], object], rows: Iterable[Row]) -> None:
+    table_ids = {name: i for i, name in enumerate(TABLES)}
+    for table, key, value in rows:
+        write(ROW.pack(table_ids[table], len(key), len(value)))
+        write(key)
+        write(value)
+    write(bytes([END]))
+
+
+def check_rows(f: BinaryIO, end: int) -> None:
+    """Walk the rows from f's position by their lengths (no data read) to the
+    end mark, which must come before offset `end`: a damaged file is refused
+    before anything is replaced."""
+    while True:
+        tag = f.read(1)
+        if not tag:
+            raise RowFormatError("the rows end without the end mark (truncated)")
+        if tag[0] == END:
+            return
+        head = tag + f.read(ROW.size - 1)
+        if len(head) != ROW.size:
+            raise RowFormatError("truncated row")
+        table, klen, vlen = ROW.unpack(head)
+        if table >= len(TABLES) or f.seek(klen + vlen, os.SEEK_CUR) >= end:
+            raise RowFormatError(f"malformed or truncated row (table {table}, {klen}+{vlen} bytes)")
+
+
+def read_rows(f: BinaryIO) -> Iterator[Row]:
+    """The rows from f's position (check_rows first for untrusted input)."""
+    read = f.read
+    while True:
+        tag = read(1)
+        if not tag:
+            raise RowFormatError("the rows end without the end mark (truncated)")
+        if tag[0] == END:
+            return
+        table, klen, vlen = ROW.unpack(tag + read(ROW.size - 1))
+        yield TABLES[table], read(klen), read(vlen)
