@@ -62,6 +62,10 @@ def restore(file: str, data_dir: str, name: str, initial_cluster: str, initial_c
     except dbsnapshot.SnapshotError as exc:
         click.echo(f"metastore: snapshot restore failed: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:  # e.g. no permission to create the data dir
+        click.echo(f"metastore: snapshot restore failed: {exc.strerror or exc}"
+                   f"{f': {exc.filename}' if exc.filename else ''}", err=True)
+        sys.exit(1)
     target = cfg.resolved().data_dir
     click.echo(f"restored snapshot {file} ({dbsnapshot.describe(header)}) into {target} "
                f"for member {name} ({engine} engine)")

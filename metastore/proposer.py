@@ -52,7 +52,7 @@ class Proposer:
         self._flush_scheduled = False
         self._inflight = 0
         self._closed = False
-        self._paused = False
+        self._paused = 0  # nested pause() calls not yet resumed
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -95,12 +95,14 @@ class Proposer:
 
     def pause(self) -> None:
         """Hold new entries back (they keep gathering) so that a leadership
-        transfer target can catch up with a log that stops growing."""
-        self._paused = True
+        transfer target can catch up with a log that stops growing. Pairs
+        with resume(); pauses nest."""
+        self._paused += 1
 
     def resume(self) -> None:
-        self._paused = False
-        self._schedule_flush()
+        self._paused = max(0, self._paused - 1)
+        if not self._paused:
+            self._schedule_flush()
 
     # -- batching ------------------------------------------------------------
     async def _wait(self, fut: asyncio.Future) -> Any:
