@@ -163,11 +163,14 @@ def member_add(name: str, peer_urls: str, learner: bool) -> None:
     new = resp.member
     as_learner = " as learner " if new.isLearner else " "
     out(f"Member {new.ID:16x} added{as_learner}to cluster {resp.header.cluster_id:16x}\n")
-    conf = [f"{name if m.ID == new.ID else m.name}={u}" for m in resp.members for u in m.peerURLs]
+    # Other members not started yet have no name to list (`=url` would be
+    # refused); the new member learns them from the cluster anyway.
+    conf = [f"{name if m.ID == new.ID else m.name}={u}" for m in resp.members
+            if m.ID == new.ID or m.name for u in m.peerURLs]
     if not any(m.ID == new.ID for m in resp.members):
         conf += [f"{name}={u}" for u in urls]
     flags = ["metastore", "serve", "--name", name, "--initial-advertise-peer-urls", ",".join(urls),
-             "--listen-peer-urls", ",".join(urls), "--initial-cluster", ",".join(conf),
+             "--listen-peer-urls", urls[0], "--initial-cluster", ",".join(conf),
              "--initial-cluster-state", "existing"]
     out("\nStart the new member with (and the cluster's --initial-cluster-token, its own "
         "--listen-client-urls and --data-dir):\n" + " ".join(shlex.quote(f) for f in flags) + "\n")
