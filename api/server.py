@@ -99,7 +99,6 @@ class Server:
             # runs; it answers only once the node has started.
             self._http = HTTPServer(self.router, self.node.cfg.listen_metrics_urls, what="metrics")
             await self._http.bind()
-        self.metrics.instrument()
         await self.node.start()
         self.metrics.start()
         self._metrics_started = True

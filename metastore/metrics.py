@@ -13,7 +13,7 @@ happens:
   `grpc_server_handling_seconds`);
 - leader changes seen by this member, by sampling the Raft leader every
   100 ms on the event loop (and at every scrape);
-- proposals pending and failed, around `Proposer.propose`.
+- proposals pending and failed, counted by the Proposer.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from metastore import ETCD_COMPAT_VERSION, errors
+from metastore import ETCD_COMPAT_VERSION
 from metastore.api.pb import rpc_pb2
 from metastore.types import RaftRole
 
@@ -39,12 +39,6 @@ log = logging.getLogger("metastore.metrics")
 GRPC_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # etcd's etcd_disk_wal_fsync_duration_seconds buckets: 1 ms .. 8 s, doubling.
 WAL_FSYNC_BUCKETS = tuple(0.001 * 2**i for i in range(14))
-
-# Proposal outcomes that mean Raft did not get the proposal applied (what
-# etcd's proposals_failed_total counts), as opposed to a request the state
-# machine refused (e.g. a txn on a compacted revision).
-_RAFT_FAILURES = (errors.TIMEOUT, errors.LEADER_CHANGED, errors.NO_LEADER, errors.TOO_MANY_REQUESTS,
-                  errors.TIMEOUT_LEADER_FAIL, errors.STOPPED, errors.NOT_CAPABLE)
 
 
 def cluster_version(version: str = ETCD_COMPAT_VERSION) -> str:
@@ -240,36 +234,6 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
         return writer
 
 
-# -- proposals ------------------------------------------------------------------
-class ProposalStats:
-    """Proposals this member made that are not finished yet, and those Raft
-    failed (timeout, leader lost, queue full, stopped, client gone)."""
-
-    def __init__(self) -> None:
-        self.pending = 0
-        self.failed = 0
-
-    def instrument(self, proposer: Any) -> None:
-        """Count around `proposer.propose` (an instance attribute shadowing the method)."""
-        inner = proposer.propose
-
-        async def propose(proposal: Any) -> Any:
-            self.pending += 1
-            try:
-                return await inner(proposal)
-            except errors.EtcdError as err:
-                if any(err is failure for failure in _RAFT_FAILURES):
-                    self.failed += 1
-                raise
-            except asyncio.CancelledError:
-                self.failed += 1
-                raise
-            finally:
-                self.pending -= 1
-
-        proposer.propose = propose
-
-
 # -- leader changes ---------------------------------------------------------------
 class LeaderChanges:
     """etcd_server_leader_changes_seen_total: counts each time this member
@@ -316,9 +280,9 @@ class _NodeCollector:
         yield gauge("etcd_server_proposals_applied_total", "The total number of consensus proposals applied.",
                     st.applied)
         yield gauge("etcd_server_proposals_pending", "The current number of pending proposals to commit.",
-                    m.proposals.pending)
+                    m.node.proposer.pending)
         yield CounterMetricFamily("etcd_server_proposals_failed", "The total number of failed proposals seen.",
-                                  value=m.proposals.failed)
+                                  value=m.node.proposer.failed)
         yield gauge("metastore_raft_term", "The Raft term this member is in.", st.term)
 
         version = GaugeMetricFamily("etcd_server_version", "Which version is running. 1 for 'server_version' "
@@ -369,7 +333,6 @@ class NodeMetrics:
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self.grpc = GrpcMetrics(self.registry)
-        self.proposals = ProposalStats()
         self.leader_changes = LeaderChanges()
         self._leader_sample_period = leader_sample_period
         self._sampler: asyncio.Task | None = None
@@ -382,10 +345,6 @@ class NodeMetrics:
     @property
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [self.grpc]
-
-    def instrument(self) -> None:
-        """Before the node starts: count around its proposer."""
-        self.proposals.instrument(self.node.proposer)
 
     def start(self) -> None:
         """After the node started (its journal exists), on its event loop."""

@@ -24,6 +24,11 @@ from metastore.raft import RaftNode
 
 log = logging.getLogger("metastore.proposer")
 
+# Errors that mean Raft could not carry a request (as opposed to a request
+# the state machine refused, such as a compacted revision).
+RAFT_FAILURES = (errors.TIMEOUT, errors.LEADER_CHANGED, errors.NO_LEADER, errors.TOO_MANY_REQUESTS,
+                 errors.TIMEOUT_LEADER_FAIL, errors.STOPPED, errors.NOT_CAPABLE)
+
 
 class _Batch:
     __slots__ = ("proposals", "futures", "barriers", "size", "timer")
@@ -53,6 +58,11 @@ class Proposer:
         self._inflight = 0
         self._closed = False
         self._paused = 0  # nested pause() calls not yet resumed
+        # For metrics (etcd_server_proposals_pending / _failed_total):
+        # requests waiting for their entry, and those Raft failed (timeout,
+        # leader lost, stopped, the client gone) -- not request errors.
+        self.pending = 0
+        self.failed = 0
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -74,8 +84,17 @@ class Proposer:
         self._open.futures.append(fut)
         self._open.size += size
         self._schedule_flush()
-        result = await self._wait(fut)
+        self.pending += 1
+        try:
+            result = await self._wait(fut)
+        except BaseException:  # timed out, or the client went away
+            self.failed += 1
+            raise
+        finally:
+            self.pending -= 1
         if isinstance(result, EtcdError):
+            if result in RAFT_FAILURES:
+                self.failed += 1
             raise result
         return result
 

@@ -33,8 +33,6 @@ from metastore.rows import RowFormatError, check_rows, read_rows, write_rows
 from metastore.store import Store
 
 MAGIC = b"METASTORE-SNAPSHOT-2\n"
-_OLD_MAGIC = b"METASTORE-SNAPSHOT-1\n"  # rows only, no format in the header
-assert len(MAGIC) == len(_OLD_MAGIC)
 ROWS = "rows"
 CHECKPOINT = "rocksdb-checkpoint"
 
@@ -70,8 +68,7 @@ def load(path: str, store: Store, membership: Membership) -> Any:
     """Load a snapshot into the store (unless the store, being persistent,
     already holds everything it covers); returns pysyncobj's raft data."""
     with open(path, "rb") as f:
-        magic = f.read(len(MAGIC))
-        if magic not in (MAGIC, _OLD_MAGIC):
+        if f.read(len(MAGIC)) != MAGIC:
             raise RuntimeError(f"{path} is not a metastore snapshot")
         (length,) = _LEN.unpack(f.read(_LEN.size))
         header = pickle.loads(f.read(length))
@@ -80,7 +77,7 @@ def load(path: str, store: Store, membership: Membership) -> Any:
         membership.restore(header["members"])
         if store.applied_position[0] >= snapshot_index:
             return raft_data  # a persistent engine that is already past it
-        if header.get("format", ROWS) == ROWS:
+        if header["format"] == ROWS:
             body = f.tell()
             try:
                 check_rows(f, os.fstat(f.fileno()).st_size)  # a damaged file leaves the store as it was

@@ -409,7 +409,7 @@ def _fake_node(journal: object) -> SimpleNamespace:
     store = SimpleNamespace(db_size=lambda: (100, 80), revision=5, compact_revision=0, backend=None)
     status = RaftStatus(node_id=1, term=2, leader_id=1, state="leader", applied=9, commit=10)
     return SimpleNamespace(raft_status=lambda: status, store=store, raft=SimpleNamespace(journal=journal),
-                           proposer=SimpleNamespace(propose=None))
+                           proposer=SimpleNamespace(pending=0, failed=0))
 
 
 def _parse(metrics: NodeMetrics) -> Samples:

@@ -120,3 +120,23 @@ def test_errors_and_timeouts_reach_every_waiter():
             await p.propose(put(b"c"))
         assert e.value is errors.STOPPED
     run(main())
+
+
+def test_pending_and_failed_counts_for_metrics():
+    async def main():
+        raft = FakeRaft()
+        p = make(raft, timeout=0.2)
+        t1 = asyncio.create_task(p.propose(put(b"a")))
+        t2 = asyncio.create_task(p.propose(put(b"b")))
+        await settle()
+        assert p.pending == 2 and p.failed == 0
+        raft.apply(0)
+        await asyncio.gather(t1, t2)
+        assert p.pending == 0 and p.failed == 0
+        t3 = asyncio.create_task(p.propose(put(b"c")))
+        await settle()
+        raft.submitted[1][1](None, errors.NO_LEADER)  # Raft could not carry it
+        with pytest.raises(errors.EtcdError):
+            await t3
+        assert p.pending == 0 and p.failed == 1
+    run(main())
