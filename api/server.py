@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from metastore.api.cluster import ClusterService
 from metastore.api.http import HTTPServer, Router, add_member_routes
+from metastore.api.placement_http import add_placement_routes
 from metastore.api.kv import KVService
 from metastore.api.lease import LeaseService
 from metastore.api.maintenance import MaintenanceService
@@ -81,6 +82,7 @@ class Server:
         self.metrics = NodeMetrics(node)
         self.router = Router()
         add_member_routes(self.router, node, self.metrics)
+        add_placement_routes(self.router, node.placement)
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._http: HTTPServer | None = None

@@ -69,6 +69,13 @@ def _optional_urls(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--unsafe-no-fsync", is_flag=True, default=False,
               help="Do not fsync the Raft log: faster, but a power loss can lose acknowledged "
                    "writes. For tests and benchmarks only.")
+@click.option("--session-ttl", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Seconds a member may miss heartbeats before it counts as offline and its workloads "
+                   "are placed elsewhere.")
+@click.option("--drain-batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Workload moves a drain keeps in flight at once.")
+@click.option("--workload-move-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a member has to accept a workload moved to it before it goes elsewhere.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
@@ -79,7 +86,8 @@ def serve(name: str, data_dir: str, listen_client_urls: list[str], advertise_cli
           initial_cluster_token: str, initial_cluster_state: str, engine: str, peer_secret_file: str | None,
           heartbeat_interval: int, election_timeout: int, max_request_bytes: int, quota_backend_bytes: int,
           snapshot_count: int,
-          unsafe_no_fsync: bool, log_level: str, log_format: str) -> None:
+          unsafe_no_fsync: bool, session_ttl: int, drain_batch_size: int, workload_move_timeout: float,
+          log_level: str, log_format: str) -> None:
     """Run a metastore member.
 
     With no flags: a single-member cluster on the memory engine, serving
@@ -105,7 +113,8 @@ def serve(name: str, data_dir: str, listen_client_urls: list[str], advertise_cli
         engine=engine, peer_secret=secret, heartbeat_interval_ms=heartbeat_interval,
         election_timeout_ms=election_timeout, max_request_bytes=max_request_bytes,
         quota_backend_bytes=quota_backend_bytes,
-        snapshot_count=snapshot_count, unsafe_no_fsync=unsafe_no_fsync)
+        snapshot_count=snapshot_count, unsafe_no_fsync=unsafe_no_fsync, session_ttl=session_ttl,
+        drain_batch_size=drain_batch_size, workload_move_timeout=workload_move_timeout)
     try:
         cfg = cfg.resolved()
     except ConfigError as exc:

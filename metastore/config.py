@@ -57,6 +57,13 @@ class ServerConfig:
     # Acknowledge writes before they are fsynced: for tests and benchmarks
     # only -- a power loss can then lose acknowledged writes.
     unsafe_no_fsync: bool = False
+    # Placement and drain (metastore.placement): seconds a member may go
+    # without heartbeat before it counts as offline (at least the minimum
+    # lease TTL); drain moves in flight at once; seconds a destination has
+    # to accept a move before the workload is placed elsewhere.
+    session_ttl: int = 5
+    drain_batch_size: int = 1
+    workload_move_timeout: float = 30.0
 
     def resolved(self) -> "ServerConfig":
         """A copy with defaults filled in and everything checked."""
@@ -130,6 +137,12 @@ class ServerConfig:
             raise ConfigError("--election-timeout must be at least 5x --heartbeat-interval (both in ms)")
         if self.snapshot_count < 100:
             raise ConfigError("--snapshot-count must be at least 100")
+        if self.session_ttl < 1:
+            raise ConfigError("--session-ttl must be at least 1 (seconds)")
+        if self.drain_batch_size < 1:
+            raise ConfigError("--drain-batch-size must be at least 1")
+        if self.workload_move_timeout <= 0:
+            raise ConfigError("--workload-move-timeout must be positive (seconds)")
         if self.max_request_bytes <= 0:
             raise ConfigError("--max-request-bytes must be positive")
 

@@ -30,6 +30,7 @@ from metastore.errors import EtcdError
 from metastore.engines import open_store
 from metastore.lessor import MAX_LEASE_TTL, Lessor, minimum_ttl
 from metastore.maintenance import Maintenance
+from metastore.placement import Placement, PlacementConfig
 from metastore.proposer import Proposer
 from metastore.raft import RaftConfig, RaftNode
 from metastore.state_machine import StateMachine
@@ -86,6 +87,10 @@ class Node:
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
         # Alarms and the space quota, defragment, hash, client snapshots.
         self.maintenance = Maintenance(self)
+        # Member sessions, workload placement and drain (coordinated by the leader).
+        self.placement = Placement(self, PlacementConfig(
+            session_ttl=cfg.session_ttl, drain_batch_size=cfg.drain_batch_size,
+            move_timeout=cfg.workload_move_timeout))
         self._publish_task: asyncio.Task | None = None
         self._expiry_task: asyncio.Task | None = None
         # Membership changes: one at a time, run by the leader.
@@ -130,8 +135,12 @@ class Node:
         await loop.run_in_executor(None, self.raft.start)
         self._publish_task = loop.create_task(self._publish_attributes())
         self._expiry_task = loop.create_task(self._expire_leases())
+        self.placement.start(loop)
 
     async def stop(self) -> None:
+        # End this member's session first, so the coordinator moves its
+        # workloads now rather than when the session would expire.
+        await self.placement.stop(end_session=True)
         if self.raft.is_leader() and len(self.membership.members()) > 1:
             # Hand leadership over first, so a rolling restart costs the
             # cluster no election timeout.

@@ -104,6 +104,10 @@ class StateMachine:
                 from metastore import alarms  # etcd's Alarm: replicated in the store's meta table
 
                 return alarms.apply(store, proposal.alarm)
+            if kind == "liveness":
+                from metastore import liveness  # node liveness and drain state, in the meta table
+
+                return liveness.apply(store, proposal.liveness)
             if kind == "publish":
                 attrs = proposal.publish
                 if not self.membership.publish(attrs.member_id, attrs.name, list(attrs.client_urls)):

@@ -18,6 +18,8 @@ and ask for `metastore_cluster`.
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import shutil
 import signal
@@ -85,6 +87,9 @@ class Member:
     stopped: bool = False
     # "new" for the founding members; "existing" for one added later.
     cluster_state: str = "new"
+    # The HTTP listener (--listen-metrics-urls): /metrics, /health, the
+    # placement and drain API. 0 = none.
+    http_port: int = 0
     _channel: grpc.Channel | None = field(default=None, repr=False)
 
     @property
@@ -99,6 +104,22 @@ class Member:
     def endpoint(self) -> str:
         """host:port, as etcdctl's --endpoints and gRPC channels take it."""
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def http(self, method: str, path: str, body: object = None, timeout: float = 10.0) -> tuple[int, object]:
+        """One JSON request to the member's HTTP listener: (status, decoded body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+            resp = conn.getresponse()
+            raw = resp.read()
+            return resp.status, (json.loads(raw) if raw else None)
+        finally:
+            conn.close()
 
     @property
     def running(self) -> bool:
@@ -152,12 +173,12 @@ class LocalCluster:
         self.env = dict(os.environ, **(env or {}))
         self._own_dir = base_dir is None
         self.base_dir = base_dir or tempfile.mkdtemp(prefix="metastore-cluster-")
-        ports = free_ports(2 * size)
+        ports = free_ports(3 * size)
         self.members: list[Member] = []
         for i in range(size):
             name = f"m{i + 1}"
             self.members.append(Member(
-                name=name, client_port=ports[2 * i], peer_port=ports[2 * i + 1],
+                name=name, client_port=ports[3 * i], peer_port=ports[3 * i + 1], http_port=ports[3 * i + 2],
                 data_dir=os.path.join(self.base_dir, f"{name}.data"),
                 log_path=os.path.join(self.base_dir, f"{name}.log")))
 
@@ -208,6 +229,7 @@ class LocalCluster:
             "--initial-cluster-token", self.token,
             "--initial-cluster-state", m.cluster_state,
             "--engine", self.engine,
+            *(["--listen-metrics-urls", m.http_url] if m.http_port else []),
             *self.extra_args,
         ]
 
@@ -223,9 +245,9 @@ class LocalCluster:
         """A new member on free ports that joins the running cluster
         (--initial-cluster-state existing), as after `etcdctl member add`:
         call MemberAdd with its peer URL first, then start it."""
-        client_port, peer_port = free_ports(2)
+        client_port, peer_port, http_port = free_ports(3)
         name = name or f"m{len(self.members) + 1}"
-        m = Member(name=name, client_port=client_port, peer_port=peer_port,
+        m = Member(name=name, client_port=client_port, peer_port=peer_port, http_port=http_port,
                    data_dir=os.path.join(self.base_dir, f"{name}.data"),
                    log_path=os.path.join(self.base_dir, f"{name}.log"), cluster_state="existing")
         self.members.append(m)

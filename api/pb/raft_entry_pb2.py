@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from metastore.api.pb import rpc_pb2 as metastore_dot_api_dot_pb_dot_rpc__pb2
 
 
-DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n!metastore/api/pb/raft_entry.proto\x12\x10metastore.raftpb\x1a\x1ametastore/api/pb/rpc.proto\"H\n\x10MemberAttributes\x12\x11\n\tmember_id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_urls\x18\x03 \x03(\t\"\xaf\x04\n\x08Proposal\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\'\n\x03put\x18\x02 \x01(\x0b\x32\x18.etcdserverpb.PutRequestH\x00\x12\x38\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32 .etcdserverpb.DeleteRangeRequestH\x00\x12\'\n\x03txn\x18\x04 \x01(\x0b\x32\x18.etcdserverpb.TxnRequestH\x00\x12\x35\n\ncompaction\x18\x05 \x01(\x0b\x32\x1f.etcdserverpb.CompactionRequestH\x00\x12\x35\n\x07publish\x18\x06 \x01(\x0b\x32\".metastore.raftpb.MemberAttributesH\x00\x12\x36\n\x0blease_grant\x18\x07 \x01(\x0b\x32\x1f.etcdserverpb.LeaseGrantRequestH\x00\x12\x38\n\x0clease_revoke\x18\x08 \x01(\x0b\x32 .etcdserverpb.LeaseRevokeRequestH\x00\x12\x37\n\rlease_refresh\x18\t \x01(\x0b\x32\x1e.metastore.raftpb.LeaseRefreshH\x00\x12+\n\x05\x61larm\x18\n \x01(\x0b\x32\x1a.etcdserverpb.AlarmRequestH\x00\x12\x37\n\rmember_change\x18\x0c \x01(\x0b\x32\x1e.metastore.raftpb.MemberChangeH\x00\x42\x04\n\x02op\"\x1b\n\x0cLeaseRefresh\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"X\n\x0cMemberChange\x12\x11\n\tmember_id\x18\x01 \x01(\x04\x12\x11\n\tpeer_urls\x18\x02 \x03(\t\x12\x12\n\nis_learner\x18\x03 \x01(\x08\x12\x0e\n\x06remove\x18\x04 \x01(\x08\"N\n\rProposalBatch\x12\x0e\n\x06origin\x18\x01 \x01(\x04\x12-\n\tproposals\x18\x02 \x03(\x0b\x32\x1a.metastore.raftpb.Proposalb\x06proto3')
+DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n!metastore/api/pb/raft_entry.proto\x12\x10metastore.raftpb\x1a\x1ametastore/api/pb/rpc.proto\"H\n\x10MemberAttributes\x12\x11\n\tmember_id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_urls\x18\x03 \x03(\t\"\xe5\x04\n\x08Proposal\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\'\n\x03put\x18\x02 \x01(\x0b\x32\x18.etcdserverpb.PutRequestH\x00\x12\x38\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32 .etcdserverpb.DeleteRangeRequestH\x00\x12\'\n\x03txn\x18\x04 \x01(\x0b\x32\x18.etcdserverpb.TxnRequestH\x00\x12\x35\n\ncompaction\x18\x05 \x01(\x0b\x32\x1f.etcdserverpb.CompactionRequestH\x00\x12\x35\n\x07publish\x18\x06 \x01(\x0b\x32\".metastore.raftpb.MemberAttributesH\x00\x12\x36\n\x0blease_grant\x18\x07 \x01(\x0b\x32\x1f.etcdserverpb.LeaseGrantRequestH\x00\x12\x38\n\x0clease_revoke\x18\x08 \x01(\x0b\x32 .etcdserverpb.LeaseRevokeRequestH\x00\x12\x37\n\rlease_refresh\x18\t \x01(\x0b\x32\x1e.metastore.raftpb.LeaseRefreshH\x00\x12+\n\x05\x61larm\x18\n \x01(\x0b\x32\x1a.etcdserverpb.AlarmRequestH\x00\x12\x37\n\rmember_change\x18\x0c \x01(\x0b\x32\x1e.metastore.raftpb.MemberChangeH\x00\x12\x34\n\x08liveness\x18\r \x01(\x0b\x32 .metastore.raftpb.LivenessChangeH\x00\x42\x04\n\x02op\"\x1b\n\x0cLeaseRefresh\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"X\n\x0cMemberChange\x12\x11\n\tmember_id\x18\x01 \x01(\x04\x12\x11\n\tpeer_urls\x18\x02 \x03(\t\x12\x12\n\nis_learner\x18\x03 \x01(\x08\x12\x0e\n\x06remove\x18\x04 \x01(\x08\"N\n\rProposalBatch\x12\x0e\n\x06origin\x18\x01 \x01(\x04\x12-\n\tproposals\x18\x02 \x03(\x0b\x32\x1a.metastore.raftpb.Proposal\"\xbd\x02\n\x0eLivenessChange\x12/\n\x02op\x18\x01 \x01(\x0e\x32#.metastore.raftpb.LivenessChange.Op\x12\x11\n\tmember_id\x18\x02 \x01(\x04\x12\x0f\n\x07session\x18\x03 \x01(\x03\x12\x0e\n\x06\x65xpect\x18\x04 \x01(\x05\x12\n\n\x02to\x18\x05 \x01(\x05\x12\x12\n\nstart_time\x18\x06 \x01(\x01\x12\x19\n\x11initial_workloads\x18\x07 \x01(\r\x12\x18\n\x10initial_subunits\x18\x08 \x01(\r\x12\x10\n\x08\x64\x65\x61\x64line\x18\t \x01(\x01\"_\n\x02Op\x12\x0c\n\x08REGISTER\x10\x00\x12\x0b\n\x07\x41\x44VANCE\x10\x01\x12\x0f\n\x0b\x44RAIN_START\x10\x02\x12\x10\n\x0c\x44RAIN_FINISH\x10\x03\x12\x10\n\x0c\x44RAIN_CANCEL\x10\x04\x12\t\n\x05RESET\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBERATTRIBUTES']._serialized_start=83
   _globals['_MEMBERATTRIBUTES']._serialized_end=155
   _globals['_PROPOSAL']._serialized_start=158
-  _globals['_PROPOSAL']._serialized_end=717
-  _globals['_LEASEREFRESH']._serialized_start=719
-  _globals['_LEASEREFRESH']._serialized_end=746
-  _globals['_MEMBERCHANGE']._serialized_start=748
-  _globals['_MEMBERCHANGE']._serialized_end=836
-  _globals['_PROPOSALBATCH']._serialized_start=838
-  _globals['_PROPOSALBATCH']._serialized_end=916
+  _globals['_PROPOSAL']._serialized_end=771
+  _globals['_LEASEREFRESH']._serialized_start=773
+  _globals['_LEASEREFRESH']._serialized_end=800
+  _globals['_MEMBERCHANGE']._serialized_start=802
+  _globals['_MEMBERCHANGE']._serialized_end=890
+  _globals['_PROPOSALBATCH']._serialized_start=892
+  _globals['_PROPOSALBATCH']._serialized_end=970
+  _globals['_LIVENESSCHANGE']._serialized_start=973
+  _globals['_LIVENESSCHANGE']._serialized_end=1290
+  _globals['_LIVENESSCHANGE_OP']._serialized_start=1195
+  _globals['_LIVENESSCHANGE_OP']._serialized_end=1290
 # @@protoc_insertion_point(module_scope)
