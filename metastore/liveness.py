@@ -15,9 +15,14 @@ move a member backwards. Liveness moves forward only, ALIVE -> DRAINING ->
 STOPPING (compare by `RANK`: the numeric values are not the order), with
 three deliberate ways back to ALIVE:
 
-- REGISTER: a member that starts a new session is a new incarnation (after
-  a restart, a STOPPING member is back for work);
-- DRAIN_CANCEL: an operator cancels the drain, or the target went offline;
+- DRAIN_CANCEL: an operator cancels the drain or undrains a STOPPING member
+  (`DELETE .../drain`), or the coordinator abandons the drain because the
+  target went offline;
+- REGISTER of a DRAINING member: it restarted mid-drain, so that drain is
+  over (the source design clears the DrainState of a crashed target). A
+  STOPPING member stays STOPPING across restarts -- drained means out of
+  scheduling until an operator says otherwise, as a cordoned node stays
+  cordoned;
 - RESET: the coordinator is draining or stopping but no schedulable member
   is left to hand over to (source requirement 9.8).
 
@@ -134,7 +139,8 @@ def apply(store: Store, change: raft_entry_pb2.LivenessChange) -> EtcdError | No
     drain = read_drain(store)
     rows: dict[bytes, bytes | None] = {}
     if change.op == Op.REGISTER:
-        rows[_member_key(member)] = _row(MemberLiveness(Liveness.ALIVE, change.session))
+        state = Liveness.STOPPING if current.state is Liveness.STOPPING else Liveness.ALIVE
+        rows[_member_key(member)] = _row(MemberLiveness(state, change.session))
         if drain is not None and drain.target == member:
             rows[DRAIN_KEY] = None  # the drained member restarted: that drain is over
     elif change.op == Op.ADVANCE:
@@ -153,6 +159,10 @@ def apply(store: Store, change: raft_entry_pb2.LivenessChange) -> EtcdError | No
                            change.session, change.deadline)
         rows[_member_key(member)] = _row(MemberLiveness(Liveness.DRAINING, current.session))
         rows[DRAIN_KEY] = json.dumps(asdict(state)).encode()
+    elif change.op == Op.DRAIN_CANCEL and (drain is None or drain.target != member):
+        if current.state is not Liveness.STOPPING:
+            return NOT_DRAINING
+        rows[_member_key(member)] = _row(MemberLiveness(Liveness.ALIVE, current.session))  # undrain
     elif change.op in (Op.DRAIN_FINISH, Op.DRAIN_CANCEL):
         if drain is None or drain.target != member:
             return NOT_DRAINING

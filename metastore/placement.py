@@ -311,15 +311,18 @@ class Placement:
         return doc
 
     async def drain_cancel(self, ref: str) -> dict[str, Any]:
-        """Cancel the member's drain: back to ALIVE (idempotent)."""
+        """Cancel the member's drain, or undrain a drained (STOPPING) member:
+        back to ALIVE and schedulable (idempotent)."""
         await self.node.proposer.barrier()
         member = self.resolve_member(ref)
         drain = liveness.read_drain(self.node.store)
-        if drain is not None and drain.target == member.id:
+        draining = drain is not None and drain.target == member.id
+        if draining or liveness.read(self.node.store, member.id).state is Liveness.STOPPING:
             try:
                 await self.node.proposer.propose(raft_entry_pb2.Proposal(liveness=raft_entry_pb2.LivenessChange(
                     op=liveness.Op.DRAIN_CANCEL, member_id=member.id)))
-                log.info("drain of member %s cancelled; it is ALIVE again", self._label(member.id))
+                log.info("%s of member %s cancelled; it is ALIVE again", "drain" if draining else "STOPPING",
+                         self._label(member.id))
             except EtcdError as err:
                 if err is not liveness.NOT_DRAINING:
                     raise

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n metastore/api/pb/metastore.proto\x12\x0bmetastorepb\"\x16\n\x14GetRaftStatusRequest\"y\n\x15GetRaftStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x11\n\tleader_id\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x06 \x01(\x04\x32`\n\x04Raft\x12X\n\rGetRaftStatus\x12!.metastorepb.GetRaftStatusRequest\x1a\".metastorepb.GetRaftStatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n metastore/api/pb/metastore.proto\x12\x0bmetastorepb\"\x16\n\x14GetRaftStatusRequest\"\x9e\x01\n\x15GetRaftStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x11\n\tleader_id\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x06 \x01(\x04\x12\x10\n\x08liveness\x18\x07 \x01(\t\x12\x11\n\thttp_urls\x18\x08 \x03(\t2`\n\x04Raft\x12X\n\rGetRaftStatus\x12!.metastorepb.GetRaftStatusRequest\x1a\".metastorepb.GetRaftStatusResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETRAFTSTATUSREQUEST']._serialized_start=49
   _globals['_GETRAFTSTATUSREQUEST']._serialized_end=71
-  _globals['_GETRAFTSTATUSRESPONSE']._serialized_start=73
-  _globals['_GETRAFTSTATUSRESPONSE']._serialized_end=194
-  _globals['_RAFT']._serialized_start=196
-  _globals['_RAFT']._serialized_end=292
+  _globals['_GETRAFTSTATUSRESPONSE']._serialized_start=74
+  _globals['_GETRAFTSTATUSRESPONSE']._serialized_end=232
+  _globals['_RAFT']._serialized_start=234
+  _globals['_RAFT']._serialized_end=330
 # @@protoc_insertion_point(module_scope)
