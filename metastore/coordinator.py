@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from metastore import errors, liveness, scheduler
 from metastore.api.pb import raft_entry_pb2
@@ -45,8 +45,8 @@ class Coordinator:
         self._warned: dict[str, float] = {}
         self._handover_at = 0.0
         self._deadline_logged = False
-        # Read by the metrics collector.
-        self.drain_seconds: list[float] = []  # durations of drains this member finished
+        # Called with the duration (s) of each drain this member finishes (metrics).
+        self.on_drain_finished: list[Callable[[float], None]] = []
         self.active = False
 
     async def run(self) -> None:
@@ -134,7 +134,8 @@ class Coordinator:
         if remaining == 0 and (subunits == 0 or forced):
             await self._propose(raft_entry_pb2.LivenessChange(op=liveness.Op.DRAIN_FINISH, member_id=drain.target))
             took = max(0.0, time.time() - drain.start_time)
-            self.drain_seconds.append(took)
+            for observe in self.on_drain_finished:
+                observe(took)
             log.info("drain of member %s complete after %.1fs: it is STOPPING and holds no workloads%s", label,
                      took, f" ({subunits} sub-units left behind at the deadline)" if subunits else "")
             self._deadline_logged = False

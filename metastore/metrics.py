@@ -39,6 +39,8 @@ log = logging.getLogger("metastore.metrics")
 GRPC_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # etcd's etcd_disk_wal_fsync_duration_seconds buckets: 1 ms .. 8 s, doubling.
 WAL_FSYNC_BUCKETS = tuple(0.001 * 2**i for i in range(14))
+# Drains: a second to a few hours.
+DRAIN_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
 
 
 def cluster_version(version: str = ETCD_COMPAT_VERSION) -> str:
@@ -310,6 +312,44 @@ class _NodeCollector:
         fsync = m.wal_fsync_from_totals()
         if fsync is not None:
             yield fsync
+        yield from _placement_metrics(node)
+
+
+def _placement_metrics(node: Any) -> Iterable[Metric]:
+    """Drain progress and liveness, as this member's store holds them (the
+    same on every member, so any member can be scraped)."""
+    placement = getattr(node, "placement", None)
+    if placement is None:
+        return
+    view = placement.view()
+    remaining = view.remaining_on(view.drain.target) if view.drain is not None else (0, 0)
+    yield GaugeMetricFamily("metastore_drain_in_progress", "1 while a member is being drained, else 0.",
+                            value=1 if view.drain is not None else 0)
+    yield GaugeMetricFamily("metastore_drain_remaining_workloads",
+                            "Workloads still on the member being drained (0 when no drain runs).", value=remaining[0])
+    yield GaugeMetricFamily("metastore_drain_remaining_subunits",
+                            "Sub-units still reported on the member being drained (0 when no drain runs).",
+                            value=remaining[1])
+    names = placement.names()
+    state = GaugeMetricFamily("metastore_member_liveness", "Each member's liveness: 0 ALIVE, 1 STOPPING, "
+                              "2 DRAINING (the design's values).", labels=["member", "member_id"])
+    online = GaugeMetricFamily("metastore_member_online", "1 while the member's session is live.",
+                               labels=["member", "member_id"])
+    for mid, member in sorted(view.members.items()):
+        labels = [names.get(mid, ""), f"{mid:x}"]
+        state.add_metric(labels, int(member.liveness))
+        online.add_metric(labels, 1 if member.online else 0)
+    yield state
+    yield online
+    owned = GaugeMetricFamily("metastore_workloads", "Workloads by owner member (\"\" = not placed) and state.",
+                              labels=["member", "state"])
+    counts: dict[tuple[str, str], int] = {}
+    for w in view.workloads:
+        key = (names.get(w.owner, f"{w.owner:x}") if w.owner else "", w.state)
+        counts[key] = counts.get(key, 0) + 1
+    for (member_name, st), n in sorted(counts.items()):
+        owned.add_metric([member_name, st], n)
+    yield owned
 
 
 def _key_count(store: Any) -> int | None:
@@ -341,6 +381,13 @@ class NodeMetrics:
             "etcd_disk_wal_fsync_duration_seconds", "The latency distributions of fsync called by WAL.",
             buckets=WAL_FSYNC_BUCKETS, registry=None)
         self.registry.register(_NodeCollector(self))
+        # Drains this member finished as the coordinator.
+        self.drain_duration = Histogram(
+            "metastore_drain_duration_seconds", "How long drains took, from start to the member STOPPING.",
+            buckets=DRAIN_BUCKETS, registry=self.registry)
+        placement = getattr(node, "placement", None)
+        if placement is not None:
+            placement.coordinator.on_drain_finished.append(self.drain_duration.observe)
 
     @property
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:

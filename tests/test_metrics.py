@@ -28,19 +28,10 @@ from metastore.types import RaftStatus
 
 # -- helpers -----------------------------------------------------------------------
 class MetricsCluster(LocalCluster):
-    """A LocalCluster whose members each serve metrics on a free port of their own."""
-
-    def __init__(self, size: int = 3, **kwargs: object) -> None:
-        super().__init__(size, **kwargs)  # type: ignore[arg-type]
-        taken = {p for m in self.members for p in (m.client_port, m.peer_port)}
-        ports = [p for p in free_ports(3 * size + 3) if p not in taken][:size]
-        self.metrics_ports = {m.name: port for m, port in zip(self.members, ports)}
+    """A LocalCluster (each member serves HTTP on a free port of its own)."""
 
     def metrics_address(self, m) -> tuple[str, int]:
-        return "127.0.0.1", self.metrics_ports[m.name]
-
-    def command(self, m) -> list[str]:
-        return [*super().command(m), "--listen-metrics-urls", f"http://127.0.0.1:{self.metrics_ports[m.name]}"]
+        return "127.0.0.1", m.http_port
 
 
 def http_request(address: tuple[str, int], path: str, method: str = "GET", body: bytes | None = None,
@@ -204,6 +195,35 @@ def test_leader_changes_are_counted_and_health_fails_without_quorum(cluster):
     health = wait_for(unhealthy, 20, "/health to report the lost quorum")
     assert health["health"] == "false"
     assert health["reason"] == "RAFT NO LEADER" or health["reason"].startswith("RANGE ERROR:")
+
+
+def test_drain_and_liveness_metrics_move():
+    """The drain gauges, the liveness gauge and the drain duration histogram."""
+    with MetricsCluster(3, extra_args=["--session-ttl", "2"]) as c:
+        leader = c.leader()
+        target = next(m for m in c.members if m is not leader)
+        for i in range(6):
+            assert leader.http("PUT", f"/api/v2/workloads/w{i}", {"i": i})[0] == 201
+        wait_for(lambda: value(scrape(c.metrics_address(leader)), "metastore_workloads",
+                               member=target.name, state="running") == 2, 30, "two workloads running on the target")
+        before = scrape(c.metrics_address(target))
+        assert value(before, "metastore_drain_in_progress") == 0
+        target_id = f"{target.status().header.member_id:x}"
+        assert value(before, "metastore_member_liveness", member=target.name, member_id=target_id) == 0
+        assert value(before, "metastore_member_online", member=target.name, member_id=target_id) == 1
+        status, body = target.http("PUT", f"/api/v2/captures/{target.name}/drain")
+        assert status == 200 and body["current_maintainer_count"] == 2, body
+
+        def drained() -> bool:
+            s = scrape(c.metrics_address(target))
+            return value(s, "metastore_member_liveness", member=target.name, member_id=target_id) == 1
+        wait_for(drained, 30, "the target to be STOPPING (liveness gauge 1)")
+        after_target = scrape(c.metrics_address(target))
+        assert value(after_target, "metastore_drain_in_progress") == 0
+        assert value(after_target, "metastore_drain_remaining_workloads") == 0
+        coordinator = scrape(c.metrics_address(c.leader()))
+        assert value(coordinator, "metastore_drain_duration_seconds_count") == 1
+        assert value(coordinator, "metastore_workloads", member=target.name, state="running") is None
 
 
 def test_metrics_port_in_use_fails_loudly(tmp_path):
