@@ -43,6 +43,9 @@ class Coordinator:
         # (workload id, epoch) -> monotonic time this coordinator first saw the move in flight.
         self._in_flight_since: dict[tuple[str, int], float] = {}
         self._warned: dict[str, float] = {}
+        # workload id -> {member: monotonic time until which it is avoided}:
+        # members that did not accept the workload lately.
+        self._avoid: dict[str, dict[int, float]] = {}
         self._handover_at = 0.0
         self._deadline_logged = False
         # Called with the duration (s) of each drain this member finishes (metrics).
@@ -83,6 +86,7 @@ class Coordinator:
             if done:
                 return
         view.timed_out = self._timed_out(view)
+        view.avoid = self._avoided()
         moves = scheduler.plan(view, self.placement.cfg.drain_batch_size, force_drain=force)
         if not moves:
             self._warn_if_stuck(view)
@@ -163,6 +167,19 @@ class Coordinator:
                 log.warning("workload %s: member %s did not accept it within %.0fs; placing it elsewhere",
                             w.id, self.placement._label(w.owner), self.placement.cfg.move_timeout)
                 out[w.id] = w.owner
+                self._avoid.setdefault(w.id, {})[w.owner] = now + 10 * self.placement.cfg.move_timeout
+        return out
+
+    def _avoided(self) -> dict[str, set[int]]:
+        now = time.monotonic()
+        out = {}
+        for wid, members in list(self._avoid.items()):
+            live = {m: until for m, until in members.items() if until > now}
+            if live:
+                self._avoid[wid] = live
+                out[wid] = set(live)
+            else:
+                del self._avoid[wid]
         return out
 
     async def _make(self, move: Move, view: ClusterView) -> None:

@@ -61,6 +61,8 @@ from metastore.api.pb import rpc_pb2
 from metastore.client import Client
 from metastore.cluster import parse_initial_cluster, parse_urls
 from metastore.config import ConfigError, ServerConfig
+from metastore.embed_placement import PlacementClient
+from metastore.member_agent import AssignHook, ReleaseHook
 
 __all__ = ["start", "member", "Member", "StartError", "NotReadyError", "ConfigError", "make_config",
            "free_ports", "loopback_url"]
@@ -196,6 +198,9 @@ class Member:
         self._clients: weakref.WeakSet[Client] = weakref.WeakSet()
         self.server: Any = None  # api.server.Server, lives on the member's loop
         self.node: Any = None    # its metastore.node.Node
+        self._hooks: tuple[AssignHook | None, ReleaseHook | None] = (None, None)
+        # Workloads and drain: register, list, report sub-units, drain members.
+        self.placement = PlacementClient(self)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -366,6 +371,7 @@ class Member:
         server = None
         try:
             server = Server(Node(self.config))
+            server.node.placement.agent.on_assign, server.node.placement.agent.on_release = self._hooks
             await server.start()
         except BaseException as exc:
             self._start_error = exc
@@ -394,16 +400,19 @@ class Member:
 
 
 def start(config: ServerConfig | None = None, /, *, wait: bool = True, timeout: float = DEFAULT_READY_TIMEOUT,
-          **fields: Any) -> Member:
+          on_assign: AssignHook | None = None, on_release: ReleaseHook | None = None, **fields: Any) -> Member:
     """Start a member in this process and return its handle.
 
     `config` and `fields` as for `make_config` (bad settings raise
     ConfigError before anything starts). With wait (the default), returns once
     the member is ready, or stops it and raises NotReadyError after `timeout`
-    s. A failed start raises StartError and leaves no thread running."""
+    s. A failed start raises StartError and leaves no thread running.
+    `on_assign` / `on_release`: the application's workload hooks (see
+    metastore.embed_placement), installed before the member takes any work."""
     cfg, chosen = _make_config(config, fields)
     _remember_urls(cfg.data_dir, chosen)
     m = Member(cfg)
+    m._hooks = (on_assign, on_release)
     m._start(wait, timeout)
     return m
 

@@ -57,8 +57,11 @@ class ClusterView:
     workloads: list[Workload]
     drain: DrainState | None = None
     # Workloads (by id) whose move has been in flight too long, with the
-    # destination that did not answer (excluded when re-placing them).
+    # destination that did not answer.
     timed_out: dict[str, int] = field(default_factory=dict)
+    # Members not to send a workload to (they did not accept it lately),
+    # unless no other member can take it.
+    avoid: dict[str, set[int]] = field(default_factory=dict)
 
     def owner_valid(self, w: Workload) -> bool:
         """The owner can run the workload: a live member, in the session the
@@ -99,8 +102,11 @@ def plan(view: ClusterView, batch_size: int = 1, force_drain: bool = False) -> l
     load.pop(drain_target, None)  # defensive: the target is DRAINING, so never schedulable
     moves: list[Move] = []
 
-    def send(w: Workload, reason: str, exclude: set[int] = frozenset()) -> bool:  # type: ignore[assignment]
-        dest = _least_loaded(load, exclude)
+    def send(w: Workload, reason: str) -> bool:
+        avoid = view.avoid.get(w.id, set()) | ({view.timed_out[w.id]} if w.id in view.timed_out else set())
+        # A member to avoid is still better than none: try it again.
+        dest = _least_loaded(load, avoid) if avoid else None
+        dest = dest if dest is not None else _least_loaded(load)
         if dest is None:
             return False
         moves.append(Move(w, dest, reason))
@@ -110,9 +116,7 @@ def plan(view: ClusterView, batch_size: int = 1, force_drain: bool = False) -> l
     # 1. Placement.
     for w in sorted(view.workloads, key=lambda w: w.id):
         if not view.owner_valid(w):
-            exclude = {view.timed_out[w.id]} if w.id in view.timed_out else set()
-            if not send(w, PLACE, exclude) and exclude:
-                send(w, PLACE)  # the only destination left: try it again
+            send(w, PLACE)
 
     placed = {m.workload.id for m in moves}
     # 2. Drain.
@@ -137,7 +141,8 @@ def plan(view: ClusterView, batch_size: int = 1, force_drain: bool = False) -> l
     idlest = _least_loaded(load)
     if idlest is not None and load[busiest] - load[idlest] > 1:
         for w in sorted(view.workloads, key=lambda w: w.id):
-            if w.owner == busiest and w.state == RUNNING and view.owner_valid(w):
+            if (w.owner == busiest and w.state == RUNNING and view.owner_valid(w)
+                    and idlest not in view.avoid.get(w.id, ())):
                 moves.append(Move(w, idlest, BALANCE))
                 break
     return moves

@@ -132,3 +132,14 @@ def test_assignment_epochs_and_sources():
     roundtrip = Workload.from_json(moved.to_json(), mod_revision=7)
     assert roundtrip == moved.__class__(**{**moved.__dict__, "mod_revision": 7})
     assert UNASSIGNED == Workload("y").state
+
+
+def test_members_that_did_not_accept_lately_are_avoided_for_that_workload():
+    ws = spread({A: 3, B: 1, C: 2}) + [Workload("new")]
+    view = ClusterView(alive(A, B, C), ws, avoid={"new": {B}})
+    assert [(m.workload.id, m.destination) for m in plan(view)] == [("new", C)]
+    # Balancing does not send a workload back to a member that refused it.
+    ws = spread({A: 3, B: 0, C: 2})
+    view = ClusterView(alive(A, B, C), ws, avoid={ws[0].id: {B}})
+    moves = plan(view)
+    assert [(m.workload.id, m.destination) for m in moves] == [(ws[1].id, B)]
