@@ -1,5 +1,6 @@
 """`metastore ctl endpoint status`, `member ...` and `move-leader`:
-etcdctl's cluster commands, with metastore's Raft status added."""
+etcdctl's cluster commands, with metastore's Raft status and each member's
+liveness (ALIVE, DRAINING, STOPPING) added."""
 from __future__ import annotations
 
 import shlex
@@ -13,11 +14,13 @@ from metastore.api.pb import metastore_pb2, metastore_pb2_grpc, rpc_pb2, rpc_pb2
 from metastore.cmd.ctl_common import (
     EXIT_ERROR, BadArgs, CtlError, Endpoint, Session, Settings, command, go_json, group, humanize_bytes,
     out, parse_endpoint, parse_hex_id, per_endpoint, print_json, settings, table_text)
+from metastore.cmd.ctl_drain import member_liveness, raft_status
 
 
 # -- endpoint status ---------------------------------------------------------------------
 STATUS_HEADER = ["endpoint", "ID", "version", "db size", "is leader", "is learner", "raft term",
-                 "raft index", "raft applied index", "raft state", "commit index", "applied index", "errors"]
+                 "raft index", "raft applied index", "raft state", "commit index", "applied index", "liveness",
+                 "errors"]
 
 
 def cluster_endpoints(s: Settings) -> list[Endpoint]:
@@ -55,7 +58,7 @@ def raft_json(raft: metastore_pb2.GetRaftStatusResponse | None) -> dict | None:
     if raft is None:
         return None
     return {"node_id": raft.node_id, "term": raft.term, "leader_id": raft.leader_id, "state": raft.state,
-            "applied": raft.applied, "commit": raft.commit}
+            "applied": raft.applied, "commit": raft.commit, "liveness": raft.liveness}
 
 
 def status_row(ep: Endpoint, st: rpc_pb2.StatusResponse, raft: Any) -> list[str]:
@@ -63,7 +66,9 @@ def status_row(ep: Endpoint, st: rpc_pb2.StatusResponse, raft: Any) -> list[str]
             str(st.leader == st.header.member_id).lower(), str(st.isLearner).lower(), str(st.raftTerm),
             str(st.raftIndex), str(st.raftAppliedIndex),
             raft.state if raft is not None else "-", str(raft.commit) if raft is not None else "-",
-            str(raft.applied) if raft is not None else "-", ", ".join(st.errors)]
+            str(raft.applied) if raft is not None else "-",
+            # "" from a metastore too old to report it: unknown, as for an etcd endpoint.
+            (raft.liveness or "-") if raft is not None else "-", ", ".join(st.errors)]
 
 
 @group("endpoint")
@@ -76,12 +81,12 @@ def endpoint() -> None:
                                               "not just --endpoints.")
 def endpoint_status(cluster: bool) -> None:
     """The status of each endpoint: etcdctl's columns, then the member's Raft
-    state (leader, follower, candidate) and its commit and applied index
-    from metastorepb.Raft/GetRaftStatus.
+    state (leader, follower, candidate), its commit and applied index and
+    its liveness (ALIVE, DRAINING, STOPPING) from metastorepb.Raft/GetRaftStatus.
 
     `-w json` prints a list of {"Endpoint", "Status" (etcd's StatusResponse,
     as etcdctl prints it), "Raft" ({node_id, term, leader_id, state,
-    applied, commit}; null for an endpoint that is not metastore)}. An
+    applied, commit, liveness}; null for an endpoint that is not metastore)}. An
     endpoint that does not answer is reported on stderr and the exit code
     is 1, after the others are printed.
     """
@@ -117,6 +122,33 @@ def member_rows(members: Any) -> list[list[str]]:
              ",".join(m.clientURLs), str(m.isLearner).lower()] for m in members]
 
 
+def member_rows_with_liveness(members: Any, liveness: dict[int, str]) -> list[list[str]]:
+    """etcdctl's row plus LIVENESS, blank when unknown: nothing reachable
+    could tell, or the member has not started (the store's default ALIVE
+    would claim more than is known)."""
+    return [row + [liveness.get(m.ID, "") if m.name else ""] for row, m in zip(member_rows(members), members)]
+
+
+def members_liveness(session: Session, members: Any) -> dict[int, str]:
+    """member id -> liveness: every member's at once from the placement API
+    when a member serves HTTP; otherwise each member's own GetRaftStatus
+    on its client URLs (in parallel: a member down costs one dial timeout).
+    Missing where neither answers."""
+    known = member_liveness(session)
+    if known:
+        return known
+    eps: list[Endpoint] = []
+    for m in members:
+        for url in m.clientURLs:
+            try:
+                eps.append(parse_endpoint(url))
+                break
+            except ValueError:
+                continue
+    results = per_endpoint(session.settings, eps, raft_status)
+    return {st.node_id: st.liveness for _ep, st, _err in results if st is not None and st.liveness}
+
+
 def _cluster_call(method: str, req: Any, repeatable: bool = False) -> Any:
     with Session(settings()) as session:
         return session.call(lambda ch, t: getattr(rpc_pb2_grpc.ClusterStub(ch), method)(req, timeout=t),
@@ -132,13 +164,19 @@ def member() -> None:
 def member_list() -> None:
     """The cluster's members, as `etcdctl member list`: ID, status (started,
     or unstarted until an added member runs), name, peer and client URLs,
-    is learner. `-w json`: etcd's MemberListResponse."""
+    is learner. `-w table` adds each member's LIVENESS (ALIVE, DRAINING,
+    STOPPING; blank for a member that cannot tell, such as one not started);
+    simple stays etcdctl's lines, for the scripts that parse them.
+    `-w json`: etcd's MemberListResponse."""
     s = settings()
-    resp = _cluster_call("MemberList", rpc_pb2.MemberListRequest(), repeatable=True)
+    with Session(s) as session:
+        resp = session.call(lambda ch, t: rpc_pb2_grpc.ClusterStub(ch).MemberList(
+            rpc_pb2.MemberListRequest(), timeout=t), repeatable=True)
+        liveness = members_liveness(session, resp.members) if s.write_out == "table" else {}
     if s.write_out == "json":
         print_json(go_json(resp))
     elif s.write_out == "table":
-        out(table_text(MEMBER_HEADER, member_rows(resp.members)))
+        out(table_text(MEMBER_HEADER + ["Liveness"], member_rows_with_liveness(resp.members, liveness)))
     else:
         out("".join(", ".join(row) + "\n" for row in member_rows(resp.members)))
 
