@@ -17,7 +17,23 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from metastore.api.pb import rpc_pb2
+from grpc import StatusCode
+
+from metastore.api.pb import raft_entry_pb2, rpc_pb2
+from metastore.errors import EtcdError
+
+# etcd 3.4's learner errors (clients match on code and text). A learner
+# refuses what needs Raft or a vote: writes, linearizable reads, leases,
+# membership calls; it serves serializable reads and Status.
+NOT_SUPPORTED_FOR_LEARNER = EtcdError(StatusCode.UNAVAILABLE, "etcdserver: rpc not supported for learner")
+LEARNER_NOT_READY = EtcdError(StatusCode.FAILED_PRECONDITION,
+                              "etcdserver: can only promote a learner member which is in sync with leader")
+MEMBER_NOT_LEARNER = EtcdError(StatusCode.FAILED_PRECONDITION, "etcdserver: can only promote a learner member")
+# etcd 3.4 allows one learner at a time.
+TOO_MANY_LEARNERS = EtcdError(StatusCode.FAILED_PRECONDITION, "etcdserver: too many learner members in cluster")
+MAX_LEARNERS = 1
+# etcd promotes a learner whose log reaches 90% of the leader's.
+LEARNER_READY_RATIO = 0.9
 
 
 def _u64(*parts: str) -> int:
@@ -161,16 +177,32 @@ class Membership:
             self._reindex()
 
     def add(self, mid: int, peer_urls: list[str], is_learner: bool = False) -> None:
-        """Apply a member addition (idempotent: a log replay may repeat it)."""
+        """Apply a `MemberChange` that is not a removal: add the member, or
+        set the peer URLs and learner flag of one already in the table (a
+        promotion; name and client URLs stay). Idempotent, and applied in log
+        order, so a replay ends where the log does. Updating matters even for
+        a plain add: the table is seeded from --initial-cluster, which lists
+        a learner like any member, and only its applied add says learner."""
         with self._lock:
-            if mid not in self._members:
+            member = self._members.get(mid)
+            if member is None:
                 self._members[mid] = Member(mid, "", list(peer_urls), [], is_learner)
-                self._reindex()
+            else:
+                if peer_urls:
+                    member.peer_urls = list(peer_urls)
+                member.is_learner = is_learner
+            self._reindex()
 
     def remove(self, mid: int) -> None:
         with self._lock:
             if self._members.pop(mid, None) is not None:
                 self._reindex()
+
+    def voters(self) -> list[Member]:
+        return [m for m in self.members() if not m.is_learner]
+
+    def learners(self) -> list[Member]:
+        return [m for m in self.members() if m.is_learner]
 
     def id_of_peer_urls(self, peer_urls: list[str]) -> int:
         """Id of the member using any of these peer addresses; 0 if none."""
@@ -191,3 +223,18 @@ class Membership:
             member.name = name or member.name
             member.client_urls = list(client_urls)
             return True
+
+
+def proposal_allowed_on_learner(payload: bytes) -> bool:
+    """Whether a learner may propose this Raft entry (a serialized
+    `ProposalBatch`): only its own published attributes, which every member,
+    learners too, announces through the log (etcd's learners publish the
+    same way). Client writes and read barriers (empty entries) are refused
+    with NOT_SUPPORTED_FOR_LEARNER, as etcd 3.4 does."""
+    if not payload:
+        return False
+    try:
+        batch = raft_entry_pb2.ProposalBatch.FromString(payload)
+    except Exception:  # not ours: refuse
+        return False
+    return bool(batch.proposals) and all(p.WhichOneof("op") == "publish" for p in batch.proposals)

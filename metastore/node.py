@@ -24,7 +24,9 @@ import grpc
 
 from metastore import ETCD_COMPAT_VERSION, errors, snapshot, validate
 from metastore.api.pb import metastore_pb2, metastore_pb2_grpc, raft_entry_pb2, rpc_pb2, rpc_pb2_grpc
-from metastore.cluster import Member, Membership, hostport, is_loopback, member_id, member_pb
+from metastore.cluster import (LEARNER_NOT_READY, LEARNER_READY_RATIO, MAX_LEARNERS, MEMBER_NOT_LEARNER,
+                               TOO_MANY_LEARNERS, Member, Membership, hostport, is_loopback, member_id,
+                               member_pb)
 from metastore.config import ConfigError, ServerConfig
 from metastore.errors import EtcdError
 from metastore.engines import open_store
@@ -358,14 +360,20 @@ class Node:
 
     # -- membership ------------------------------------------------------------
     async def member_add(self, req: rpc_pb2.MemberAddRequest) -> rpc_pb2.MemberAddResponse:
-        if req.isLearner:
-            raise EtcdError(grpc.StatusCode.UNIMPLEMENTED, "etcdserver: learner members are not supported yet")
+        """etcd's MemberAdd, of a voter or (isLearner) a learner.
+
+        A learner is only a table entry: Raft needs no change for it, since
+        pysyncobj's leader replicates to every read-only node that dials the
+        voters without counting it (RaftNode starts the new member as one
+        when the running members' configuration lacks its address)."""
         urls = [str(u) for u in req.peerURLs]
         self._check_peer_urls(urls)
         if not self.raft.is_leader():
             return await self._relay_to_leader("MemberAdd", req)
         if self.membership.id_of_peer_urls(urls):
             raise errors.PEER_URL_EXISTS
+        if req.isLearner and len(self.membership.learners()) >= MAX_LEARNERS:
+            raise TOO_MANY_LEARNERS
         new_id = member_id(urls, self.cfg.initial_cluster_token)
         table_done = asyncio.get_running_loop().create_future()
 
@@ -376,13 +384,15 @@ class Node:
             # member runs (as in etcd, a 1-member cluster waits for it): the
             # client is answered after the table entry.
             await self.proposer.propose(raft_entry_pb2.Proposal(
-                member_change=raft_entry_pb2.MemberChange(member_id=new_id, peer_urls=urls)))
+                member_change=raft_entry_pb2.MemberChange(member_id=new_id, peer_urls=urls,
+                                                          is_learner=req.isLearner)))
             table_done.set_result(None)
-            await self._raft_membership(hostport(urls[0]), add=True, timeout=_MEMBER_START_TIMEOUT)
+            if not req.isLearner:
+                await self._raft_membership(hostport(urls[0]), add=True, timeout=_MEMBER_START_TIMEOUT)
 
         await self._run_membership_change(steps(), table_done)
-        log.info("member %x added (%s)", new_id, ",".join(urls))
-        resp = rpc_pb2.MemberAddResponse(member=rpc_pb2.Member(ID=new_id, peerURLs=urls))
+        log.info("%s %x added (%s)", "learner" if req.isLearner else "member", new_id, ",".join(urls))
+        resp = rpc_pb2.MemberAddResponse(member=rpc_pb2.Member(ID=new_id, peerURLs=urls, isLearner=req.isLearner))
         resp.members.extend(member_pb(m) for m in self.members())
         self._fill_header(resp.header)
         return resp
@@ -394,6 +404,9 @@ class Node:
         if len(self.membership.members()) == 1:
             raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION,
                             "etcdserver: cannot remove the only member of the cluster")
+        if not member.is_learner and len(self.membership.voters()) == 1:
+            raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION,
+                            "etcdserver: cannot remove the only voting member of the cluster")
         if self.raft.is_leader() and req.ID == self.member_id:
             await self.move_leader(0)  # the next leader removes us
         if not self.raft.is_leader():
@@ -406,7 +419,8 @@ class Node:
             await self.proposer.propose(raft_entry_pb2.Proposal(
                 member_change=raft_entry_pb2.MemberChange(member_id=req.ID, remove=True)))
             await self._wait_applied_on(member, self.raft.raft_status().commit)
-            await self._raft_membership(member.raft_address, add=False, timeout=self.cfg.request_timeout)
+            if self.raft.is_voter(member.raft_address):  # a learner is no Raft node to remove
+                await self._raft_membership(member.raft_address, add=False, timeout=self.cfg.request_timeout)
             done.set_result(None)
 
         await self._run_membership_change(steps(), done)
@@ -415,6 +429,103 @@ class Node:
         resp.members.extend(member_pb(m) for m in self.members())
         self._fill_header(resp.header)
         return resp
+
+    async def member_promote(self, req: rpc_pb2.MemberPromoteRequest) -> rpc_pb2.MemberPromoteResponse:
+        """etcd's MemberPromote: a learner holding (nearly) the leader's
+        whole log becomes a voter.
+
+        Two steps on the leader, like every membership change. Raft first:
+        pysyncobj's addNodeToCluster for the learner's address, which counts
+        it as a voter as soon as it is appended, so it commits only once the
+        learner -- seeing its address in its copy of the configuration --
+        has restarted its Raft node as a voter (RaftNode._await_promotion).
+        Then the table, so MemberList says voter only once Raft agrees. A
+        promotion cut short (the leader lost) leaves the table saying
+        learner; promoting again finishes it, skipping the Raft step when
+        the address already votes.
+        """
+        if not self.raft.is_leader():
+            return await self._relay_to_leader("MemberPromote", req)
+        member = self.membership.get(req.ID)
+        if member is None:
+            raise errors.MEMBER_NOT_FOUND
+        if not member.is_learner:
+            raise MEMBER_NOT_LEARNER
+        if not await self._learner_in_sync(member):
+            raise LEARNER_NOT_READY
+        done = asyncio.get_running_loop().create_future()
+
+        async def steps() -> None:
+            if not self.raft.is_voter(member.raft_address):
+                await self._raft_membership(member.raft_address, add=True, timeout=_MEMBER_START_TIMEOUT)
+            await self.proposer.propose(raft_entry_pb2.Proposal(member_change=raft_entry_pb2.MemberChange(
+                member_id=member.id, peer_urls=member.peer_urls, is_learner=False)))
+            done.set_result(None)
+
+        await self._run_membership_change(steps(), done)
+        log.info("learner %x (%s) promoted to voting member", member.id, member.name)
+        resp = rpc_pb2.MemberPromoteResponse()
+        resp.members.extend(member_pb(m) for m in self.members())
+        self._fill_header(resp.header)
+        return resp
+
+    async def _learner_in_sync(self, learner: Member) -> bool:
+        """etcd's rule for promotion: the learner holds at least 90% of the
+        leader's log. pysyncobj knows read-only nodes only by connection, not
+        by address, so the learner itself is asked (over its client URL)
+        how far it has applied; one never started has no client URL."""
+        if not learner.client_urls:
+            return False
+        leader_commit = self.raft.raft_status().commit
+        try:
+            async with grpc.aio.insecure_channel(hostport(learner.client_urls[0])) as channel:
+                st = await metastore_pb2_grpc.RaftStub(channel).GetRaftStatus(
+                    metastore_pb2.GetRaftStatusRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False  # down: not in sync
+        return st.node_id == learner.id and st.applied > 0 and st.applied >= leader_commit * LEARNER_READY_RATIO
+
+    async def member_update(self, req: rpc_pb2.MemberUpdateRequest) -> rpc_pb2.MemberUpdateResponse:
+        """etcd's MemberUpdate, for the case metastore can honour: the same
+        peer URLs (in any order) -- answered with success, nothing changes
+        (the first URL stays the member's Raft address).
+
+        A real change is refused (FAILED_PRECONDITION): a member's identity
+        is its address. pysyncobj names nodes 'host:port', so moving one is
+        removeNodeFromCluster(old) then addNodeToCluster(new), two one-server
+        changes that each alter the quorum while the member cannot answer at
+        the new address until it restarts there -- and restarted with new
+        peer URLs it computes another member id, which its data dir refuses.
+        Removing the member and adding it again is the safe way, and says
+        what happens.
+        """
+        if not self.raft.is_leader():
+            return await self._relay_to_leader("MemberUpdate", req)
+        member = self.membership.get(req.ID)
+        if member is None:
+            raise errors.MEMBER_NOT_FOUND
+        urls = [str(u) for u in req.peerURLs]
+        self._check_peer_urls(urls)
+        holder = self.membership.id_of_peer_urls(urls)
+        if holder and holder != req.ID:
+            raise errors.PEER_URL_EXISTS
+        if {hostport(u) for u in urls} != {hostport(u) for u in member.peer_urls}:
+            raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"etcdserver: changing the peer URLs of member {req.ID:x} is not supported (its member "
+                            f"id and Raft address derive from them); remove the member and add it again with "
+                            f"the new peer URLs")
+        resp = rpc_pb2.MemberUpdateResponse()
+        resp.members.extend(member_pb(m) for m in self.members())
+        self._fill_header(resp.header)
+        return resp
+
+    def is_learner(self) -> bool:
+        """Whether this member is a learner (etcd refuses most requests on
+        one): its Raft node is read-only, or the member table says so."""
+        if self.raft.is_learner():
+            return True
+        me = self.membership.get(self.member_id)
+        return me is not None and me.is_learner
 
     def _check_peer_urls(self, urls: list[str]) -> None:
         """Peer URLs a member add may name. Without the cluster secret the
@@ -538,7 +649,7 @@ class Node:
         total, in_use = self.store.db_size()
         resp = rpc_pb2.StatusResponse(
             version=ETCD_COMPAT_VERSION, dbSize=total, dbSizeInUse=in_use, leader=st.leader_id,
-            raftIndex=st.commit, raftTerm=st.term, raftAppliedIndex=st.applied)
+            raftIndex=st.commit, raftTerm=st.term, raftAppliedIndex=st.applied, isLearner=self.is_learner())
         if st.leader_id == 0:
             resp.errors.append(errors.NO_LEADER.message)
         self._fill_header(resp.header, term=st.term)

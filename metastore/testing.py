@@ -87,6 +87,8 @@ class Member:
     stopped: bool = False
     # "new" for the founding members; "existing" for one added later.
     cluster_state: str = "new"
+    # A learner serves only serializable reads (set it again once promoted).
+    learner: bool = False
     # The HTTP listener (--listen-metrics-urls): /metrics, /health, the
     # placement and drain API. 0 = none.
     http_port: int = 0
@@ -241,15 +243,17 @@ class LocalCluster:
                                   cwd=self.base_dir, env=self.env, start_new_session=True)
         log.close()
 
-    def add_member(self, name: str | None = None, start: bool = True) -> Member:
+    def add_member(self, name: str | None = None, start: bool = True, learner: bool = False) -> Member:
         """A new member on free ports that joins the running cluster
-        (--initial-cluster-state existing), as after `etcdctl member add`:
-        call MemberAdd with its peer URL first, then start it."""
+        (--initial-cluster-state existing), as after `etcdctl member add`
+        (`--learner` for a learner): call MemberAdd with its peer URL first,
+        then start it."""
         client_port, peer_port, http_port = free_ports(3)
         name = name or f"m{len(self.members) + 1}"
         m = Member(name=name, client_port=client_port, peer_port=peer_port, http_port=http_port,
                    data_dir=os.path.join(self.base_dir, f"{name}.data"),
-                   log_path=os.path.join(self.base_dir, f"{name}.log"), cluster_state="existing")
+                   log_path=os.path.join(self.base_dir, f"{name}.log"), cluster_state="existing",
+                   learner=learner)
         self.members.append(m)
         m.stopped = not start
         if start:
@@ -312,7 +316,8 @@ class LocalCluster:
             if leader is None or not leader.running:
                 return None
             for m in self.running_members:
-                m.kv().Range(rpc_pb2.RangeRequest(key=b"health"), timeout=2)
+                # A learner refuses linearizable reads.
+                m.kv().Range(rpc_pb2.RangeRequest(key=b"health", serializable=m.learner), timeout=2)
             return leader
 
         return wait_for(ready, timeout, "the cluster to elect a leader and serve")

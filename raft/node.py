@@ -8,7 +8,9 @@ in this package.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,8 +20,11 @@ import pysyncobj.syncobj
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import Journal
 from pysyncobj.transport import TCPTransport
+from pysyncobj.utility import TcpUtility
 
 from metastore import errors
+from metastore.cluster import NOT_SUPPORTED_FOR_LEARNER, proposal_allowed_on_learner
+from metastore.fsutil import fsync_path
 from metastore.raft.journal import DurableJournal
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
 
@@ -80,6 +85,11 @@ class RaftConfig:
     # Largest Raft message; an entry must stay below it (pysyncobj's chunked
     # transfer of bigger entries is unreliable), so batches are capped below.
     max_message_bytes: int = 16 * 1024 * 1024
+    # True: start as a learner, False: as a voter; None: decide at start
+    # (RaftNode._decide_role: the role file, else ask the running members).
+    learner: bool | None = None
+    # How long start() waits for running members to say whether we vote.
+    probe_timeout: float = 1.0
 
 
 class _DurableAckTransport(TCPTransport):
@@ -102,12 +112,12 @@ class _ReplicatedLog(SyncObj):
     """The pysyncobj object: one replicated method that hands each committed
     entry, with its index, to metastore's state machine."""
 
-    def __init__(self, cfg: RaftConfig, conf: SyncObjConf, apply: ApplyFn,
+    def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf, apply: ApplyFn,
                  journal: DurableJournal | None) -> None:
+        # self_address None: pysyncobj's read-only node (a learner).
         self._apply = apply
         self._durable_journal = journal
-        super().__init__(cfg.self_address, cfg.partner_addresses, conf,
-                         transportClass=_DurableAckTransport)
+        super().__init__(self_address, partners, conf, transportClass=_DurableAckTransport)
 
     @replicated
     def apply_entry(self, payload: bytes) -> Any:
@@ -115,11 +125,30 @@ class _ReplicatedLog(SyncObj):
         return self._apply(payload, self.raftLastApplied + 1)
 
 
+# The member's Raft role and voting peers, kept next to the journal (its
+# path plus this suffix, like the journal's '.meta') so that a restart
+# resumes as what the member last was (RaftNode._decide_role).
+ROLE_SUFFIX = ".role"
+# getStatus() names each voting peer of a pysyncobj node with this prefix.
+_PARTNER_KEY = "partner_node_status_server_"
+
+
 class RaftNode(RaftStatusSource):
-    """One member's Raft participation.
+    """One member's Raft participation, as a voter or as a learner.
 
     `member_id_of` maps a pysyncobj address to the etcd member id, so the
     status speaks in etcd's u64 ids.
+
+    A learner is pysyncobj's read-only node, `SyncObj(None, voters)`: it
+    dials the voters and announces itself as 'readonly'; the leader sends it
+    every entry and snapshot like to a follower but counts it neither toward
+    commit nor toward its own liveness, and it never campaigns (nor binds a
+    peer port). pysyncobj cannot turn a read-only node into a voter, so
+    promotion -- the leader's addNodeToCluster for our address, which the
+    learner sees in its copy of the configuration as soon as the entry is
+    appended -- replaces the read-only SyncObj with a voting one over the
+    same journal and snapshot files. The store keeps what it has applied:
+    when the new SyncObj replays the log, StateMachine.apply skips it.
     """
 
     def __init__(self, cfg: RaftConfig, node_id: int, member_id_of: Callable[[str | None], int],
@@ -139,9 +168,29 @@ class RaftNode(RaftStatusSource):
         # (target address or None, deadline, done callback).
         self._transfers: list[tuple[str | None, float, Callable[[bool], None]]] = []
         self._transfers_lock = threading.Lock()
+        self._learner = False
+        # The voting peers (addresses, without ours) as pysyncobj's
+        # configuration last stood; persisted in the role file.
+        self._peers: frozenset[str] = frozenset()
+        # start/stop and the learner -> voter switch exclude each other.
+        self._lifecycle = threading.Lock()
+        self._promoted = threading.Event()  # tick thread: our address became a voter
+        self._stopping = threading.Event()
+        self._released = threading.Event()  # stop() has destroyed the SyncObj
+        self._supervisor: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
+        learner, partners = self._decide_role()
+        with self._lifecycle:
+            self._open(learner, partners)
+        if learner:
+            self._supervisor = threading.Thread(target=self._await_promotion, name="raft-learner", daemon=True)
+            self._supervisor.start()
+
+    def _open(self, learner: bool, partners: list[str]) -> None:
+        """Create the pysyncobj node (voter or read-only) over this member's
+        journal and snapshot files."""
         cfg = self._cfg
         if cfg.journal_file is not None:
             self.journal = DurableJournal(cfg.journal_file, fsync=cfg.fsync)
@@ -178,25 +227,196 @@ class RaftNode(RaftStatusSource):
             commandsWaitLeader=False,
             # The leader advances its commit index at the start of a tick; a
             # lone member has no peer reply to wake it, so it ticks faster.
-            autoTickPeriod=0.05 if cfg.partner_addresses else 0.002,
+            autoTickPeriod=0.05 if partners else 0.002,
             onStateChanged=self._on_state_changed,
             dynamicMembershipChange=True,
         )
-        self._obj = _ReplicatedLog(self._cfg, conf, self._apply, self.journal)
+        self._learner = learner
+        self._peers = frozenset(partners)
+        self._save_role()  # durable before the node acts as what it records
+        obj = _ReplicatedLog(None if learner else cfg.self_address, partners, conf, self._apply, self.journal)
+        self._obj = obj
         if self.journal is not None:
             # The leader's own entries reach disk before the next tick counts
             # them toward commit (commit is computed at the start of a tick;
             # tick callbacks run after new entries were appended).
-            self._obj.addOnTickCallback(self._sync_journal)
-        self._obj.addOnTickCallback(self._run_transfers)
+            obj.addOnTickCallback(self._sync_journal)
+        obj.addOnTickCallback(self._run_transfers)
+        obj.addOnTickCallback(lambda: self._watch_configuration(obj))
+        if learner:
+            # A read-only node binds nothing (waitBinded would wait forever).
+            log.info("raft node %s started as a learner (read-only), voters %s", cfg.self_address,
+                     ",".join(partners) or "(none)")
+            return
         try:
-            self._obj.waitBinded()
+            obj.waitBinded()
         except Exception as exc:
-            self._obj.destroy()
+            self._obj = None
+            obj.destroy()
             raise RuntimeError(f"cannot listen for peers on {cfg.bind_address}: port in use or address "
                                f"not available") from exc
         log.info("raft node %s listening on %s, partners %s", cfg.self_address, cfg.bind_address,
-                 ",".join(cfg.partner_addresses) or "(none)")
+                 ",".join(partners) or "(none)")
+
+    def is_learner(self) -> bool:
+        """True while this node is a (non-voting) learner."""
+        return self._learner
+
+    # -- role: learner or voter ----------------------------------------------
+    def _decide_role(self) -> tuple[bool, list[str]]:
+        """(learner?, the voters to talk to) for this start.
+
+        A member that has voted once always votes: the role file says so,
+        and its peers there are the configuration it last saw (the
+        --initial-cluster of a restart may list learners, which must not be
+        counted as voters). A data dir from before role files was a voter's.
+        A new member -- or a learner, which may have been promoted while it
+        was down -- cannot tell from its flags (etcd's `member add` prints the
+        same --initial-cluster for a learner as for a voter), so it asks the
+        running members, as etcd's `--initial-cluster-state existing` does:
+        a voter if their Raft configuration has its address, else a learner.
+        If nobody answers, a new member is founding a cluster (a voter) and a
+        learner stays one.
+        """
+        cfg = self._cfg
+        me = cfg.self_address
+        if cfg.learner is not None:
+            return cfg.learner, list(cfg.partner_addresses)
+        state = self._load_role()
+        if state is not None and state["role"] == "voter":
+            return False, [p for p in state["peers"] if p != me]
+        fresh = (cfg.journal_file is None or not os.path.exists(cfg.journal_file)
+                 or os.path.getsize(cfg.journal_file) == 0)
+        if state is None and not fresh:
+            return False, list(cfg.partner_addresses)
+        known = set(cfg.partner_addresses) | set(state["peers"] if state is not None else ())
+        answer = self._ask_members(sorted(known - {me}))
+        if answer is None:
+            if state is not None:
+                log.warning("no member answered at %s; starting as the learner this member was",
+                            ",".join(sorted(known)))
+                return True, sorted(known - {me})
+            return False, list(cfg.partner_addresses)
+        listed, voters = answer
+        log.info("running members report voters %s: this member starts as a %s", ",".join(sorted(voters)),
+                 "voter" if listed else "learner")
+        return not listed, sorted(voters - {me})
+
+    def _ask_members(self, addresses: list[str]) -> tuple[bool, set[str]] | None:
+        """Ask each member at `addresses` for its Raft configuration
+        (pysyncobj's 'status' utility command, over the peer port with the
+        cluster secret). None if none answered in time; else (is our address
+        a voter there?, the voters, preferring the leader's view)."""
+        answers: list[dict] = []
+        lock = threading.Lock()
+
+        def ask(address: str) -> None:
+            try:
+                utility = TcpUtility(password=self._cfg.password, timeout=self._cfg.probe_timeout)
+                status = utility.executeCommand(address, ["status"])
+            except Exception:  # down, refusing, or not a pysyncobj node
+                return
+            if isinstance(status, dict):
+                with lock:
+                    answers.append(status)
+
+        threads = [threading.Thread(target=ask, args=(a,), name="raft-probe", daemon=True) for a in addresses]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + self._cfg.probe_timeout + 1.0
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        with lock:
+            answers = list(answers)
+        if not answers:
+            return None
+
+        def voters_of(status: dict) -> set[str]:
+            found = {k[len(_PARTNER_KEY):] for k in status if isinstance(k, str) and k.startswith(_PARTNER_KEY)}
+            own = getattr(status.get("self"), "address", None)
+            return found | ({own} if own else set())
+
+        configs = [(status.get("state") == 2, voters_of(status)) for status in answers]
+        listed = any(self._cfg.self_address in voters for _, voters in configs)
+        leader_views = [voters for is_leader, voters in configs if is_leader]
+        return listed, leader_views[0] if leader_views else max((v for _, v in configs), key=len)
+
+    def _role_path(self) -> str | None:
+        if self._cfg.journal_file is None:
+            return None
+        return self._cfg.journal_file + ROLE_SUFFIX
+
+    def _load_role(self) -> dict | None:
+        path = self._role_path()
+        if path is None or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            state = json.load(f)
+        if state.get("role") not in ("learner", "voter") or not isinstance(state.get("peers"), list):
+            raise RuntimeError(f"{path} is not a Raft role file; refusing to guess this member's role")
+        return state
+
+    def _save_role(self) -> None:
+        path = self._role_path()
+        if path is None:
+            return
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"role": "learner" if self._learner else "voter", "peers": sorted(self._peers)}, f)
+            f.flush()
+            if self._cfg.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if self._cfg.fsync:
+            fsync_path(os.path.dirname(path))
+
+    def _watch_configuration(self, obj: "_ReplicatedLog") -> None:  # tick thread
+        """Keep the role file's peers current, and notice our promotion."""
+        if obj is not self._obj:
+            return  # being replaced or stopped
+        addresses = {node.address for node in obj.otherNodes}
+        peers = frozenset(addresses - {self._cfg.self_address})
+        if peers != self._peers:
+            self._peers = peers
+            try:
+                self._save_role()
+            except OSError:
+                log.exception("could not record the Raft configuration")
+        if self._learner and self._cfg.self_address in addresses:
+            self._promoted.set()
+
+    def _await_promotion(self) -> None:
+        """The learner's supervisor thread: when the leader makes our
+        address a voter, restart Raft as a voter. The voting SyncObj is
+        created here, and pysyncobj's tick thread stops when the thread that
+        created its SyncObj ends, so this thread then lives until stop()."""
+        while not (self._promoted.is_set() or self._stopping.is_set()):
+            self._promoted.wait(0.1)
+        with self._lifecycle:
+            if self._stopping.is_set():
+                return
+            old, self._obj = self._obj, None
+            partners = sorted(self._peers)
+            log.info("this member was promoted: Raft restarts as a voter (peers %s)", ",".join(partners))
+            if old is not None:
+                old.destroy_synchronous()
+            try:
+                self._open(False, partners)
+            except Exception:
+                log.critical("Raft could not restart as a voter after the promotion", exc_info=True)
+                return
+        self._released.wait()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lifecycle:
+            obj, self._obj = self._obj, None
+            if obj is not None:
+                obj.destroy_synchronous()
+        self._released.set()
+        supervisor = self._supervisor
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join(timeout=10)
 
     # -- membership ----------------------------------------------------------
     def change_membership(self, address: str, add: bool, done: DoneFn) -> None:
@@ -216,6 +436,21 @@ class RaftNode(RaftStatusSource):
         else:
             obj.removeNodeFromCluster(address, callback=callback)
 
+    def is_voter(self, address: str) -> bool:
+        """Whether `address` votes in this node's view of the Raft
+        configuration (a change counts from when it is appended)."""
+        obj = self._obj
+        if obj is None:
+            return False
+        if address == self._cfg.self_address:
+            return not self._learner
+        for _ in range(10):
+            try:  # the tick thread may be changing the set being copied
+                return address in {node.address for node in obj.otherNodes}
+            except RuntimeError:
+                time.sleep(0.001)
+        return address in self._peers
+
     # -- leadership transfer -------------------------------------------------
     def transfer_leadership(self, target: str | None, timeout: float, done: Callable[[bool], None]) -> None:
         """Ask the leader to hand over to `target` (a peer address; None: the
@@ -232,8 +467,12 @@ class RaftNode(RaftStatusSource):
         with self._transfers_lock:
             pending, self._transfers = self._transfers, []
         obj = self._obj
+        voters = {node.address for node in obj.otherNodes} if obj is not None else set()
         keep = []
         for target, deadline, done in pending:
+            if not voters or (target is not None and target not in voters):
+                done(False)  # nobody (or a learner) to hand over to: no retrying helps
+                continue
             outcome: list[int] = []
             if obj is not None:
                 obj.transferLeadership(target, callback=lambda _res, reason: outcome.append(reason))
@@ -253,21 +492,16 @@ class RaftNode(RaftStatusSource):
 
     def _serialize(self, path: str, raft_data: Any) -> None:
         t0 = time.monotonic()
-        self._save_snapshot(path, raft_data)
+        self._save_snapshot(path, _without_readonly_self(raft_data))
         log.info("snapshot at raft index %d written in %.0f ms", raft_data[0][1],
                  (time.monotonic() - t0) * 1000)
 
     def _deserialize(self, path: str) -> Any:
         t0 = time.monotonic()
-        raft_data = self._load_snapshot(path)
+        raft_data = _without_readonly_self(self._load_snapshot(path))
         log.info("snapshot at raft index %d loaded in %.0f ms", raft_data[0][1],
                  (time.monotonic() - t0) * 1000)
         return raft_data
-
-    def stop(self) -> None:
-        obj, self._obj = self._obj, None
-        if obj is not None:
-            obj.destroy_synchronous()
 
     # -- proposals -----------------------------------------------------------
     def submit(self, payload: bytes, done: DoneFn) -> None:
@@ -276,6 +510,11 @@ class RaftNode(RaftStatusSource):
         obj = self._obj
         if obj is None:
             done(None, errors.STOPPED)
+            return
+        if self._learner and not proposal_allowed_on_learner(payload):
+            # pysyncobj would forward it to the leader; etcd's learners refuse
+            # writes and linearizable reads (the barrier is an empty entry).
+            done(None, NOT_SUPPORTED_FOR_LEARNER)
             return
 
         def callback(result: Any, reason: int) -> None:
@@ -333,3 +572,11 @@ class RaftNode(RaftStatusSource):
             applied=applied,
             commit=max(commit, applied),
         )
+
+
+def _without_readonly_self(raft_data: Any) -> Any:
+    """pysyncobj's snapshot raft data with the configuration's `None`
+    dropped: a read-only node records itself as None among the nodes, and a
+    voter loading that snapshot (a promoted learner) would fail on it."""
+    last, prev, nodes = raft_data
+    return last, prev, {node for node in nodes if node is not None}

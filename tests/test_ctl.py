@@ -398,7 +398,7 @@ def test_cli_misuse_gives_readable_errors(ctl, cluster):
     proc = ctl("member", "remove", "abcdef", check=False)
     assert proc.returncode == 1 and proc.stderr == "Error: etcdserver: member not found\n"
     proc = ctl("member", "promote", f"{cluster.members[0].status().header.member_id:x}", check=False)
-    assert proc.returncode == 1 and "learner members are not supported" in proc.stderr
+    assert proc.returncode == 1 and proc.stderr == "Error: etcdserver: can only promote a learner member\n"
     proc = ctl("get", "a", "b", "--prefix", check=False)
     assert proc.returncode == 128 and "only accept one argument" in proc.stderr
     proc = ctl("put", "k", "v", "--lease", "xyz", check=False)

@@ -81,8 +81,6 @@ def test_membership_errors():
         assert proc.returncode != 0 and "etcdserver: Peer URLs already exists" in proc.stderr
         proc = cluster.etcdctl("member", "remove", "abcdef", check=False)
         assert proc.returncode != 0 and "etcdserver: member not found" in proc.stderr
-        proc = cluster.etcdctl("member", "add", "l", "--learner", "--peer-urls=http://127.0.0.1:1", check=False)
-        assert proc.returncode != 0 and "learner members are not supported" in proc.stderr
         with pytest.raises(grpc.RpcError):
             cluster.followers()[0].cluster().MemberAdd(rpc_pb2.MemberAddRequest(peerURLs=["not a url"]), timeout=5)
         # Without a peer secret the (pickle) peer transport stays on loopback.
