@@ -184,7 +184,7 @@ def member_list() -> None:
 @command("add")
 @click.argument("name")
 @click.option("--peer-urls", default="", help="The new member's peer URLs, comma-separated.")
-@click.option("--learner", is_flag=True, help="Add as a learner (metastore refuses: not supported yet).")
+@click.option("--learner", is_flag=True, help="Add as a learner (replicates, does not vote; promote it later).")
 def member_add(name: str, peer_urls: str, learner: bool) -> None:
     """Add member NAME to the cluster, as `etcdctl member add`; then start it
     with the `metastore serve` flags printed (plus the cluster's
@@ -231,8 +231,8 @@ def member_remove(member_id: str) -> None:
 @command("promote")
 @click.argument("member_id", metavar="ID")
 def member_promote(member_id: str) -> None:
-    """Promote the learner with ID (hex). metastore has no learners yet, so
-    the server refuses; its error is reported."""
+    """Promote the learner with ID (hex) to a voting member; the server
+    refuses while it has not caught up with the leader's log."""
     s = settings("simple", "json")
     mid = parse_hex_id(member_id)
     resp = _cluster_call("MemberPromote", rpc_pb2.MemberPromoteRequest(ID=mid))
