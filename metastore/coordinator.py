@@ -47,6 +47,7 @@ class Coordinator:
         # members that did not accept the workload lately.
         self._avoid: dict[str, dict[int, float]] = {}
         self._handover_at = 0.0
+        self._handover_failed: dict[int, float] = {}  # member -> when a hand-over to it last failed
         self._deadline_logged = False
         # Called with the duration (s) of each drain this member finishes (metrics).
         self.on_drain_finished: list[Callable[[float], None]] = []
@@ -108,12 +109,19 @@ class Coordinator:
             if time.monotonic() < self._handover_at:
                 return True
             self._handover_at = time.monotonic() + 2.0
-            log.info("this member is %s, so not a coordinator candidate: handing leadership to %x",
-                     me.liveness.name, others[0])
+            # A member a hand-over just failed to reach (it may have died
+            # before its session expired) is tried last.
+            target = min(others, key=lambda mid: (self._handover_failed.get(mid, 0.0), mid))
+            log.info("this member is %s, so not a coordinator candidate: handing leadership to %s",
+                     me.liveness.name, self.placement._label(target))
             try:
-                await self.node.move_leader(others[0])
+                await self.node.move_leader(target)
             except EtcdError as err:
-                log.warning("handing leadership over failed: %s", err.message)
+                self._handover_failed[target] = time.monotonic()
+                # Leave time for lease expiry (paused during a hand-over) to
+                # notice a candidate that died before the next attempt.
+                self._handover_at = time.monotonic() + max(2.0, self.placement.cfg.session_ttl)
+                log.warning("handing leadership to %s failed: %s", self.placement._label(target), err.message)
             return True
         log.warning("only draining or stopping members are left: this member (%s) becomes ALIVE and coordinates",
                     me.liveness.name)

@@ -72,6 +72,14 @@ class Lessor:
                 floor = now + min(ttl, self._grace)
                 self._deadlines[lease] = max(self._deadlines.get(lease, now + ttl), floor)
 
+    def extend(self, seconds: float) -> None:
+        """Move every deadline later by `seconds`: time during which
+        keep-alives could not be applied (a paused proposer) is not held
+        against any lease."""
+        with self._lock:
+            for lease in self._deadlines:
+                self._deadlines[lease] += seconds
+
     def expired(self) -> list[int]:
         """Leases past their deadline, oldest first. Leases this member has
         no clock for (loaded from a snapshot or after a restart) start one."""

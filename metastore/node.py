@@ -296,7 +296,9 @@ class Node:
 
         while True:
             await asyncio.sleep(period)
-            if not self.raft.is_leader():
+            if not self.raft.is_leader() or self.proposer.paused:
+                # Paused (a leadership hand-over): keep-alives wait behind the
+                # pause too, so no lease may be judged meanwhile.
                 continue
             try:
                 expired = self.lessor.expired()
@@ -335,6 +337,7 @@ class Node:
 
         timeout = max(self.cfg.election_timeout_ms / 1000 * 2, 2.0)
         deadline = loop.time() + timeout
+        paused_at = loop.time()
         self.proposer.pause()
         try:
             self.raft.transfer_leadership(target_address, timeout, done)
@@ -349,6 +352,10 @@ class Node:
                 await asyncio.sleep(0.01)
         finally:
             self.proposer.resume()
+            if self.raft.is_leader():
+                # Still leading (the hand-over failed): keep-alives held back
+                # by the pause get back the time they lost.
+                self.lessor.extend(loop.time() - paused_at)
         log.info("leadership moved from %x to %x", self.member_id, self.raft.raft_status().leader_id)
         resp = rpc_pb2.MoveLeaderResponse()
         self._fill_header(resp.header)

@@ -118,6 +118,10 @@ class Proposer:
         with resume(); pauses nest."""
         self._paused += 1
 
+    @property
+    def paused(self) -> bool:
+        return self._paused > 0
+
     def resume(self) -> None:
         self._paused = max(0, self._paused - 1)
         if not self._paused:

@@ -122,8 +122,10 @@ def plan(view: ClusterView, batch_size: int = 1, force_drain: bool = False) -> l
     # 2. Drain.
     if view.drain is not None:
         target = view.drain.target
+        # Moves off the target not yet accepted -- those re-placed just now
+        # (their destination went away) included: they are still moving.
         in_flight = sum(1 for w in view.workloads if w.state == ASSIGNED and w.source == target
-                        and w.id not in placed and view.owner_valid(w))
+                        and (w.id in placed or view.owner_valid(w)))
         slots = len(view.workloads) if force_drain else max(0, batch_size - in_flight)
         for w in sorted(view.workloads, key=lambda w: w.id):
             if slots <= 0:

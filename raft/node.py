@@ -108,6 +108,11 @@ class _DurableAckTransport(TCPTransport):
         return super().send(node, message)
 
 
+# An apply longer than this moves pysyncobj's timers by the time it took
+# (_ReplicatedLog._discount_blocked_time).
+_LONG_APPLY = 0.05
+
+
 class _ReplicatedLog(SyncObj):
     """The pysyncobj object: one replicated method that hands each committed
     entry, with its index, to metastore's state machine."""
@@ -122,7 +127,34 @@ class _ReplicatedLog(SyncObj):
     @replicated
     def apply_entry(self, payload: bytes) -> Any:
         # pysyncobj advances raftLastApplied after each entry: this one is +1.
-        return self._apply(payload, self.raftLastApplied + 1)
+        t0 = time.monotonic()
+        try:
+            return self._apply(payload, self.raftLastApplied + 1)
+        finally:
+            blocked = time.monotonic() - t0
+            if blocked > _LONG_APPLY:
+                self._discount_blocked_time(blocked)
+
+    def _discount_blocked_time(self, blocked: float) -> None:
+        """Keep a long apply (a DeleteRange or compaction of many keys) from
+        costing an election.
+
+        pysyncobj applies entries on the tick thread that also reads peer
+        messages, and its next tick judges timeouts before it reads the
+        messages that queued meanwhile: a follower would campaign although
+        the leader's heartbeats are waiting in its socket, and a leader would
+        step down although its followers answered. Every member applies the
+        same entry, so all are equally late; the time spent blocked is not
+        counted against anyone -- each timer is moved by exactly that long.
+        """
+        now = time.monotonic()
+        deadline = getattr(self, "_SyncObj__raftElectionDeadline", None)
+        if deadline is not None:
+            self._SyncObj__raftElectionDeadline = max(deadline, min(deadline + blocked, now + blocked))
+        responses = getattr(self, "_SyncObj__lastResponseTime", None)
+        if isinstance(responses, dict):
+            for node, seen in list(responses.items()):
+                responses[node] = min(now, seen + blocked)
 
 
 # The member's Raft role and voting peers, kept next to the journal (its
