@@ -83,8 +83,8 @@ def add_placement_routes(router: Router, placement: Placement) -> None:
         subunits = {_member_hex(m, "a subunits key"): n for m, n in counts.items()}
         if not isinstance(body["epoch"], int):
             raise HTTPError(400, "epoch must be an integer")
-        if not await placement.acknowledge(req.params["id"], member, body["epoch"], subunits):
-            raise HTTPError(409, f"dropped: member {member:x} does not own workload {req.params['id']!r} at "
+        if not await placement.acknowledge(req.params["id"], member, body["epoch"], subunits, accept=False):
+            raise HTTPError(409, f"dropped: member {member:x} does not run workload {req.params['id']!r} at "
                                  f"epoch {body['epoch']}")
         record = await placement.get(req.params["id"])
         return 200, record.describe(placement.names()) if record else {}

@@ -47,6 +47,8 @@ class Coordinator:
         # members that did not accept the workload lately.
         self._avoid: dict[str, dict[int, float]] = {}
         self._handover_at = 0.0
+        self._alone_since: float | None = None  # since when no other member could coordinate
+        self._timeout_logged: set[tuple[str, int]] = set()
         self._handover_failed: dict[int, float] = {}  # member -> when a hand-over to it last failed
         self._deadline_logged = False
         # Called with the duration (s) of each drain this member finishes (metrics).
@@ -68,8 +70,14 @@ class Coordinator:
                 self._in_flight_since.clear()
                 continue
             if not self.active:
+                try:
+                    # Apply everything committed before acting on the store.
+                    await self.node.proposer.barrier()
+                except EtcdError:
+                    continue
                 log.info("coordinating workload placement as the Raft leader")
                 self.active = True
+                self._alone_since = None
             try:
                 await self.round()
             except EtcdError as err:
@@ -106,6 +114,7 @@ class Coordinator:
             return False
         others = sorted(m.id for m in view.members.values() if m.schedulable and m.id != me.id)
         if others:
+            self._alone_since = None
             if time.monotonic() < self._handover_at:
                 return True
             self._handover_at = time.monotonic() + 2.0
@@ -123,9 +132,17 @@ class Coordinator:
                 self._handover_at = time.monotonic() + max(2.0, self.placement.cfg.session_ttl)
                 log.warning("handing leadership to %s failed: %s", self.placement._label(target), err.message)
             return True
+        # Only when that lasts a whole session TTL: another member may just be
+        # restarting, or its session registering.
+        now = time.monotonic()
+        if self._alone_since is None:
+            self._alone_since = now
+        if now - self._alone_since < self.placement.cfg.session_ttl:
+            return True
         log.warning("only draining or stopping members are left: this member (%s) becomes ALIVE and coordinates",
                     me.liveness.name)
         await self._propose(raft_entry_pb2.LivenessChange(op=liveness.Op.RESET, member_id=me.id))
+        self._alone_since = None
         return True
 
     # -- drain -------------------------------------------------------------------------------
@@ -144,7 +161,9 @@ class Coordinator:
         remaining, subunits = view.remaining_on(drain.target)
         forced = bool(drain.deadline) and time.time() >= drain.deadline
         if remaining == 0 and (subunits == 0 or forced):
-            await self._propose(raft_entry_pb2.LivenessChange(op=liveness.Op.DRAIN_FINISH, member_id=drain.target))
+            if not await self._propose(raft_entry_pb2.LivenessChange(op=liveness.Op.DRAIN_FINISH,
+                                                                     member_id=drain.target)):
+                return True, False
             took = max(0.0, time.time() - drain.start_time)
             for observe in self.on_drain_finished:
                 observe(took)
@@ -166,12 +185,17 @@ class Coordinator:
         seen = {(w.id, w.epoch) for w in view.workloads if w.state == ASSIGNED}
         for gone in [k for k in self._in_flight_since if k not in seen]:
             del self._in_flight_since[gone]
+        self._timeout_logged &= seen
         out = {}
         for w in view.workloads:
             if w.state != ASSIGNED:
                 continue
             since = self._in_flight_since.setdefault((w.id, w.epoch), now)
             if now - since >= self.placement.cfg.move_timeout:
+                if (w.id, w.epoch) in self._timeout_logged:
+                    out[w.id] = w.owner
+                    continue
+                self._timeout_logged.add((w.id, w.epoch))
                 log.warning("workload %s: member %s did not accept it within %.0fs; placing it elsewhere",
                             w.id, self.placement._label(w.owner), self.placement.cfg.move_timeout)
                 out[w.id] = w.owner
@@ -218,11 +242,13 @@ class Coordinator:
             self._warned["nodest"] = time.monotonic()
             log.warning("no schedulable member to place %d workloads on", waiting)
 
-    async def _propose(self, change: raft_entry_pb2.LivenessChange) -> None:
+    async def _propose(self, change: raft_entry_pb2.LivenessChange) -> bool:
+        """Propose a liveness change; whether it took effect."""
         try:
             await self.node.proposer.propose(raft_entry_pb2.Proposal(liveness=change))
+            return True
         except EtcdError as err:
             if err in (liveness.NOT_DRAINING, liveness.CAS_FAILED, errors.LEADER_CHANGED):
                 log.debug("liveness change not applied: %s", err.message)
-            else:
-                raise
+                return False
+            raise

@@ -84,9 +84,11 @@ class PlacementClient:
         it owns; False (dropped) when it no longer owns it."""
         async def report() -> bool:
             current = await self._placement.get(workload_id)
-            if current is None or current.owner != self._member.member_id:
+            if (current is None or current.owner != self._member.member_id
+                    or current.session != self._placement.agent.session):
                 return False
-            return await self._placement.acknowledge(workload_id, current.owner, current.epoch, subunits)
+            return await self._placement.acknowledge(workload_id, current.owner, current.epoch, subunits,
+                                                     accept=False)
 
         return self._run(report)
 

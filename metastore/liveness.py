@@ -155,8 +155,10 @@ def apply(store: Store, change: raft_entry_pb2.LivenessChange) -> EtcdError | No
             return None if drain.target == member else DRAIN_CONFLICT  # idempotent for the same target
         if current.state is not Liveness.ALIVE:
             return NOT_ALIVE
+        # The target's session as applied (a restart racing the request
+        # registered a newer one than the proposer saw).
         state = DrainState(member, change.start_time, change.initial_workloads, change.initial_subunits,
-                           change.session, change.deadline)
+                           current.session, change.deadline)
         rows[_member_key(member)] = _row(MemberLiveness(Liveness.DRAINING, current.session))
         rows[DRAIN_KEY] = json.dumps(asdict(state)).encode()
     elif change.op == Op.DRAIN_CANCEL and (drain is None or drain.target != member):

@@ -112,6 +112,8 @@ class Placement:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping
                 pass
         self._tasks = []
+        if end_session:
+            self.agent.release_all()
         if end_session and self.agent.session:
             try:
                 await asyncio.wait_for(self.node.lease_revoke(rpc_pb2.LeaseRevokeRequest(ID=self.agent.session)), 1.0)
@@ -206,10 +208,13 @@ class Placement:
         await self.node.proposer.barrier()
         return await self._read(workload_id)
 
-    async def acknowledge(self, workload_id: str, member: int, epoch: int, subunits: dict[int, int]) -> bool:
-        """The owner accepts its assignment, or reports the sub-units it runs
-        per member. Fenced: dropped (False) unless `member` owns the workload
-        at `epoch` -- an answer to an older assignment never lands."""
+    async def acknowledge(self, workload_id: str, member: int, epoch: int, subunits: dict[int, int],
+                          accept: bool = True) -> bool:
+        """The owner accepts its assignment (`accept`: only the member's agent,
+        once the application took it), or reports the sub-units it runs per
+        member. Fenced: dropped (False) unless `member` owns the workload at
+        `epoch` -- an answer to an older assignment never lands -- and a
+        report (not `accept`) only lands once the workload runs."""
         if any(n < 0 for n in subunits.values()):
             raise PlacementError(400, "sub-unit counts must not be negative")
         unknown = [m for m in subunits if self.node.membership.get(m) is None]
@@ -218,7 +223,8 @@ class Placement:
         while True:
             await self.node.proposer.barrier()
             current = await self._read(workload_id)
-            if current is None or current.owner != member or current.epoch != epoch:
+            if (current is None or current.owner != member or current.epoch != epoch
+                    or (not accept and current.state != workloads.RUNNING)):
                 log.info("acknowledgement of workload %s by %x at epoch %d dropped (now owner %x, epoch %d)",
                          workload_id, member, epoch, current.owner if current else 0, current.epoch if current else 0)
                 return False
@@ -258,6 +264,8 @@ class Placement:
         if not record.online:
             raise PlacementError(400, f"member {self._label(member.id)} is offline; its workloads are "
                                       f"rescheduled without a drain")
+        if not any(m.schedulable for m in view.members.values() if m.id != member.id):
+            raise PlacementError(400, f"no other member can take the workloads of {self._label(member.id)}")
         change = raft_entry_pb2.LivenessChange(
             op=liveness.Op.DRAIN_START, member_id=member.id, session=record.session, start_time=time.time(),
             initial_workloads=remaining, initial_subunits=subunits,
