@@ -47,6 +47,8 @@ KV_OVERHEAD = 256
 LEASE_OVERHEAD = 64
 # Snapshot stream message size (etcd sends 32 KiB; clients accept any size).
 SNAPSHOT_CHUNK = 256 * 1024
+# How long a Defragment waits for a background compaction to finish first.
+DEFRAG_WAIT_FOR_COMPACTION = 60.0
 # The applied Raft position is this member's bookkeeping, like etcd's
 # consistent_index, which etcd's Hash ignores for the same reason.
 HASH_IGNORES = frozenset({("meta", META_APPLIED)})
@@ -170,11 +172,15 @@ class Maintenance:
         compaction of every table, in an executor (reads and writes go on).
         The memory engine frees deleted data at once: nothing to do."""
         node = self._node
+        loop = asyncio.get_running_loop()
+        # A compaction still dropping history in the background: let it
+        # finish, so what it frees is given back too (compact, then defrag).
+        await loop.run_in_executor(None, node.store.wait_compacted, None, DEFRAG_WAIT_FOR_COMPACTION)
         reclaim = getattr(node.store.backend, "compact", None)
         if reclaim is not None:
             t0 = time.monotonic()
             before = node.store.db_size()[0]
-            await asyncio.get_running_loop().run_in_executor(None, reclaim)
+            await loop.run_in_executor(None, reclaim)
             log.info("defragmented: %d -> %d bytes in %.0f ms", before, node.store.db_size()[0],
                      (time.monotonic() - t0) * 1000)
         resp = rpc_pb2.DefragmentResponse()

@@ -16,10 +16,12 @@ committed revision; protobuf building happens after the lock is released.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import struct
 import logging
 import threading
+import time
 import zlib
 from itertools import islice
 from typing import Iterator
@@ -27,9 +29,9 @@ from typing import Iterator
 from metastore import errors
 from metastore.api.pb import rpc_pb2
 from metastore.backend import TABLES, Backend, WriteBatch
-from metastore.mvcc_compact import compaction_batches
+from metastore.mvcc_compact import Compactor, next_compaction_batch
 from metastore.mvcc_compare import chosen_ops, txn_path
-from metastore.mvcc_events import RevisionEvents, change_events, read_events
+from metastore.mvcc_events import LazyEvents, RevisionEvents, read_events
 from metastore.mvcc_layout import (
     LAYOUT_VERSION,
     META_APPLIED,
@@ -85,6 +87,15 @@ class MVCCStore:
         self._listeners: list[EventListener] = []
         self._raft: RaftStatusSource | None = None
         self._leases: dict[int, int] = {}  # the lease table's L rows: id -> TTL
+        # Physical compaction runs behind the recorded one (see compact()):
+        # _compact_finished is the compaction whose rows are gone (the meta
+        # row), _compact_done the one whose space is also reclaimed; waiters
+        # on _compacted are woken when _compact_done moves.
+        self._compact_finished = 0
+        self._compact_done = 0
+        self._compacted = threading.Condition()
+        self._compactor = Compactor(self._compact_step)
+        self._closed = False
 
         layout = backend.get("meta", META_LAYOUT)
         if layout is None:
@@ -95,14 +106,19 @@ class MVCCStore:
             raise RuntimeError(f"unsupported MVCC layout {layout!r} (this build: {LAYOUT_VERSION!r})")
         self._position = (0, 0)
         self._load_meta()
-        if unpack_u64(backend.get("meta", META_COMPACT_FINISHED), 0) < self._compact_rev:
+        if self._compact_finished < self._compact_rev:
             # A crash interrupted a compaction: finish it before serving.
-            self._compact_physically(self._compact_rev)
+            while self._compact_step(reclaim=False):
+                pass
 
     def _load_meta(self) -> None:
         backend = self._backend
         self._rev = unpack_u64(backend.get("meta", META_REVISION), 1)
         self._compact_rev = unpack_u64(backend.get("meta", META_COMPACT_REVISION), 0)
+        self._compact_finished = unpack_u64(backend.get("meta", META_COMPACT_FINISHED), 0)
+        with self._compacted:
+            self._compact_done = self._compact_finished
+            self._compacted.notify_all()
         applied = backend.get("meta", META_APPLIED)
         self._applied = _APPLIED.unpack(applied) if applied else (0, 0)
         self._leases = load_leases(backend)
@@ -121,10 +137,12 @@ class MVCCStore:
     # -- snapshots ----------------------------------------------------------------
     def export_items(self) -> Iterator[tuple[str, bytes, bytes]]:
         """Every (table, key, value) of the backend, for a snapshot. The caller
-        must not run mutations meanwhile (snapshots run on the apply thread)."""
-        for table in TABLES:
-            for key, value in self._backend.scan(table, b"", None):
-                yield table, key, value
+        must not run mutations meanwhile (snapshots run on the apply thread);
+        background compaction waits until the iteration ends."""
+        with self._write_lock:
+            for table in TABLES:
+                for key, value in self._backend.scan(table, b"", None):
+                    yield table, key, value
 
     def import_items(self, items: Iterator[tuple[str, bytes, bytes]], batch_rows: int = 10_000) -> None:
         """Replace the whole content with a snapshot's items.
@@ -160,6 +178,7 @@ class MVCCStore:
                 self._backend.write(batch)
                 self._load_meta()
             self._notify_reset()
+        self._compactor.wake()  # the snapshot may carry an unfinished compaction
 
     def _notify_reset(self) -> None:
         """Tell listeners the content was replaced (a snapshot was loaded):
@@ -191,6 +210,7 @@ class MVCCStore:
                 self._backend = self._backend.replace_with_checkpoint(checkpoint_dir)  # type: ignore[attr-defined]
                 self._load_meta()
             self._notify_reset()
+        self._compactor.wake()  # the checkpoint may carry an unfinished compaction
         return True
 
     # -- properties -----------------------------------------------------------
@@ -300,8 +320,15 @@ class MVCCStore:
         return resp
 
     def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse:
-        """Compact history at req.revision, synchronously (req.physical is
-        moot: the call returns once the history is gone)."""
+        """Record a compaction at req.revision; the history below it is
+        dropped in the background, as etcd does.
+
+        From the moment this returns, reads below the revision fail with
+        COMPACTED, so what is still physically there is invisible; the
+        Compactor thread removes it in small batches while applies go on
+        (one apply holding the tick thread for a compaction of millions of
+        rows would cost an election). `wait_compacted` waits for the end
+        (etcd's physical=true); hashes wait for it on their own."""
         with self._write_lock:
             rev = req.revision
             if rev <= self._compact_rev:
@@ -313,26 +340,62 @@ class MVCCStore:
             with self._lock:
                 self._backend.write(mark)
                 self._compact_rev = rev
-            self._compact_physically(rev)
-            # A backend that frees space only when it rewrites its files
-            # (RocksDB) does so now, so the history dropped above stops
-            # counting as in use, as etcd reports right after a compaction.
-            # Not under _lock: reads go on meanwhile.
-            reclaim = getattr(self._backend, "compact", None)
-            if reclaim is not None:
-                reclaim(COMPACTED_TABLES)
             resp = rpc_pb2.CompactionResponse()
             resp.header.revision = self._rev
+        self._compactor.wake()
         return resp
 
-    def _compact_physically(self, rev: int) -> None:
-        for batch in compaction_batches(self._backend, rev):
+    def wait_compacted(self, revision: int | None = None, timeout: float | None = None) -> bool:
+        """Wait until the history below `revision` (default: the last
+        compaction) is physically gone and its space reclaimed; False on
+        timeout or if the store closed first."""
+        target = self._compact_rev if revision is None else revision
+        with self._compacted:
+            return self._compacted.wait_for(lambda: self._compact_done >= target or self._closed, timeout) \
+                and self._compact_done >= target
+
+    def _compact_step(self, reclaim: bool = True) -> bool:
+        """One batch of physical compaction (Compactor thread, or the
+        constructor finishing an interrupted one); False when there is
+        nothing left to do."""
+        with self._write_lock:
+            if self._closed:
+                return False
+            target = self._compact_rev
+            if self._compact_finished >= target:
+                return False
+            batch = next_compaction_batch(self._backend, target)
+            if batch is not None:
+                with self._lock:
+                    self._backend.write(batch)
+                return True
+            done = WriteBatch()
+            done.put("meta", META_COMPACT_FINISHED, pack_u64(target))
             with self._lock:
-                self._backend.write(batch)
-        done = WriteBatch()
-        done.put("meta", META_COMPACT_FINISHED, pack_u64(rev))
-        with self._lock:
-            self._backend.write(done)
+                self._backend.write(done)
+                self._compact_finished = target
+            backend = self._backend
+        if reclaim:
+            # A backend that frees space only when it rewrites its files
+            # (RocksDB) does so now, so the history dropped stops counting
+            # as in use, as etcd reports right after a compaction. Outside
+            # the locks: reads and applies go on (the engine guards itself
+            # against being closed meanwhile).
+            self._reclaim(backend)
+        with self._compacted:
+            self._compact_done = max(self._compact_done, target)
+            self._compacted.notify_all()
+        return True  # a newer compaction may have been recorded meanwhile
+
+    @staticmethod
+    def _reclaim(backend: Backend) -> None:
+        reclaim = getattr(backend, "compact", None)
+        if reclaim is None:
+            return
+        try:
+            reclaim(COMPACTED_TABLES)
+        except Exception as exc:  # closed or replaced by a snapshot meanwhile
+            log.warning("reclaiming space after a compaction failed: %s", exc)
 
     # -- the pieces of a mutating request ----------------------------------------
     def _put(self, w: WriteTxn, req: rpc_pb2.PutRequest, out: rpc_pb2.PutResponse) -> None:
@@ -422,7 +485,7 @@ class MVCCStore:
             self._rev = w.rev
             self._applied = self._position
         if self._listeners:
-            events = change_events(w.rev, w.changes)
+            events = LazyEvents(w.rev, w.changes)
             for listener in list(self._listeners):
                 try:
                     listener(w.rev, events)
@@ -512,7 +575,7 @@ class MVCCStore:
             with self._lock:
                 if nxt < self._compact_rev:
                     raise errors.COMPACTED
-                chunk, nxt = read_events(self._backend, nxt, end, keys, REPLAY_ROWS)
+                chunk, nxt = read_events(self._backend, nxt, end, keys, REPLAY_ROWS, self._compact_rev)
             yield from chunk
 
     # -- maintenance ----------------------------------------------------------------
@@ -520,8 +583,9 @@ class MVCCStore:
         """(crc32, compact_revision) over every version kept at or below
         `revision` (0: current) -- key, (main, sub) and stored record bytes in
         key-then-revision order. Two stores that applied the same requests
-        agree, whatever their engines."""
-        with self._lock:
+        agree, whatever their engines (once compaction has physically
+        caught up, which this waits for)."""
+        with self._settled():
             cur, compact = self._rev, self._compact_rev
             if revision > 0 and revision <= compact:
                 raise errors.COMPACTED
@@ -553,9 +617,30 @@ class MVCCStore:
     def db_size(self) -> tuple[int, int]:
         return self._backend.size()
 
+    @contextlib.contextmanager
+    def _settled(self, timeout: float = 60.0) -> Iterator[None]:
+        """Hold the read lock at a moment no compaction is half done, so a
+        hash covers exactly what every member keeps (after `timeout`, or on a
+        closed store, whatever is there)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.wait_compacted(timeout=max(0.0, deadline - time.monotonic()))
+            self._lock.acquire()
+            if self._compact_finished >= self._compact_rev or self._closed or time.monotonic() >= deadline:
+                break
+            self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
+        self._compactor.stop()
         with self._write_lock, self._lock:
+            self._closed = True
             self._backend.close()
+        with self._compacted:
+            self._compacted.notify_all()
 
     # -- maintenance service: replicated meta rows, whole-backend hash, copies ----
     # (metastore.maintenance builds etcd's Alarm, Hash and Snapshot on these.)
@@ -583,9 +668,10 @@ class MVCCStore:
         """(crc32 of every backend row of every table but `ignore`, revision),
         both read under one lock hold: etcd's Hash of the whole backend.
         Rows are framed by table and lengths so no two contents collide by
-        concatenation; engine-independent since both engines hold the same bytes."""
+        concatenation; engine-independent since both engines hold the same bytes.
+        Waits for a running compaction, whose progress differs between members."""
         frame = struct.Struct(">II")  # key and value lengths
-        with self._lock:
+        with self._settled():
             crc = 0
             for table in TABLES:
                 crc = zlib.crc32(table.encode(), crc)

@@ -8,51 +8,64 @@ in revision order, so compaction walks `rev` up to C instead of all keys.
 The rows of C itself stay (a watch may start at C and replays them), but the
 keys they name are reclaimed too.
 
-The work is cut into batches so the store lock is never held for a whole
-compaction of millions of rows. Each batch removes the `rev` rows it walked
-together with the history they led to, which makes the walk resumable: after
-a crash, compacting again simply continues with the rows still there.
+The work is cut into batches so no lock is held for a whole compaction of
+millions of rows. Each batch removes the `rev` rows it walked together with
+the history they led to, which makes the walk resumable: after a crash, or
+after writes slipped in between two batches, compacting again simply
+continues with the rows still there. `metastore.mvcc.MVCCStore` runs the
+batches on a background thread (`Compactor`), as etcd compacts in the
+background once the compaction is recorded.
 """
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from itertools import islice
-from typing import Iterator
+from typing import Callable
 
 from metastore.backend import Backend, WriteBatch
 from metastore.mvcc_layout import TOMBSTONE, hist_key_for, hist_prefix, pack_rev, record_mod
 
-CHUNK_ROWS = 10_000
+# `rev` rows walked per batch. Compaction runs beside the apply thread and
+# holds the store's write lock for one batch at a time, so a batch bounds
+# how long an apply can wait behind it (etcd's compaction-batch-limit is
+# 1,000 too).
+CHUNK_ROWS = 1_000
+# Pause between two batches, so the apply thread (which competes for the
+# GIL, not just the lock) gets its turn; etcd sleeps 10 ms.
+BATCH_PAUSE = 0.002
+
+log = logging.getLogger(__name__)
 
 
-def compaction_batches(backend: Backend, target: int, chunk: int = CHUNK_ROWS) -> Iterator[WriteBatch]:
-    """Batches that together compact history at `target`.
+def next_compaction_batch(backend: Backend, target: int, chunk: int = CHUNK_ROWS) -> WriteBatch | None:
+    """The next batch towards compacting history at `target`, or None once
+    nothing is left to drop.
 
-    The caller must write each batch before asking for the next: every chunk
-    is found again from the start of `rev`, which only works once the rows of
-    the previous chunk are gone.
+    Stateless: every call looks at what the backend holds now, so the caller
+    may write the batch, let other writes in, and call again -- or crash and
+    call again after a restart. Each batch must be written before the next
+    call, or the same rows are found again.
     """
     # The changes made at `target` itself stay listed: etcd lets a watch
     # start at the compacted revision, and it replays them from `rev`.
     stop = pack_rev(target, 0)
-    while True:
-        rows = list(islice(backend.scan("rev", b"", stop), chunk))
-        if not rows:
-            break
-        batch = WriteBatch()
+    rows = list(islice(backend.scan("rev", b"", stop), chunk))
+    batch = WriteBatch()
+    if rows:
         touched: set[bytes] = set()
         for rk, key in rows:
             batch.delete("rev", rk)
             touched.add(key)
         for key in sorted(touched):
             _reclaim_key(backend, key, target, batch)
-        yield batch
+        return batch
     # Keys written at `target` may leave older versions nobody reads any more.
     at_target = {key for _rk, key in backend.scan("rev", stop, pack_rev(target + 1, 0))}
-    batch = WriteBatch()
     for key in sorted(at_target):
         _reclaim_key(backend, key, target, batch)
-    if len(batch):
-        yield batch
+    return batch if len(batch) else None
 
 
 def _reclaim_key(backend: Backend, key: bytes, target: int, batch: WriteBatch) -> None:
@@ -66,3 +79,52 @@ def _reclaim_key(backend: Backend, key: bytes, target: int, batch: WriteBatch) -
     newest_needed = (cur is None or record_mod(cur) > target) and rows[-1][1] != TOMBSTONE
     for hk, _rec in rows[:-1] if newest_needed else rows:
         batch.delete("hist", hk)
+
+
+class Compactor:
+    """A daemon thread that runs `step` until it returns False, each time it
+    is woken, pausing BATCH_PAUSE between steps.
+
+    `step` does one batch under the store's locks and says whether there may
+    be more; the thread owns no state of its own, so a wake-up that finds
+    nothing to do is harmless."""
+
+    def __init__(self, step: Callable[[], bool], name: str = "metastore-compactor") -> None:
+        self._step = step
+        self._name = name
+        self._wanted = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def wake(self) -> None:
+        with self._start_lock:
+            if self._stopped:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self._wanted.set()
+
+    def stop(self) -> None:
+        """Stop after the current step; returns without waiting for it (the
+        step checks the store's closed flag under the store's lock)."""
+        with self._start_lock:
+            self._stopped = True
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            while not self._stopped:
+                try:
+                    more = self._step()
+                except Exception:
+                    log.exception("background compaction failed; it is retried on the next compaction")
+                    more = False
+                if not more:
+                    break
+                time.sleep(BATCH_PAUSE)
+            if self._stopped:
+                return

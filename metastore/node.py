@@ -201,7 +201,18 @@ class Node:
         return await self._propose(raft_entry_pb2.Proposal(txn=req))
 
     async def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse:
-        return await self._propose(raft_entry_pb2.Proposal(compaction=req))
+        """Every member records the compaction when it applies it and drops
+        the history in the background; with `physical` (etcdctl's
+        --physical, check perf's --auto-compact) the answer waits until this
+        member has done so, as in etcd -- for as long as the client waits."""
+        resp = await self._propose(raft_entry_pb2.Proposal(compaction=req))
+        if req.physical:
+            loop = asyncio.get_running_loop()
+            # In slices, so a client that gives up frees the executor thread soon.
+            while not await loop.run_in_executor(None, self.store.wait_compacted, req.revision, 1.0):
+                if self.proposer.closed:
+                    raise errors.STOPPED
+        return resp
 
     async def _propose(self, proposal: raft_entry_pb2.Proposal) -> Any:
         await self.maintenance.check_quota(proposal)  # NOSPACE: etcd's quota, before anything else

@@ -27,6 +27,7 @@ from metastore.api.pb import kv_pb2, raft_entry_pb2, rpc_pb2
 from metastore.cluster import Member
 from metastore.errors import EtcdError
 from metastore.liveness import Liveness, MemberLiveness
+from metastore.mvcc_events import event_keys
 from metastore.scheduler import ClusterView, MemberView
 from metastore.workloads import Workload
 
@@ -77,7 +78,7 @@ class ChangeSignal:
     def on_commit(self, _revision: int, events: Sequence[kv_pb2.Event]) -> None:  # apply thread
         if self._loop is None:
             return
-        if events and not any(ev.kv.key.startswith(workloads.PREFIX) for ev in events):
+        if events and not any(key.startswith(workloads.PREFIX) for key in event_keys(events)):
             return
         try:
             self._loop.call_soon_threadsafe(self.notify)

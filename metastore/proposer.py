@@ -112,6 +112,10 @@ class Proposer:
     def close(self) -> None:
         self._closed = True
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def pause(self) -> None:
         """Hold new entries back (they keep gathering) so that a leadership
         transfer target can catch up with a log that stops growing. Pairs

@@ -52,7 +52,15 @@ class Store(Protocol):
 
     def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse: ...
 
-    def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse: ...
+    def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse:
+        """Record a compaction: reads below req.revision fail from now on;
+        the history itself is dropped in the background."""
+        ...
+
+    def wait_compacted(self, revision: int | None = None, timeout: float | None = None) -> bool:
+        """Wait until the history below `revision` (default: the last
+        compaction) is physically gone; False on timeout or close."""
+        ...
 
     def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> rpc_pb2.LeaseGrantResponse:
         """Record lease req.ID with req.TTL; LEASE_EXISTS if it exists. A put

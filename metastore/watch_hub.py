@@ -41,6 +41,7 @@ from metastore import errors
 from metastore.api.pb import kv_pb2, rpc_pb2
 from metastore.errors import EtcdError
 from metastore.mvcc import MVCCStore
+from metastore.mvcc_events import event_keys
 from metastore.mvcc_range import KeyRange, key_range
 
 log = logging.getLogger("metastore.watch")
@@ -497,16 +498,20 @@ class WatchHub:
                     stream._mark_unsynced(w)
 
     def _dispatch(self, revision: int, events: Sequence[kv_pb2.Event]) -> None:
-        keys = [ev.kv.key for ev in events]
+        # By index, so that events no watcher matches are never built (LazyEvents).
+        keys = event_keys(events)
         matched: dict[Watcher, list[kv_pb2.Event]] = {}
         by_key = self._by_key
         if by_key:
-            for key, ev in zip(keys, events):
-                for w in by_key.get(key, ()):
-                    matched.setdefault(w, []).append(ev)
+            for i, key in enumerate(keys):
+                watchers = by_key.get(key)
+                if watchers:
+                    ev = events[i]
+                    for w in watchers:
+                        matched.setdefault(w, []).append(ev)
         for group in self._ranged.values():
             contains = next(iter(group)).keys.contains
-            mine = [ev for key, ev in zip(keys, events) if contains(key)]
+            mine = [events[i] for i, key in enumerate(keys) if contains(key)]
             if mine:
                 for w in group:
                     matched[w] = mine

@@ -683,18 +683,24 @@ def test_compaction_keeps_answers_at_and_after(store: MVCCStore, at: int) -> Non
     assert _snapshot(store, 0) == before[cur]
 
 
+def compact_physically(store: MVCCStore, rev: int) -> None:
+    """Record a compaction and wait for the background compactor to finish it."""
+    store.compact(pb.CompactionRequest(revision=rev))
+    assert store.wait_compacted(rev, timeout=30)
+
+
 def test_compaction_reclaims_history(store: MVCCStore) -> None:
     _history(store)
     hist, revs = rows(store, "hist"), rows(store, "rev")
     assert hist > 0 and revs == 13
-    store.compact(pb.CompactionRequest(revision=9))
+    compact_physically(store, 9)
     mid_hist, mid_revs = rows(store, "hist"), rows(store, "rev")
     assert mid_hist < hist and mid_revs == 5  # revisions 9..13 remain (9: a watch may start there)
     # At 9 only "b" (b2 at 8, current b3 at 13) still needs an old version.
     assert [kvt(kv) for kv in get(store, b"b", revision=9).kvs] == [(b"b", 8, 8, 1, b"b2", 0)]
     assert mid_hist == 1 + 1 + 2  # b2; a3 (a4 at 11); d1 + its tombstone at 12
     used_before = store.db_size()[1]
-    store.compact(pb.CompactionRequest(revision=13))
+    compact_physically(store, 13)
     assert rows(store, "hist") == 0 and rows(store, "rev") == 1  # revision 13's change
     assert store.db_size()[1] < used_before
     assert _snapshot(store, 13) == _snapshot(store, 0)
@@ -706,7 +712,7 @@ def test_compaction_keeps_deleted_keys_visible_at_compact_revision(store: MVCCSt
     delete(store, b"gone")  # 4
     store.compact(pb.CompactionRequest(revision=3))
     assert keys(get(store, *ALL, revision=3)) == [b"gone", b"x"]
-    store.compact(pb.CompactionRequest(revision=4))
+    compact_physically(store, 4)
     assert keys(get(store, *ALL, revision=4)) == [b"x"]
     assert rows(store, "hist") == 0
 
@@ -725,32 +731,85 @@ def test_compaction_survives_reopen(make_store, reopen) -> None:
 
 def test_interrupted_compaction_finishes_on_reopen(make_store, reopen, monkeypatch) -> None:
     import metastore.mvcc as mvcc_module
-    from metastore.mvcc_compact import compaction_batches
+    from metastore.mvcc_compact import next_compaction_batch
 
     store, path = make_store()
     for i in range(30):
         put(store, b"k%d" % (i % 3), b"%d" % i)
     expected = _snapshot(store, 25)
 
-    class Crash(Exception):
-        pass
+    crashed = threading.Event()
+    calls = []
 
-    def crashing(backend, target):
-        it = compaction_batches(backend, target, chunk=5)
-        yield next(it)
-        raise Crash
+    def crashing(backend, target, chunk=0):
+        calls.append(target)
+        if len(calls) > 1:
+            crashed.set()
+            raise RuntimeError("simulated crash in the middle of a compaction")
+        return next_compaction_batch(backend, target, chunk=5)
 
-    monkeypatch.setattr(mvcc_module, "compaction_batches", crashing)
-    with pytest.raises(Crash):
-        store.compact(pb.CompactionRequest(revision=25))
+    monkeypatch.setattr(mvcc_module, "next_compaction_batch", crashing)
+    store.compact(pb.CompactionRequest(revision=25))
+    assert crashed.wait(10)
+    assert not store.wait_compacted(25, timeout=0.2)
     assert rows(store, "rev") > 6  # only partly done
+    assert _snapshot(store, 25) == expected  # and invisible to reads
     monkeypatch.undo()
     again = reopen(store, path)
     assert again.compact_revision == 25
+    assert again.wait_compacted(25, timeout=0)  # finished before the store opened
     assert rows(again, "rev") == 7  # revisions 25..31
     assert _snapshot(again, 25) == expected
     # Per key: its version at 25 and the one superseded after 25.
     assert rows(again, "hist") == 3 * 2
+
+
+def test_compaction_runs_beside_writes(store: MVCCStore, monkeypatch) -> None:
+    """Writes applied while a compaction is half done land, stay readable,
+    and the compaction still ends with exactly what it must keep."""
+    import types
+
+    import metastore.mvcc as mvcc_module
+    import metastore.mvcc_compact as compact_module
+
+    for i in range(200):
+        put(store, b"k%03d" % (i % 50), b"v%d" % i)
+    target = store.revision - 10
+    paused, go_on = threading.Event(), threading.Event()
+
+    def pause(_seconds: float) -> None:  # the compactor's pause between two batches
+        paused.set()
+        assert go_on.wait(10)
+
+    monkeypatch.setattr(compact_module, "time", types.SimpleNamespace(sleep=pause))
+    real = compact_module.next_compaction_batch
+    monkeypatch.setattr(mvcc_module, "next_compaction_batch", lambda b, rev, chunk=0: real(b, rev, chunk=20))
+    expected_at_target = _snapshot(store, target)
+    store.compact(pb.CompactionRequest(revision=target))
+    assert paused.wait(10)
+    assert 10 < rows(store, "rev") < 200  # one batch done, more to do
+    # Meanwhile the apply side goes on: the compactor holds no lock between batches.
+    for i in range(20):
+        put(store, b"k%03d" % i, b"late%d" % i)
+    go_on.set()
+    assert store.wait_compacted(target, timeout=30)
+    assert _snapshot(store, target) == expected_at_target
+    assert [kv.value for kv in get(store, b"k000").kvs] == [b"late0"]
+    # Exactly the rows a one-shot compaction keeps: the rev rows from target on.
+    assert rows(store, "rev") == store.revision - target + 1
+
+
+def test_hash_waits_for_compaction(make_store) -> None:
+    a, _ = make_store()
+    b, _ = make_store()
+    for s in (a, b):
+        for i in range(300):
+            put(s, b"k%d" % (i % 7), b"v%d" % i)
+    b.compact(pb.CompactionRequest(revision=250))
+    a.compact(pb.CompactionRequest(revision=250))
+    # Right away, whatever each compactor has done so far.
+    assert a.hash_kv(0) == b.hash_kv(0)
+    assert a.hash_backend() == b.hash_backend()
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -826,6 +885,27 @@ def test_events_since_in_chunks(store: MVCCStore, monkeypatch) -> None:
     for i in range(10):
         txn(store, [], [op_put(b"x%d" % i), op_put(b"y%d" % i), op_put(b"z%d" % i)])
     assert list(store.events_since(1, *ALL)) == rec.calls
+
+
+def test_listener_events_are_built_on_demand(store: MVCCStore) -> None:
+    """Listeners get every key at once, but an event is only built when read
+    (a DeleteRange of many keys nobody watches builds none)."""
+    from metastore.mvcc_events import LazyEvents, event_keys
+
+    seen = []
+    store.add_listener(lambda rev, evs: seen.append((rev, evs)))
+    txn(store, [], [op_put(b"a", b"1"), op_put(b"b", b"2"), op_put(b"c", b"3")])
+    delete(store, b"a", b"z")
+    rev, evs = seen[-1]
+    assert isinstance(evs, LazyEvents) and event_keys(evs) == [b"a", b"b", b"c"] and len(evs) == 3
+    assert evs._built == [None, None, None]
+    second = evs[1]
+    assert evs._built[0] is None and evs._built[1] is second and evs[1] is second
+    assert second.type == kv_pb2.Event.DELETE and second.kv.mod_revision == rev == 3
+    assert second.prev_kv.value == b"2" and second.prev_kv.mod_revision == 2
+    assert [e.kv.key for e in evs[0:3:2]] == [b"a", b"c"]
+    # Built later, the events are the ones history replays.
+    assert list(store.events_since(3, *ALL)) == [(3, list(evs))]
 
 
 def test_events_since_stops_when_compaction_overtakes(store: MVCCStore, monkeypatch) -> None:
