@@ -107,10 +107,39 @@ class _DurableAckTransport(TCPTransport):
                 journal.sync()
         return super().send(node, message)
 
+    def setOnMessageReceivedCallback(self, callback: Callable[[Any, Any], None]) -> None:
+        """Keep a follower's acknowledgement from rewinding the leader.
+
+        The leader sends entries as they are appended and moves its next
+        index for the follower past them at once (pipelining), but on every
+        successful acknowledgement pysyncobj sets that next index back to
+        just after the acknowledged entry -- behind the entries still in
+        flight. The next send then repeats them all; the follower, holding
+        them already, truncates its log there and appends them again (logged
+        as CRITICAL 'truncating already-applied log entries'), and its
+        acknowledgement rewinds the leader once more. Under steady load that
+        multiplies the traffic, the journal rewrites and fsyncs. Raft only
+        ever moves the next index back on a rejection ('reset'), which
+        pysyncobj still handles: a success here never lowers it."""
+
+        def on_message(node: Any, message: Any) -> None:
+            next_index = None
+            if isinstance(message, dict) and message.get("type") == "next_node_idx" \
+                    and message.get("success") and not message.get("reset"):
+                next_index = getattr(self._syncObj, "_SyncObj__raftNextIndex", None)
+            before = next_index.get(node) if next_index is not None else None
+            callback(node, message)
+            if before is not None and next_index.get(node, before) < before:
+                next_index[node] = before
+
+        super().setOnMessageReceivedCallback(on_message)
+
 
 # An apply longer than this moves pysyncobj's timers by the time it took
 # (_ReplicatedLog._discount_blocked_time).
 _LONG_APPLY = 0.05
+# etcd warns about an apply slower than this ("apply request took too long").
+_SLOW_APPLY_WARNING = 0.1
 
 
 class _ReplicatedLog(SyncObj):
@@ -134,6 +163,9 @@ class _ReplicatedLog(SyncObj):
             blocked = time.monotonic() - t0
             if blocked > _LONG_APPLY:
                 self._discount_blocked_time(blocked)
+                if blocked > _SLOW_APPLY_WARNING:
+                    log.warning("applying raft entry %d took %.0f ms (a big DeleteRange, txn or lease "
+                                "revoke?)", self.raftLastApplied + 1, blocked * 1000)
 
     def _discount_blocked_time(self, blocked: float) -> None:
         """Keep a long apply (a DeleteRange or compaction of many keys) from

@@ -135,3 +135,40 @@ def test_identical_resent_entries_are_not_cut_from_disk(tmp_path):
     j._destroy()
     assert [(e[0], e[1]) for e in DurableJournal(path)] == [
         (b"cmd1", 1), (b"cmd2", 2), (b"cmd3", 3), (b"other4", 4)]
+
+
+def test_acknowledgements_do_not_make_the_leader_resend(trio, monkeypatch):
+    """With entries pipelined to followers, an acknowledgement of an older
+    entry must not rewind the leader (pysyncobj's default), which makes it
+    resend what is in flight and the followers cut and re-append their logs."""
+    nodes, _violations, _acks, applied = trio
+    leader = wait_for(lambda: next((n for n in nodes if n.is_leader()), None), 15, "a leader")
+    cuts: list[tuple[int, int]] = []
+    real_delete = DurableJournal.deleteEntriesFrom
+
+    def counting_delete(self, entry_from):
+        if entry_from < len(self):
+            cuts.append((entry_from, len(self)))
+        return real_delete(self, entry_from)
+
+    monkeypatch.setattr(DurableJournal, "deleteEntriesFrom", counting_delete)
+    total = 1500
+    done = threading.Event()
+    count = [0]
+    lock = threading.Lock()
+
+    def callback(result, error):
+        assert error is None
+        with lock:
+            count[0] += 1
+            if count[0] == total:
+                done.set()
+
+    term = leader.raft_status().term
+    for i in range(total):
+        leader.submit(b"x" * 200 + str(i).encode(), callback)
+    assert done.wait(60), f"only {count[0]} of {total} entries acknowledged"
+    assert leader.is_leader() and leader.raft_status().term == term, "the leader changed: no verdict"
+    last = max(applied[nodes.index(leader)])
+    wait_for(lambda: all(applied[i] and max(applied[i]) >= last for i in range(3)), 15, "every member to apply")
+    assert cuts == [], f"followers cut their logs {len(cuts)} times: {cuts[:5]}"
