@@ -234,7 +234,7 @@ class Maintenance:
         """(path, size) of a fresh snapshot file in `staging` (executor thread)."""
         node = self._node
         checkpoint_dir = os.path.join(staging, "checkpoint")
-        rows = node.store.frozen_copy(checkpoint_dir)  # type: ignore[attr-defined]
+        rows = node.store.frozen_copy(checkpoint_dir)
         header = {"cluster_id": f"{node.cluster_id:x}", "member_id": f"{node.member_id:x}",
                   "engine": node.cfg.engine, "created": time.time()}
         path = os.path.join(staging, "snapshot.db")

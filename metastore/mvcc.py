@@ -24,7 +24,7 @@ import threading
 import time
 import zlib
 from itertools import islice
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from metastore import errors
 from metastore.api.pb import rpc_pb2
@@ -681,17 +681,21 @@ class MVCCStore:
                     crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(frame.pack(len(key), len(value)), crc)))
             return crc, self._rev
 
-    def frozen_copy(self, target_dir: str) -> list[tuple[str, bytes, bytes]] | None:
-        """A point-in-time copy of the whole backend taken while the apply
-        thread keeps going (a client snapshot): between two mutations, so it
-        never holds half a request or half a compaction. The RocksDB engine
-        writes a checkpoint (hard links, milliseconds) to `target_dir` and
-        returns None; the memory engine returns the rows (the bytes objects
-        are shared, not copied). Mutations wait meanwhile."""
+    def frozen_copy(self, target_dir: str) -> Iterable[tuple[str, bytes, bytes]] | None:
+        """A point-in-time copy of the whole backend, taken between two
+        mutations (never half a request or half a compaction batch) while
+        the apply thread keeps going afterwards: for Raft and client
+        snapshots. The RocksDB engine writes a checkpoint (hard links,
+        milliseconds) to `target_dir` and returns None; the memory engine
+        returns its rows from copies of its tables that share the bytes
+        objects. Mutations wait while the copy is made."""
         with self._write_lock:
             if self.checkpoint(target_dir):
                 return None
             with self._lock:
+                frozen = getattr(self._backend, "frozen_rows", None)
+                if frozen is not None:
+                    return frozen()
                 return [(table, key, value) for table in TABLES
                         for key, value in self._backend.scan(table, b"", None)]
 

@@ -80,7 +80,8 @@ class Node:
             node_id=self.member_id,
             member_id_of=self.membership.id_of_address,
             apply=self.state_machine.apply,
-            save_snapshot=lambda path, raft_data: snapshot.save(path, self.store, self.membership, raft_data),
+            save_snapshot=lambda raft_data: snapshot.freeze(
+                os.path.join(cfg.member_dir, "raft.snapshot.checkpoint"), self.store, self.membership, raft_data),
             load_snapshot=lambda path: snapshot.load(path, self.store, self.membership),
         )
         self.store.attach_raft(self.raft)

@@ -22,12 +22,26 @@ class RowFormatError(RuntimeError):
     """The row stream is truncated or malformed."""
 
 
-def write_rows(write: Callable[[bytes], object], rows: Iterable[Row]) -> None:
+# Rows between two pauses of a background writer (write_rows' `pause`).
+PAUSE_EVERY = 256
+
+
+def write_rows(write: Callable[[bytes], object], rows: Iterable[Row],
+               pause: Callable[[], object] | None = None) -> None:
+    """Write the row stream. A writer running beside the Raft tick thread
+    passes `pause` (e.g. a tiny sleep), called every PAUSE_EVERY rows: this
+    loop is pure Python and would otherwise keep the GIL for whole switch
+    intervals (5 ms) each time the tick thread waits to get it back from a
+    socket call -- every such wait lengthens a Raft round trip."""
     table_ids = {name: i for i, name in enumerate(TABLES)}
+    n = 0
     for table, key, value in rows:
         write(ROW.pack(table_ids[table], len(key), len(value)))
         write(key)
         write(value)
+        n += 1
+        if pause is not None and n % PAUSE_EVERY == 0:
+            pause()
     write(bytes([END]))
 
 

@@ -1,13 +1,14 @@
 """Raft snapshots of a member's state machine (the Store plus the member table).
 
 pysyncobj compacts its log by asking for a snapshot file and, on a follower
-too far behind, ships that file and loads it there. Writing runs on the tick
-thread, where nothing is applied meanwhile, so the copy is consistent; it must
-also be quick, since heartbeats wait for it.
+too far behind, ships that file and loads it there. The state is frozen on
+the tick thread, where nothing is applied meanwhile, so the copy is
+consistent; freezing is quick (heartbeats wait for it), and writing the file
+from the frozen copy runs in the background (`PendingSnapshot`).
 
 The body comes in one of two formats, named in the header:
-- ``rows``: every backend row, streamed (the memory engine: no copy of the
-  state is built in memory);
+- ``rows``: every backend row, streamed (the memory engine, from a frozen
+  copy of its tables that shares the rows' bytes);
 - ``rocksdb-checkpoint``: the files of a RocksDB checkpoint (hard links, made
   in milliseconds), packed one after the other.
 Either format loads into either engine: members of one cluster may run
@@ -24,12 +25,13 @@ import os
 import pickle
 import shutil
 import struct
-from typing import Any, BinaryIO
+import time
+from typing import Any, BinaryIO, Iterable
 
 from metastore.backend import TABLES
 from metastore.cluster import Membership
 from metastore.fsutil import fsync_tree
-from metastore.rows import RowFormatError, check_rows, read_rows, write_rows
+from metastore.rows import Row, RowFormatError, check_rows, read_rows, write_rows
 from metastore.store import Store
 
 MAGIC = b"METASTORE-SNAPSHOT-2\n"
@@ -41,27 +43,68 @@ _FILE = struct.Struct("<HQ")
 _COPY_CHUNK = 1 << 20
 
 
-def save(path: str, store: Store, membership: Membership, raft_data: Any) -> None:
-    """Write the snapshot to `path` and fsync it before returning: pysyncobj
-    drops the log entries it covers as soon as this returns."""
-    staging = path + ".checkpoint"
+class PendingSnapshot:
+    """A snapshot frozen at one applied index, not yet written to its file.
+
+    Freezing is quick and runs on the tick thread, between two applies, so
+    the copy is consistent: the memory engine copies its tables' dicts and
+    sorted key lists (references to the same bytes, not the bytes), the
+    RocksDB engine makes a checkpoint (hard links). Writing the file -- the
+    slow part, proportional to the data -- then runs on any thread while
+    Raft goes on (raft.node runs it in the background)."""
+
+    def __init__(self, header: dict[str, Any], rows: Iterable[Row] | None, checkpoint_dir: str | None) -> None:
+        self._header = header
+        self._rows = rows
+        self._checkpoint_dir = checkpoint_dir
+
+    @property
+    def index(self) -> int:
+        """The Raft index the snapshot covers."""
+        return self._header["raft_data"][0][1]
+
+    def write(self, path: str) -> None:
+        """Write the file at `path` and fsync it (the caller renames it into place)."""
+        try:
+            header = pickle.dumps(self._header)
+            with open(path, "wb") as f:
+                f.write(MAGIC)
+                f.write(_LEN.pack(len(header)))
+                f.write(header)
+                if self._checkpoint_dir is not None:
+                    _pack_dir(f, self._checkpoint_dir)
+                else:
+                    assert self._rows is not None
+                    write_rows(f.write, self._rows, pause=_yield_gil)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Drop what the frozen copy holds (a checkpoint's hard links)."""
+        self._rows = None
+        if self._checkpoint_dir is not None:
+            shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
+
+
+def _yield_gil() -> None:
+    time.sleep(0.0001)
+
+
+def freeze(staging: str, store: Store, membership: Membership, raft_data: Any) -> PendingSnapshot:
+    """Freeze the state for a snapshot (tick thread: nothing is applied
+    meanwhile). `staging` is a scratch path for a RocksDB checkpoint."""
     shutil.rmtree(staging, ignore_errors=True)
-    fmt = CHECKPOINT if store.checkpoint(staging) else ROWS
-    try:
-        header = pickle.dumps({"format": fmt, "raft_data": raft_data, "members": membership.export(),
-                               "revision": store.revision, "applied": store.applied_position})
-        with open(path, "wb") as f:
-            f.write(MAGIC)
-            f.write(_LEN.pack(len(header)))
-            f.write(header)
-            if fmt == CHECKPOINT:
-                _pack_dir(f, staging)
-            else:
-                write_rows(f.write, store.export_items())
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    rows = store.frozen_copy(staging)
+    header = {"format": ROWS if rows is not None else CHECKPOINT, "raft_data": raft_data,
+              "members": membership.export(), "revision": store.revision, "applied": store.applied_position}
+    return PendingSnapshot(header, rows, None if rows is not None else staging)
+
+
+def save(path: str, store: Store, membership: Membership, raft_data: Any) -> None:
+    """Freeze and write in one go (snapshot restore, tests); fsynced on return."""
+    freeze(path + ".checkpoint", store, membership, raft_data).write(path)
 
 
 def load(path: str, store: Store, membership: Membership) -> Any:

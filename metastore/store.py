@@ -13,7 +13,7 @@ and see a consistent state as of some applied revision.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from metastore.api.pb import kv_pb2, rpc_pb2
 from metastore.types import RaftStatus, RaftStatusSource
@@ -101,6 +101,11 @@ class Store(Protocol):
         """Write an engine-native copy of the data into `target_dir` (faster
         than export_items for a persistent engine); False if the engine has
         none."""
+        ...
+
+    def frozen_copy(self, target_dir: str) -> Iterable[tuple[str, bytes, bytes]] | None:
+        """A consistent copy taken quickly, to be read while writes go on:
+        None after writing a checkpoint to `target_dir`, else the rows."""
         ...
 
     def install_checkpoint(self, checkpoint_dir: str) -> bool:

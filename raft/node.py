@@ -8,16 +8,18 @@ in this package.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import pysyncobj.syncobj
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.journal import Journal
 from pysyncobj.transport import TCPTransport
 from pysyncobj.utility import TcpUtility
@@ -47,8 +49,21 @@ _FAILURES: dict[int, errors.EtcdError] = {
 # Applies one committed entry (payload, raft index) and returns its result;
 # runs on the tick thread.
 ApplyFn = Callable[[bytes, int], Any]
-# Writes the state machine (plus pysyncobj's raft data) to a snapshot file.
-SaveSnapshotFn = Callable[[str, Any], None]
+
+
+class FrozenSnapshot(Protocol):
+    """The state machine frozen for a snapshot (plus pysyncobj's raft data),
+    to be written to a file later, on another thread."""
+
+    def write(self, path: str) -> None:
+        """Write the snapshot file at `path`, fsynced."""
+
+    def discard(self) -> None:
+        """Give up on it (free what the frozen copy holds)."""
+
+
+# Freezes the state machine (plus pysyncobj's raft data) for a snapshot; tick thread.
+SaveSnapshotFn = Callable[[Any], FrozenSnapshot]
 # Loads a snapshot file into the state machine; returns the raft data saved with it.
 LoadSnapshotFn = Callable[[str], Any]
 # (result, error) for one submitted entry; runs on the tick thread.
@@ -224,6 +239,7 @@ class RaftNode(RaftStatusSource):
         self._apply = apply
         self._save_snapshot = save_snapshot
         self._load_snapshot = load_snapshot
+        self._snapshot_job: _SnapshotJob | None = None
         self.journal: DurableJournal | None = None
         self._role = RaftRole.FOLLOWER
         self._role_listeners: list[Callable[[RaftRole], None]] = []
@@ -282,6 +298,7 @@ class RaftNode(RaftStatusSource):
             # the tick thread; without them the log is kept whole.
             fullDumpFile=cfg.snapshot_file if snapshots else None,
             serializer=self._serialize if snapshots else None,
+            serializeChecker=self._snapshot_state if snapshots else None,
             deserializer=self._deserialize if snapshots else None,
             logCompactionMinEntries=cfg.snapshot_entries if snapshots else 2**62,
             logCompactionMinTime=3600 if snapshots else 10**12,
@@ -554,15 +571,68 @@ class RaftNode(RaftStatusSource):
         if self.journal.needs_sync():
             self.journal.sync()
 
+    # -- snapshots -------------------------------------------------------------
+    # pysyncobj asks for a snapshot on the tick thread and, with a custom
+    # serializer, would wait for the whole file -- seconds for a big store,
+    # during which this member neither replicates nor answers heartbeats (and
+    # all members snapshot at the same index, so all stall at once). Here
+    # the state is only frozen on the tick thread (PendingSnapshot: dict
+    # copies or a RocksDB checkpoint), the file is written by a background
+    # thread, and pysyncobj learns the outcome through its serializeChecker:
+    # it keeps the whole log until then. The finished file is renamed into
+    # place on the tick thread (in the checker), so it can never race a
+    # snapshot received from the leader, which is also installed there.
     def _serialize(self, path: str, raft_data: Any) -> None:
         t0 = time.monotonic()
-        self._save_snapshot(path, _without_readonly_self(raft_data))
-        log.info("snapshot at raft index %d written in %.0f ms", raft_data[0][1],
-                 (time.monotonic() - t0) * 1000)
+        previous, self._snapshot_job = self._snapshot_job, None
+        if previous is not None:
+            # Only a SyncObj replaced meanwhile (a promoted learner) can ask
+            # again before the last job was reported; the new one supersedes it.
+            previous.done.wait()
+            previous.remove_output()
+        frozen = self._save_snapshot(_without_readonly_self(raft_data))
+        job = _SnapshotJob(frozen, raft_data[0][1], self._cfg.snapshot_file or path)
+        self._snapshot_job = job
+        job.start()
+        log.info("snapshot at raft index %d frozen in %.0f ms; writing it in the background",
+                 job.index, (time.monotonic() - t0) * 1000)
+        # pysyncobj now renames `path` (its temporary name) over the snapshot
+        # file; the job writes elsewhere, so `path` must not exist -- that
+        # rename fails, which pysyncobj only notes: _snapshot_state decides.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+    def _snapshot_state(self) -> int:
+        """pysyncobj's serializeChecker (tick thread, every tick)."""
+        job = self._snapshot_job
+        if job is None:
+            return SERIALIZER_STATE.NOT_SERIALIZING
+        if not job.done.is_set():
+            return SERIALIZER_STATE.SERIALIZING
+        self._snapshot_job = None
+        if job.superseded:
+            # The leader's snapshot was installed meanwhile: it is newer and
+            # covers this index too, so the log before it may go.
+            job.remove_output()
+            log.info("snapshot at raft index %d dropped: a newer one was installed", job.index)
+            return SERIALIZER_STATE.SUCCESS
+        if job.error is not None:
+            job.remove_output()
+            log.error("writing the snapshot at raft index %d failed: %s", job.index, job.error)
+            return SERIALIZER_STATE.FAILED
+        os.replace(job.output, job.final_path)
+        fsync_path(os.path.dirname(os.path.abspath(job.final_path)))
+        log.info("snapshot at raft index %d written in %.0f ms", job.index, job.seconds * 1000)
+        return SERIALIZER_STATE.SUCCESS
 
     def _deserialize(self, path: str) -> Any:
         t0 = time.monotonic()
+        job = self._snapshot_job
+        if job is not None:
+            job.superseded = True  # must not replace what is loaded now
         raft_data = _without_readonly_self(self._load_snapshot(path))
+        if self.journal is not None:
+            align_journal_to_snapshot(self.journal, raft_data)
         log.info("snapshot at raft index %d loaded in %.0f ms", raft_data[0][1],
                  (time.monotonic() - t0) * 1000)
         return raft_data
@@ -636,6 +706,57 @@ class RaftNode(RaftStatusSource):
             applied=applied,
             commit=max(commit, applied),
         )
+
+
+class _SnapshotJob:
+    """One snapshot file being written by a background thread."""
+
+    def __init__(self, frozen: FrozenSnapshot, index: int, final_path: str) -> None:
+        self.frozen = frozen
+        self.index = index
+        self.final_path = final_path
+        self.output = final_path + ".writing"
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.superseded = False  # set on the tick thread
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="metastore-snapshot", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self.frozen.write(self.output)
+        except BaseException as exc:  # reported on the tick thread
+            self.error = exc
+        finally:
+            self.seconds = time.monotonic() - t0
+            self.done.set()
+
+    def remove_output(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.output)
+
+
+def align_journal_to_snapshot(journal: DurableJournal, raft_data: Any) -> None:
+    """Drop the log entries a snapshot covers, if the log still has them.
+
+    pysyncobj expects the log to begin with the snapshot's last two entries
+    and otherwise clears it down to them -- everything after the snapshot
+    included. A member that stopped after its new snapshot file was in
+    place but before the log before it was dropped would lose the entries
+    it had acknowledged since; trimming here, before pysyncobj looks, keeps
+    them."""
+    last, prev = raft_data[0], raft_data[1]
+    if len(journal) < 2:
+        return
+    pos = prev[1] - journal[0][1]
+    if pos <= 0 or pos + 1 >= len(journal):
+        return
+    if tuple(journal[pos]) == tuple(prev) and tuple(journal[pos + 1]) == tuple(last):
+        journal.deleteEntriesTo(pos)
 
 
 def _without_readonly_self(raft_data: Any) -> Any:

@@ -54,8 +54,28 @@ class MemoryBackend:
                 delta += len(key) + len(value)
         self._bytes += delta
 
+    def frozen_rows(self) -> "FrozenRows":
+        """Every (table, key, value) as of now, in table then key order, for
+        a snapshot written while writes go on. The copies are made here, at
+        once -- each a few C-level calls (a dict copy and the concatenation
+        of the sorted key lists), so the caller's lock is held briefly --
+        and share the rows' bytes; the iteration over them can run anywhere."""
+        return FrozenRows([(name, dict.copy(d), d.keys()[:]) for name, d in self._tables.items()])
+
     def size(self) -> tuple[int, int]:
         return self._bytes, self._bytes
 
     def close(self) -> None:
         """Nothing to release; the data stays for a reopen."""
+
+
+class FrozenRows:
+    """The rows of MemoryBackend.frozen_rows; can be iterated more than once."""
+
+    def __init__(self, tables: list[tuple[str, dict[bytes, bytes], list[bytes]]]) -> None:
+        self._tables = tables
+
+    def __iter__(self) -> Iterator[tuple[str, bytes, bytes]]:
+        for name, rows, keys in self._tables:
+            for key in keys:
+                yield name, key, rows[key]

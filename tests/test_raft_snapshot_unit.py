@@ -1,0 +1,113 @@
+"""Raft snapshots are written in the background, and a restart never loses
+log entries a snapshot does not cover.
+
+Three real pysyncobj members in this process, on loopback, with metastore's
+durable journal; the state machine is a list, its snapshot a pickle of it.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from typing import Any
+
+from metastore.cluster import Membership
+from metastore.raft import RaftConfig, RaftNode
+from metastore.raft.journal import DurableJournal
+from metastore.raft.node import align_journal_to_snapshot
+from metastore.testing import free_ports, wait_for
+
+
+class BlockingSnapshot:
+    """A frozen snapshot whose write waits until the test lets it go."""
+
+    def __init__(self, state: list[int], raft_data: Any, gate: threading.Event, started: threading.Event) -> None:
+        self.state, self.raft_data, self.gate, self.started = list(state), raft_data, gate, started
+
+    def write(self, path: str) -> None:
+        self.started.set()
+        assert self.gate.wait(30)
+        with open(path, "wb") as f:
+            pickle.dump((self.state, self.raft_data), f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def discard(self) -> None:
+        pass
+
+
+def test_snapshot_is_written_while_raft_goes_on(tmp_path):
+    ports = free_ports(3)
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    membership = Membership("t", {f"n{i}": [f"http://{a}"] for i, a in enumerate(addresses)})
+    gate, started = threading.Event(), threading.Event()
+    states: list[list[int]] = [[] for _ in range(3)]
+    nodes: list[RaftNode] = []
+    for i, address in enumerate(addresses):
+        def apply(payload: bytes, index: int, i=i) -> int:
+            states[i].append(index)
+            return index
+
+        def save(raft_data: Any, i=i) -> BlockingSnapshot:
+            return BlockingSnapshot(states[i], raft_data, gate, started)
+
+        def load(path: str, i=i) -> Any:
+            with open(path, "rb") as f:
+                state, raft_data = pickle.load(f)
+            states[i][:] = state
+            return raft_data
+
+        cfg = RaftConfig(self_address=address, partner_addresses=[a for a in addresses if a != address],
+                         bind_address=address, journal_file=str(tmp_path / f"n{i}.log"),
+                         snapshot_file=str(tmp_path / f"n{i}.snapshot"), snapshot_entries=50,
+                         heartbeat_interval=0.05, election_timeout=0.5)
+        nodes.append(RaftNode(cfg, i + 1, membership.id_of_address, apply, save, load))
+    try:
+        for n in nodes:
+            n.start()
+        leader = wait_for(lambda: next((n for n in nodes if n.is_leader()), None), 15, "a leader")
+
+        def submit_and_wait(count: int) -> None:
+            done = threading.Semaphore(0)
+            for k in range(count):
+                leader.submit(b"e%d" % k, lambda result, error: done.release())
+            for _ in range(count):
+                assert done.acquire(timeout=30)
+
+        submit_and_wait(80)  # past snapshot_entries: every member starts a snapshot
+        assert started.wait(15)
+        term = leader.raft_status().term
+        # The writes block; Raft does not: entries commit and apply meanwhile.
+        submit_and_wait(200)
+        assert leader.is_leader() and leader.raft_status().term == term, "an election happened"
+        assert not any(os.path.exists(tmp_path / f"n{i}.snapshot") for i in range(3))
+        # The log is kept whole until the file exists.
+        assert all(n.journal[0][1] == 1 for n in nodes), [n.journal[0][1] for n in nodes]
+        gate.set()
+        wait_for(lambda: all(os.path.exists(tmp_path / f"n{i}.snapshot") for i in range(3)), 15, "snapshot files")
+        wait_for(lambda: all(n.journal[0][1] > 50 for n in nodes), 15, "the log to be trimmed")
+        assert not any(os.path.exists(tmp_path / f"n{i}.snapshot.writing") for i in range(3))
+    finally:
+        gate.set()
+        for n in nodes:
+            n.stop()
+
+
+def test_a_log_still_holding_a_snapshots_entries_is_trimmed_not_cleared(tmp_path):
+    """A member stopped after its new snapshot file was in place but before the
+    log before it was dropped: the entries after the snapshot must survive."""
+    path = str(tmp_path / "raft.log")
+    j = DurableJournal(path)
+    for i in range(1, 21):
+        j.add(b"cmd%d" % i, i, 1)
+    j.sync()
+    raft_data = ((b"cmd12", 12, 1), (b"cmd11", 11, 1), set())  # last, prev, nodes
+    align_journal_to_snapshot(j, raft_data)
+    assert [e[1] for e in j] == list(range(11, 21))
+    align_journal_to_snapshot(j, raft_data)  # already aligned: nothing to do
+    assert [e[1] for e in j] == list(range(11, 21))
+    # A snapshot the log does not match (other term) is left to pysyncobj.
+    align_journal_to_snapshot(j, ((b"x", 15, 2), (b"cmd14", 14, 1), set()))
+    assert [e[1] for e in j] == list(range(11, 21))
+    j._destroy()
+    assert [e[1] for e in DurableJournal(path)] == list(range(11, 21))
