@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -137,6 +138,10 @@ async def _run(cfg: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+        # Everything made at startup (modules, protobuf descriptors, the
+        # loaded store's structures) lives as long as the process: keep it
+        # out of every later full collection.
+        gc.freeze()
         log.info("member %s (%x) serving clients on %s", cfg.name, server.node.member_id,
                  ",".join(cfg.listen_client_urls))
         if cfg.listen_metrics_urls:

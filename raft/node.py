@@ -9,6 +9,7 @@ in this package.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ log = logging.getLogger("metastore.raft")
 
 # pysyncobj's numeric states (syncobj._RAFT_STATE) as metastore names them.
 _ROLES = {0: RaftRole.FOLLOWER, 1: RaftRole.CANDIDATE, 2: RaftRole.LEADER}
+_LEADER_STATE = 2
 
 # What a failed submission means to an etcd client.
 _FAILURES: dict[int, errors.EtcdError] = {
@@ -166,21 +168,69 @@ class _ReplicatedLog(SyncObj):
         # self_address None: pysyncobj's read-only node (a learner).
         self._apply = apply
         self._durable_journal = journal
+        # When the apply running on the tick thread started (None: none is
+        # running); guarded so the heartbeat thread sends only while it runs.
+        self._apply_started: float | None = None
+        self._apply_guard = threading.Lock()
+        self._heartbeat_period = conf.appendEntriesPeriod
+        self._stopped = threading.Event()
         super().__init__(self_address, partners, conf, transportClass=_DurableAckTransport)
+        threading.Thread(target=self._heartbeat_during_long_applies, name="raft-apply-heartbeat",
+                         daemon=True).start()
+
+    def destroy(self) -> None:
+        self._stopped.set()
+        super().destroy()
 
     @replicated
     def apply_entry(self, payload: bytes) -> Any:
         # pysyncobj advances raftLastApplied after each entry: this one is +1.
         t0 = time.monotonic()
+        with self._apply_guard:
+            self._apply_started = t0
+        # No cyclic GC during an apply: a DeleteRange of many keys allocates
+        # hundreds of thousands of short-lived tuples, each batch of which
+        # would start a full collection (tens of ms each, most of a long
+        # apply); reference counting frees them, and the collector runs after.
+        collect = gc.isenabled()
+        if collect:
+            gc.disable()
         try:
             return self._apply(payload, self.raftLastApplied + 1)
         finally:
+            if collect:
+                gc.enable()
+            with self._apply_guard:  # waits for a heartbeat being sent
+                self._apply_started = None
             blocked = time.monotonic() - t0
             if blocked > _LONG_APPLY:
                 self._discount_blocked_time(blocked)
                 if blocked > _SLOW_APPLY_WARNING:
                     log.warning("applying raft entry %d took %.0f ms (a big DeleteRange, txn or lease "
                                 "revoke?)", self.raftLastApplied + 1, blocked * 1000)
+
+    def _heartbeat_during_long_applies(self) -> None:
+        """While the leader's tick thread is stuck in one long apply (a
+        DeleteRange of 100,000 keys takes seconds), send the followers
+        pysyncobj's append-entries heartbeat from this thread, so they do not
+        time out and elect someone else (etcd applies beside its Raft loop
+        and keeps heartbeating the same way).
+
+        Safe because the tick thread is inside the state machine, which never
+        touches pysyncobj's state, and cannot leave the apply while a
+        heartbeat is being sent (_apply_guard)."""
+        period = self._heartbeat_period
+        while not self._stopped.wait(period):
+            with self._apply_guard:
+                started = self._apply_started
+                if started is None or time.monotonic() - started < period:
+                    continue
+                if getattr(self, "_SyncObj__raftState", None) != _LEADER_STATE:
+                    continue
+                try:
+                    self._SyncObj__sendAppendEntries()
+                except Exception:  # never let this thread die; the next tick sends anyway
+                    log.debug("heartbeat during a long apply failed", exc_info=True)
 
     def _discount_blocked_time(self, blocked: float) -> None:
         """Keep a long apply (a DeleteRange or compaction of many keys) from
