@@ -51,7 +51,9 @@ class ServerConfig:
     # Backend size at which the NOSPACE alarm is raised (etcd's flag): 0 is
     # etcd's default of 2 GiB, a negative value disables the quota.
     quota_backend_bytes: int = 0
-    request_timeout: float = 5.0
+    # Seconds a request may wait for Raft; 0: etcd's rule, 5 s plus two
+    # election timeouts (a leader change or a long apply fits in it).
+    request_timeout: float = 0.0
     # Applied entries between snapshots (after which the Raft log is trimmed).
     snapshot_count: int = 10000
     # Acknowledge writes before they are fsynced: for tests and benchmarks
@@ -82,6 +84,8 @@ class ServerConfig:
             cfg.listen_metrics_urls = list(cfg.listen_metrics_urls)
         if not cfg.initial_cluster:
             cfg.initial_cluster = ",".join(f"{cfg.name}={u}" for u in cfg.initial_advertise_peer_urls)
+        if cfg.request_timeout <= 0:
+            cfg.request_timeout = 5.0 + 2 * cfg.election_timeout_ms / 1000
         cfg._validate()
         return cfg
 

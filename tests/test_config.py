@@ -37,3 +37,10 @@ def test_bad_configs_are_refused_with_a_reason(kwargs, fragment):
 def test_peer_port_beyond_loopback_is_allowed_with_a_secret():
     cfg = ServerConfig(listen_peer_urls=["http://0.0.0.0:2380"], peer_secret="s3cret").resolved()
     assert cfg.peer_secret == "s3cret"
+
+
+def test_request_timeout_follows_etcds_rule():
+    """etcd waits 5 s plus two election timeouts for Raft before "request timed out"."""
+    assert ServerConfig().resolved().request_timeout == 7.0
+    assert ServerConfig(election_timeout_ms=2500).resolved().request_timeout == 10.0
+    assert ServerConfig(request_timeout=3.0).resolved().request_timeout == 3.0
