@@ -61,7 +61,7 @@ def grpc_code_name(code: grpc.StatusCode) -> str:
 class _MethodMetrics:
     """The label children of one method, resolved once."""
 
-    __slots__ = ("started", "received", "sent", "seconds", "_handled", "_labels")
+    __slots__ = ("started", "received", "sent", "seconds", "_handled", "_labels", "_by_code")
 
     def __init__(self, owner: "GrpcMetrics", grpc_type: str, service: str, method: str) -> None:
         labels = (grpc_type, service, method)
@@ -71,9 +71,13 @@ class _MethodMetrics:
         self.sent = owner.sent.labels(*labels)
         self.seconds = owner.seconds.labels(*labels)
         self._handled = owner.handled
+        self._by_code: dict[grpc.StatusCode, Any] = {}
 
     def finish(self, code: grpc.StatusCode, t0: float) -> None:
-        self._handled.labels(*self._labels, grpc_code_name(code)).inc()
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._handled.labels(*self._labels, grpc_code_name(code))
+        child.inc()
         self.seconds.observe(time.perf_counter() - t0)
 
 
@@ -125,17 +129,25 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
                                  "gRPC that had been application-level handled by the server.", labels,
                                  buckets=GRPC_LATENCY_BUCKETS, registry=registry)
         self._methods: dict[str, _MethodMetrics] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None  # unknown method: grpc answers UNIMPLEMENTED
+        # grpc asks for every call; the services hand back the same handler
+        # object each time, so it is wrapped once per method.
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         try:
-            return self._wrap(handler, details.method)
+            wrapped = self._wrap(handler, details.method)
         except Exception:  # never let metrics break a call
             log.exception("cannot instrument %s", details.method)
             return handler
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
 
     def _metrics_for(self, full_method: str, grpc_type: str) -> _MethodMetrics:
         m = self._methods.get(full_method)

@@ -92,6 +92,7 @@ class MVCCStore:
         # row), _compact_done the one whose space is also reclaimed; waiters
         # on _compacted are woken when _compact_done moves.
         self._compact_finished = 0
+        self._compact_cursor = b""
         self._compact_done = 0
         self._compacted = threading.Condition()
         self._compactor = Compactor(self._compact_step)
@@ -116,6 +117,7 @@ class MVCCStore:
         self._rev = unpack_u64(backend.get("meta", META_REVISION), 1)
         self._compact_rev = unpack_u64(backend.get("meta", META_COMPACT_REVISION), 0)
         self._compact_finished = unpack_u64(backend.get("meta", META_COMPACT_FINISHED), 0)
+        self._compact_cursor = b""  # where the compaction walk of `rev` goes on
         with self._compacted:
             self._compact_done = self._compact_finished
             self._compacted.notify_all()
@@ -364,8 +366,9 @@ class MVCCStore:
             target = self._compact_rev
             if self._compact_finished >= target:
                 return False
-            batch = next_compaction_batch(self._backend, target)
-            if batch is not None:
+            step = next_compaction_batch(self._backend, target, start=self._compact_cursor)
+            if step is not None:
+                batch, self._compact_cursor = step
                 with self._lock:
                     self._backend.write(batch)
                 return True
@@ -375,6 +378,8 @@ class MVCCStore:
                 self._backend.write(done)
                 self._compact_finished = target
             backend = self._backend
+        with self._compacted:
+            self._compacted.notify_all()  # hashes wait for the rows to be gone
         if reclaim:
             # A backend that frees space only when it rewrites its files
             # (RocksDB) does so now, so the history dropped stops counting
@@ -383,7 +388,8 @@ class MVCCStore:
             # against being closed meanwhile).
             self._reclaim(backend)
         with self._compacted:
-            self._compact_done = max(self._compact_done, target)
+            if self._backend is backend and self._compact_finished >= target:  # not replaced meanwhile
+                self._compact_done = max(self._compact_done, target)
             self._compacted.notify_all()
         return True  # a newer compaction may have been recorded meanwhile
 
@@ -620,15 +626,21 @@ class MVCCStore:
     @contextlib.contextmanager
     def _settled(self, timeout: float = 60.0) -> Iterator[None]:
         """Hold the read lock at a moment no compaction is half done, so a
-        hash covers exactly what every member keeps (after `timeout`, or on a
-        closed store, whatever is there)."""
+        hash covers exactly what every member keeps. A compaction that does
+        not finish within `timeout` fails the call (TIMEOUT) rather than
+        giving a hash other members would not match."""
         deadline = time.monotonic() + timeout
         while True:
-            self.wait_compacted(timeout=max(0.0, deadline - time.monotonic()))
+            with self._compacted:
+                self._compacted.wait_for(
+                    lambda: self._compact_finished >= self._compact_rev or self._closed,
+                    max(0.0, deadline - time.monotonic()))
             self._lock.acquire()
-            if self._compact_finished >= self._compact_rev or self._closed or time.monotonic() >= deadline:
+            if self._compact_finished >= self._compact_rev or self._closed:
                 break
             self._lock.release()
+            if time.monotonic() >= deadline:
+                raise errors.TIMEOUT
         try:
             yield
         finally:

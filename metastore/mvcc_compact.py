@@ -35,23 +35,30 @@ CHUNK_ROWS = 1_000
 # Pause between two batches, so the apply thread (which competes for the
 # GIL, not just the lock) gets its turn; etcd sleeps 10 ms.
 BATCH_PAUSE = 0.002
+# After a failed batch (the disk, say), the compactor tries again this much later.
+RETRY_AFTER = 1.0
 
 log = logging.getLogger(__name__)
 
 
-def next_compaction_batch(backend: Backend, target: int, chunk: int = CHUNK_ROWS) -> WriteBatch | None:
-    """The next batch towards compacting history at `target`, or None once
+def next_compaction_batch(backend: Backend, target: int, chunk: int = CHUNK_ROWS,
+                          start: bytes = b"") -> tuple[WriteBatch, bytes] | None:
+    """The next batch towards compacting history at `target` and where the
+    walk goes on after it (pass it as `start` next time), or None once
     nothing is left to drop.
 
-    Stateless: every call looks at what the backend holds now, so the caller
+    Resumable: every call looks at what the backend holds now, so the caller
     may write the batch, let other writes in, and call again -- or crash and
-    call again after a restart. Each batch must be written before the next
-    call, or the same rows are found again.
+    call again after a restart with `start` b"". Each batch must be written
+    before the next call. `start` only skips `rev` rows already deleted (a
+    RocksDB scan would otherwise step over all their tombstones each time);
+    nothing is ever added below it, since new rows come after the current
+    revision.
     """
     # The changes made at `target` itself stay listed: etcd lets a watch
     # start at the compacted revision, and it replays them from `rev`.
     stop = pack_rev(target, 0)
-    rows = list(islice(backend.scan("rev", b"", stop), chunk))
+    rows = list(islice(backend.scan("rev", start, stop), chunk)) if start < stop else []
     batch = WriteBatch()
     if rows:
         touched: set[bytes] = set()
@@ -60,12 +67,12 @@ def next_compaction_batch(backend: Backend, target: int, chunk: int = CHUNK_ROWS
             touched.add(key)
         for key in sorted(touched):
             _reclaim_key(backend, key, target, batch)
-        return batch
+        return batch, rows[-1][0] + b"\x00"
     # Keys written at `target` may leave older versions nobody reads any more.
     at_target = {key for _rk, key in backend.scan("rev", stop, pack_rev(target + 1, 0))}
     for key in sorted(at_target):
         _reclaim_key(backend, key, target, batch)
-    return batch if len(batch) else None
+    return (batch, start) if len(batch) else None
 
 
 def _reclaim_key(backend: Backend, key: bytes, target: int, batch: WriteBatch) -> None:
@@ -121,8 +128,9 @@ class Compactor:
                 try:
                     more = self._step()
                 except Exception:
-                    log.exception("background compaction failed; it is retried on the next compaction")
-                    more = False
+                    log.exception("background compaction failed; retrying in %.0f s", RETRY_AFTER)
+                    time.sleep(RETRY_AFTER)
+                    continue
                 if not more:
                     break
                 time.sleep(BATCH_PAUSE)

@@ -308,9 +308,10 @@ class Node:
 
         while True:
             await asyncio.sleep(period)
-            if not self.raft.is_leader() or self.proposer.paused:
-                # Paused (a leadership hand-over): keep-alives wait behind the
-                # pause too, so no lease may be judged meanwhile.
+            if not self.raft.is_leader() or self.proposer.paused or self.raft.applying_for() > period:
+                # Paused (a leadership hand-over), or stuck in a long apply:
+                # keep-alives wait behind it too, so no lease may be judged
+                # meanwhile (the apply's duration is then added to every lease).
                 continue
             try:
                 expired = self.lessor.expired()

@@ -640,17 +640,39 @@ class RaftNode(RaftStatusSource):
             # again before the last job was reported; the new one supersedes it.
             previous.done.wait()
             previous.remove_output()
-        frozen = self._save_snapshot(_without_readonly_self(raft_data))
-        job = _SnapshotJob(frozen, raft_data[0][1], self._cfg.snapshot_file or path)
+        job = _SnapshotJob(raft_data[0][1], self._cfg.snapshot_file or path)
         self._snapshot_job = job
-        job.start()
-        log.info("snapshot at raft index %d frozen in %.0f ms; writing it in the background",
-                 job.index, (time.monotonic() - t0) * 1000)
+        try:
+            job.start(self._save_snapshot(_without_readonly_self(raft_data)))
+        except Exception as exc:  # reported as FAILED by the checker, once
+            job.fail(exc)
+        else:
+            log.info("snapshot at raft index %d frozen in %.0f ms; writing it in the background",
+                     job.index, (time.monotonic() - t0) * 1000)
         # pysyncobj now renames `path` (its temporary name) over the snapshot
         # file; the job writes elsewhere, so `path` must not exist -- that
-        # rename fails, which pysyncobj only notes: _snapshot_state decides.
+        # rename fails, which pysyncobj only notes (it then holds back
+        # sending snapshots to followers until told the outcome: see
+        # _release_serializer).
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+
+    def _release_serializer(self, new_file: bool = False) -> None:
+        """Let pysyncobj's serializer send the snapshot file to followers
+        while our own job runs; after a new file replaced it (`new_file`),
+        restart transfers that were reading the old one."""
+        obj = self._obj
+        serializer = getattr(obj, "_SyncObj__serializer", None) if obj is not None else None
+        if serializer is None:
+            return
+        serializer._Serializer__pid = 0
+        if new_file:
+            transfers = getattr(serializer, "_Serializer__transmissions", {})
+            for transfer in transfers.values():
+                handle = transfer.get("file")
+                if handle is not None:
+                    handle.close()
+            transfers.clear()
 
     def _snapshot_state(self) -> int:
         """pysyncobj's serializeChecker (tick thread, every tick)."""
@@ -658,6 +680,9 @@ class RaftNode(RaftStatusSource):
         if job is None:
             return SERIALIZER_STATE.NOT_SERIALIZING
         if not job.done.is_set():
+            # The current file still matches the log (kept whole until the
+            # new one is in place): followers may go on receiving it.
+            self._release_serializer()
             return SERIALIZER_STATE.SERIALIZING
         self._snapshot_job = None
         if job.superseded:
@@ -666,12 +691,16 @@ class RaftNode(RaftStatusSource):
             job.remove_output()
             log.info("snapshot at raft index %d dropped: a newer one was installed", job.index)
             return SERIALIZER_STATE.SUCCESS
-        if job.error is not None:
+        try:
+            if job.error is not None:
+                raise job.error
+            os.replace(job.output, job.final_path)
+            fsync_path(os.path.dirname(os.path.abspath(job.final_path)))
+        except Exception as exc:
             job.remove_output()
-            log.error("writing the snapshot at raft index %d failed: %s", job.index, job.error)
-            return SERIALIZER_STATE.FAILED
-        os.replace(job.output, job.final_path)
-        fsync_path(os.path.dirname(os.path.abspath(job.final_path)))
+            log.error("writing the snapshot at raft index %d failed: %s", job.index, exc)
+            return SERIALIZER_STATE.FAILED  # pysyncobj tries again later
+        self._release_serializer(new_file=True)
         log.info("snapshot at raft index %d written in %.0f ms", job.index, job.seconds * 1000)
         return SERIALIZER_STATE.SUCCESS
 
@@ -740,6 +769,13 @@ class RaftNode(RaftStatusSource):
     def is_leader(self) -> bool:
         return self._role is RaftRole.LEADER
 
+    def applying_for(self) -> float:
+        """Seconds the entry being applied right now has taken so far (0
+        when none is): a long apply holds back everything queued behind it."""
+        obj = self._obj
+        started = obj._apply_started if obj is not None else None
+        return time.monotonic() - started if started is not None else 0.0
+
     def raft_status(self) -> RaftStatus:
         """A consistent-enough snapshot read without touching pysyncobj's dicts
         (getStatus() iterates dicts the tick thread mutates)."""
@@ -761,8 +797,7 @@ class RaftNode(RaftStatusSource):
 class _SnapshotJob:
     """One snapshot file being written by a background thread."""
 
-    def __init__(self, frozen: FrozenSnapshot, index: int, final_path: str) -> None:
-        self.frozen = frozen
+    def __init__(self, index: int, final_path: str) -> None:
         self.index = index
         self.final_path = final_path
         self.output = final_path + ".writing"
@@ -770,15 +805,18 @@ class _SnapshotJob:
         self.error: BaseException | None = None
         self.superseded = False  # set on the tick thread
         self.seconds = 0.0
-        self._thread = threading.Thread(target=self._run, name="metastore-snapshot", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, frozen: FrozenSnapshot) -> None:
+        threading.Thread(target=self._run, args=(frozen,), name="metastore-snapshot", daemon=True).start()
 
-    def _run(self) -> None:
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def _run(self, frozen: FrozenSnapshot) -> None:
         t0 = time.monotonic()
         try:
-            self.frozen.write(self.output)
+            frozen.write(self.output)
         except BaseException as exc:  # reported on the tick thread
             self.error = exc
         finally:

@@ -111,3 +111,42 @@ def test_a_log_still_holding_a_snapshots_entries_is_trimmed_not_cleared(tmp_path
     assert [e[1] for e in j] == list(range(11, 21))
     j._destroy()
     assert [e[1] for e in DurableJournal(path)] == list(range(11, 21))
+
+
+def test_a_failed_snapshot_is_retried(tmp_path):
+    """A snapshot that cannot be made (a full disk, say) must not stop the
+    next one: pysyncobj only asks again once it has been told the outcome."""
+    ports = free_ports(3)
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    membership = Membership("t", {f"n{i}": [f"http://{a}"] for i, a in enumerate(addresses)})
+    attempts = [0, 0, 0]
+    gate, started = threading.Event(), threading.Event()
+    gate.set()
+    nodes: list[RaftNode] = []
+    for i, address in enumerate(addresses):
+        def save(raft_data: Any, i=i) -> BlockingSnapshot:
+            attempts[i] += 1
+            if attempts[i] == 1:
+                raise OSError(28, "No space left on device")
+            return BlockingSnapshot([], raft_data, gate, started)
+
+        cfg = RaftConfig(self_address=address, partner_addresses=[a for a in addresses if a != address],
+                         bind_address=address, journal_file=str(tmp_path / f"n{i}.log"),
+                         snapshot_file=str(tmp_path / f"n{i}.snapshot"), snapshot_entries=50,
+                         heartbeat_interval=0.05, election_timeout=0.5)
+        nodes.append(RaftNode(cfg, i + 1, membership.id_of_address, lambda p, idx: idx, save, lambda path: None))
+    try:
+        for n in nodes:
+            n.start()
+        leader = wait_for(lambda: next((n for n in nodes if n.is_leader()), None), 15, "a leader")
+        done = threading.Semaphore(0)
+        for k in range(120):
+            leader.submit(b"e%d" % k, lambda result, error: done.release())
+        for _ in range(120):
+            assert done.acquire(timeout=30)
+        wait_for(lambda: all(os.path.exists(tmp_path / f"n{i}.snapshot") for i in range(3)), 15,
+                 "a snapshot after the failed one")
+        assert all(a >= 2 for a in attempts), attempts
+    finally:
+        for n in nodes:
+            n.stop()

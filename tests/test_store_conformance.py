@@ -741,12 +741,12 @@ def test_interrupted_compaction_finishes_on_reopen(make_store, reopen, monkeypat
     crashed = threading.Event()
     calls = []
 
-    def crashing(backend, target, chunk=0):
+    def crashing(backend, target, chunk=0, start=b""):
         calls.append(target)
         if len(calls) > 1:
             crashed.set()
             raise RuntimeError("simulated crash in the middle of a compaction")
-        return next_compaction_batch(backend, target, chunk=5)
+        return next_compaction_batch(backend, target, chunk=5, start=start)
 
     monkeypatch.setattr(mvcc_module, "next_compaction_batch", crashing)
     store.compact(pb.CompactionRequest(revision=25))
@@ -783,7 +783,7 @@ def test_compaction_runs_beside_writes(store: MVCCStore, monkeypatch) -> None:
 
     monkeypatch.setattr(compact_module, "time", types.SimpleNamespace(sleep=pause))
     real = compact_module.next_compaction_batch
-    monkeypatch.setattr(mvcc_module, "next_compaction_batch", lambda b, rev, chunk=0: real(b, rev, chunk=20))
+    monkeypatch.setattr(mvcc_module, "next_compaction_batch", lambda b, rev, chunk=0, start=b"": real(b, rev, chunk=20, start=start))
     expected_at_target = _snapshot(store, target)
     store.compact(pb.CompactionRequest(revision=target))
     assert paused.wait(10)
