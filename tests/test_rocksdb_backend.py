@@ -427,3 +427,32 @@ def test_from_checkpoint_copies_across_filesystems(tmp_path: Path, monkeypatch: 
         assert not os.path.exists(cp) and not os.path.exists(str(tmp_path / "live.partial"))
     finally:
         restored.close()
+
+
+def test_checkpoints_and_compactions_overlap_but_close_waits_for_them(tmp_path):
+    """A Raft snapshot's checkpoint (tick thread) must not wait behind the
+    full compaction after an MVCC compaction; close() must wait for both."""
+    import threading
+
+    from metastore.engines.rocksdb.backend import RocksDBBackend
+
+    backend = RocksDBBackend(str(tmp_path / "db"))
+    inside, release = threading.Event(), threading.Event()
+    closed = threading.Event()
+
+    def long_use() -> None:  # stands for a compact_range of many seconds
+        with backend._admin.shared():
+            inside.set()
+            assert release.wait(10)
+
+    user = threading.Thread(target=long_use)
+    user.start()
+    assert inside.wait(10)
+    backend.checkpoint(str(tmp_path / "cp"))  # does not wait for the other user
+    closer = threading.Thread(target=lambda: (backend.close(), closed.set()))
+    closer.start()
+    assert not closed.wait(0.3)  # close waits...
+    release.set()
+    assert closed.wait(10)  # ...until the long operation is over
+    user.join()
+    closer.join()

@@ -17,6 +17,7 @@ they exclude `close` but not reads or writes (RocksDB allows both meanwhile).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -93,8 +94,11 @@ class RocksDBBackend:
         # Open iterators keep the database open (and its LOCK held) after
         # close(); close() ends the ones still alive.
         self._scans: weakref.WeakSet[Iterator[_Item]] = weakref.WeakSet()
-        # Excludes close() from compact()/checkpoint() (long, GIL released).
-        self._admin = threading.Lock()
+        # compact() and checkpoint() (long, GIL released) run side by side --
+        # a Raft snapshot's checkpoint must not wait behind the full
+        # compaction that follows an MVCC compaction -- and close() waits
+        # until neither runs.
+        self._admin = _SharedUse()
         # What write() put into the memtables since RocksDB last flushed,
         # for size(): RocksDB reports memtable memory in arena blocks of
         # about 1 MB, far too coarse to show a single write.
@@ -183,7 +187,7 @@ class RocksDBBackend:
     def close(self) -> None:
         """Release the database (and its LOCK file) so it can be opened again,
         in this process or another. Idempotent."""
-        with self._admin, self._acct:
+        with self._admin.exclusive(), self._acct:
             if self._closed:
                 return
             self._closed = True
@@ -218,7 +222,7 @@ class RocksDBBackend:
         new data arrives to trigger its own compactions. Reads and writes
         continue meanwhile (the GIL is released)."""
         names = list(TABLES if tables is None else tables)
-        with self._admin:
+        with self._admin.shared():
             self._check_open()
             cfs = [self._cfs[name] for name in names]
             # Flush every table, not just these: cheap, and with the
@@ -235,7 +239,7 @@ class RocksDBBackend:
         not exist yet), made of hard links where the filesystem allows, and
         openable as a RocksDBBackend (it carries the engine marker)."""
         target = os.path.abspath(target_dir)
-        with self._admin:
+        with self._admin.shared():
             self._check_open()
             if os.path.lexists(target):
                 raise FileExistsError(f"checkpoint target {target} already exists")
@@ -329,3 +333,29 @@ def _move_dir(src: str, dst: str) -> None:
         os.rename(partial, dst)
         shutil.rmtree(src)
     fsync_path(os.path.dirname(dst))
+
+
+class _SharedUse:
+    """Any number of shared users at once; `exclusive` waits until there are
+    none and keeps new ones out while it runs."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._users = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._users == 0)
+            yield
