@@ -287,11 +287,15 @@ def test_without_http_listener(workdir):
         proc = subprocess.run(ctl_argv(eps, "drain", "list"), capture_output=True, text=True, cwd=workdir,
                               timeout=30)
         assert proc.returncode == 1 and "--listen-metrics-urls" in proc.stderr, proc.stderr
-        # member list still shows liveness, from the member's own GetRaftStatus.
-        proc = subprocess.run(ctl_argv(eps, "member", "list", "-w", "table"), capture_output=True, text=True,
-                              cwd=workdir, timeout=30)
-        assert proc.returncode == 0, proc.stderr
-        assert column(proc.stdout, "LIVENESS") == ["ALIVE"]
+        # member list still shows liveness, from the member's own GetRaftStatus
+        # (once the member's session is registered, shortly after it starts).
+        def liveness_column() -> list[str]:
+            proc = subprocess.run(ctl_argv(eps, "member", "list", "-w", "table"), capture_output=True,
+                                  text=True, cwd=workdir, timeout=30)
+            assert proc.returncode == 0, proc.stderr
+            return column(proc.stdout, "LIVENESS")
+
+        wait_for(lambda: liveness_column() == ["ALIVE"], 15, "member list to show the member ALIVE")
 
 
 # -- the client's pieces, without a cluster ------------------------------------------------------
