@@ -691,14 +691,16 @@ class RaftNode(RaftStatusSource):
             job.remove_output()
             log.info("snapshot at raft index %d dropped: a newer one was installed", job.index)
             return SERIALIZER_STATE.SUCCESS
-        try:
-            if job.error is not None:
-                raise job.error
-            os.replace(job.output, job.final_path)
-            fsync_path(os.path.dirname(os.path.abspath(job.final_path)))
-        except Exception as exc:
+        error = job.error
+        if error is None:
+            try:
+                os.replace(job.output, job.final_path)
+                fsync_path(os.path.dirname(os.path.abspath(job.final_path)))
+            except OSError as exc:
+                error = exc
+        if error is not None:
             job.remove_output()
-            log.error("writing the snapshot at raft index %d failed: %s", job.index, exc)
+            log.error("writing the snapshot at raft index %d failed: %s", job.index, error)
             return SERIALIZER_STATE.FAILED  # pysyncobj tries again later
         self._release_serializer(new_file=True)
         log.info("snapshot at raft index %d written in %.0f ms", job.index, job.seconds * 1000)
