@@ -138,13 +138,14 @@ class MVCCStore:
 
     # -- snapshots ----------------------------------------------------------------
     def export_items(self) -> Iterator[tuple[str, bytes, bytes]]:
-        """Every (table, key, value) of the backend, for a snapshot. The caller
-        must not run mutations meanwhile (snapshots run on the apply thread);
-        background compaction waits until the iteration ends."""
-        with self._write_lock:
-            for table in TABLES:
-                for key, value in self._backend.scan(table, b"", None):
-                    yield table, key, value
+        """Every (table, key, value) of the backend as of now (a copy, so
+        neither applies nor the background compactor change it under the
+        caller). Raft and client snapshots use the cheaper frozen_copy."""
+        with self._write_lock, self._lock:
+            return iter(self._all_rows())
+
+    def _all_rows(self) -> list[tuple[str, bytes, bytes]]:
+        return [(table, key, value) for table in TABLES for key, value in self._backend.scan(table, b"", None)]
 
     def import_items(self, items: Iterator[tuple[str, bytes, bytes]], batch_rows: int = 10_000) -> None:
         """Replace the whole content with a snapshot's items.
@@ -706,10 +707,7 @@ class MVCCStore:
                 return None
             with self._lock:
                 frozen = getattr(self._backend, "frozen_rows", None)
-                if frozen is not None:
-                    return frozen()
-                return [(table, key, value) for table in TABLES
-                        for key, value in self._backend.scan(table, b"", None)]
+                return frozen() if frozen is not None else self._all_rows()
 
 
 # -- helpers --------------------------------------------------------------------

@@ -87,6 +87,9 @@ class Node:
         self.store.attach_raft(self.raft)
         # Before this member's first expiry check as leader (tick thread).
         self.raft.on_role_change(lambda role: self.lessor.became_leader() if role is RaftRole.LEADER else None)
+        # Keep-alives queued behind a long apply could not be applied
+        # meanwhile: that time is not held against any lease.
+        self.raft.on_long_apply(self.lessor.extend)
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
         # Alarms and the space quota, defragment, hash, client snapshots.
         self.maintenance = Maintenance(self)

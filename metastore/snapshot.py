@@ -58,11 +58,6 @@ class PendingSnapshot:
         self._rows = rows
         self._checkpoint_dir = checkpoint_dir
 
-    @property
-    def index(self) -> int:
-        """The Raft index the snapshot covers."""
-        return self._header["raft_data"][0][1]
-
     def write(self, path: str) -> None:
         """Write the file at `path` and fsync it (the caller renames it into place)."""
         try:
@@ -79,9 +74,9 @@ class PendingSnapshot:
                 f.flush()
                 os.fsync(f.fileno())
         finally:
-            self.discard()
+            self._discard()
 
-    def discard(self) -> None:
+    def _discard(self) -> None:
         """Drop what the frozen copy holds (a checkpoint's hard links)."""
         self._rows = None
         if self._checkpoint_dir is not None:

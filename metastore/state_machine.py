@@ -9,7 +9,6 @@ its error is its result and the other requests of the batch still apply.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Union
 
 from google.protobuf.message import Message
@@ -28,8 +27,6 @@ log = logging.getLogger("metastore.apply")
 # memory, rebuilt from snapshot + log): a replay applies them again, whatever
 # the store's applied position says. Both are idempotent.
 _OUTSIDE_STORE = frozenset({"member_change", "publish"})
-# An entry applied slower than this extends every lease by the time it took.
-LONG_APPLY = 0.05
 
 Result = Union[Message, EtcdError, None]
 
@@ -60,19 +57,12 @@ class StateMachine:
             return []
         applied = self.store.applied_position
         results: list[Result] = []
-        started = time.monotonic()
         for position, proposal in enumerate(batch.proposals):
             if (index, position) <= applied and proposal.WhichOneof("op") not in _OUTSIDE_STORE:
                 results.append(None)  # already in the store; nobody waits for it
                 continue
             self.store.set_apply_position(index, position)
             results.append(self._apply_one(proposal))
-        took = time.monotonic() - started
-        if took > LONG_APPLY:
-            # Keep-alives queued behind this entry could not be applied
-            # meanwhile: that time is not held against any lease.
-            if self.lessor is not None:
-                self.lessor.extend(took)
         return results
 
     def _apply_one(self, proposal: raft_entry_pb2.Proposal) -> Result:

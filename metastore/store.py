@@ -90,7 +90,7 @@ class Store(Protocol):
     def set_apply_position(self, index: int, position: int) -> None: ...
 
     def export_items(self) -> Iterator[tuple[str, bytes, bytes]]:
-        """Every backend row, for a snapshot."""
+        """Every backend row as of the call (a copy)."""
         ...
 
     def import_items(self, items: Iterator[tuple[str, bytes, bytes]]) -> None:

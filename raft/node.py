@@ -58,10 +58,7 @@ class FrozenSnapshot(Protocol):
     to be written to a file later, on another thread."""
 
     def write(self, path: str) -> None:
-        """Write the snapshot file at `path`, fsynced."""
-
-    def discard(self) -> None:
-        """Give up on it (free what the frozen copy holds)."""
+        """Write the snapshot file at `path`, fsynced (and free the copy)."""
 
 
 # Freezes the state machine (plus pysyncobj's raft data) for a snapshot; tick thread.
@@ -153,7 +150,8 @@ class _DurableAckTransport(TCPTransport):
 
 
 # An apply longer than this moves pysyncobj's timers by the time it took
-# (_ReplicatedLog._discount_blocked_time).
+# (_ReplicatedLog._discount_blocked_time) and is reported to
+# RaftNode.on_long_apply listeners (the lessor extends every lease).
 _LONG_APPLY = 0.05
 # etcd warns about an apply slower than this ("apply request took too long").
 _SLOW_APPLY_WARNING = 0.1
@@ -164,10 +162,11 @@ class _ReplicatedLog(SyncObj):
     entry, with its index, to metastore's state machine."""
 
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf, apply: ApplyFn,
-                 journal: DurableJournal | None) -> None:
+                 journal: DurableJournal | None, on_long_apply: Callable[[float], None]) -> None:
         # self_address None: pysyncobj's read-only node (a learner).
         self._apply = apply
         self._durable_journal = journal
+        self._on_long_apply = on_long_apply
         # When the apply running on the tick thread started (None: none is
         # running); guarded so the heartbeat thread sends only while it runs.
         self._apply_started: float | None = None
@@ -205,6 +204,7 @@ class _ReplicatedLog(SyncObj):
             blocked = time.monotonic() - t0
             if blocked > _LONG_APPLY:
                 self._discount_blocked_time(blocked)
+                self._on_long_apply(blocked)
                 if blocked > _SLOW_APPLY_WARNING:
                     log.warning("applying raft entry %d took %.0f ms (a big DeleteRange, txn or lease "
                                 "revoke?)", self.raftLastApplied + 1, blocked * 1000)
@@ -293,6 +293,7 @@ class RaftNode(RaftStatusSource):
         self.journal: DurableJournal | None = None
         self._role = RaftRole.FOLLOWER
         self._role_listeners: list[Callable[[RaftRole], None]] = []
+        self._long_apply_listeners: list[Callable[[float], None]] = []
         self._obj: _ReplicatedLog | None = None
         # Leadership transfers asked for, run on the tick thread:
         # (target address or None, deadline, done callback).
@@ -365,7 +366,8 @@ class RaftNode(RaftStatusSource):
         self._learner = learner
         self._peers = frozenset(partners)
         self._save_role()  # durable before the node acts as what it records
-        obj = _ReplicatedLog(None if learner else cfg.self_address, partners, conf, self._apply, self.journal)
+        obj = _ReplicatedLog(None if learner else cfg.self_address, partners, conf, self._apply, self.journal,
+                             self._long_apply)
         self._obj = obj
         if self.journal is not None:
             # The leader's own entries reach disk before the next tick counts
@@ -743,6 +745,18 @@ class RaftNode(RaftStatusSource):
     # -- status --------------------------------------------------------------
     def on_role_change(self, listener: Callable[[RaftRole], None]) -> None:
         self._role_listeners.append(listener)
+
+    def on_long_apply(self, listener: Callable[[float], None]) -> None:
+        """listener(seconds) after an entry took longer than _LONG_APPLY to
+        apply (tick thread): whatever queued behind it waited that long."""
+        self._long_apply_listeners.append(listener)
+
+    def _long_apply(self, seconds: float) -> None:
+        for listener in self._long_apply_listeners:
+            try:
+                listener(seconds)
+            except Exception:  # a listener must not break the apply loop
+                log.exception("long-apply listener failed")
 
     def _on_state_changed(self, old: int, new: int) -> None:
         self._role = _ROLES.get(new, RaftRole.UNKNOWN)

@@ -1,4 +1,5 @@
-"""A long apply on the leader (a DeleteRange of many keys) costs no election.
+"""A long apply on the leader (a DeleteRange of many keys) costs no election,
+and is reported to on_long_apply listeners (the lessor extends leases by it).
 
 Three real pysyncobj members in this process on loopback: one entry takes
 longer to apply than the election timeout on every member. The leader keeps
@@ -46,6 +47,8 @@ def test_leader_keeps_heartbeating_through_a_long_apply(tmp_path):
         # while the leader is busy would campaign: pysyncobj has no pre-vote).
         wait_for(lambda: all(b"warm-up" in a for a in applied), 15, "every member to apply the warm-up entry")
         term = leader.raft_status().term
+        long_applies: list[float] = []
+        leader.on_long_apply(long_applies.append)  # Node extends every lease by it
         done.clear()
         leader.submit(SLOW, lambda result, error: done.set())
         assert done.wait(30)
@@ -55,6 +58,7 @@ def test_leader_keeps_heartbeating_through_a_long_apply(tmp_path):
         assert after.wait(10)
         terms = [n.raft_status().term for n in nodes]
         assert terms == [term] * 3 and leader.is_leader(), f"an election happened: terms {terms} (was {term})"
+        assert len(long_applies) == 1 and long_applies[0] >= SLOW_APPLY, long_applies
     finally:
         for n in nodes:
             n.stop()
