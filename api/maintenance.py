@@ -55,7 +55,11 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
     @etcd_errors
     async def MoveLeader(self, request: rpc_pb2.MoveLeaderRequest,
                          context: grpc.aio.ServicerContext) -> rpc_pb2.MoveLeaderResponse:
-        return await self._node.move_leader(request.targetID)
+        # As in etcd, the hand-over may take as long as the client waits
+        # (etcdctl: its --command-timeout), within the server's own limit.
+        remaining = context.time_remaining()
+        timeout = None if remaining is None else max(0.0, remaining - 0.05)
+        return await self._node.move_leader(request.targetID, timeout)
 
     async def Snapshot(self, request: rpc_pb2.SnapshotRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.SnapshotResponse]:

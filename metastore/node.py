@@ -34,7 +34,7 @@ from metastore.lessor import MAX_LEASE_TTL, Lessor, minimum_ttl
 from metastore.maintenance import Maintenance
 from metastore.placement import Placement, PlacementConfig
 from metastore.proposer import Proposer
-from metastore.raft import RaftConfig, RaftNode
+from metastore.raft import RaftConfig, RaftNode, TransferOutcome
 from metastore.state_machine import StateMachine
 from metastore.types import RaftRole, RaftStatus
 from metastore.watch_hub import WatchHub
@@ -329,10 +329,17 @@ class Node:
                     asyncio.get_running_loop().create_task(revoke(lease))
 
     # -- leadership -----------------------------------------------------------
-    async def move_leader(self, target_id: int) -> rpc_pb2.MoveLeaderResponse:
+    async def move_leader(self, target_id: int, timeout: float | None = None) -> rpc_pb2.MoveLeaderResponse:
         """etcd's MoveLeader: only the leader can hand over; returns once the
-        target leads. target_id 0 picks the most caught-up follower. New
-        proposals wait meanwhile, so the target can catch up with the log."""
+        target leads, or fails with etcd's "leader transfer took too long"
+        after `timeout` (default: the request timeout). target_id 0 picks the
+        most caught-up follower. New proposals wait meanwhile, so the target
+        can catch up with the log.
+
+        The target's election can still fail (a vote lost to a member that
+        just timed out itself); if this member then leads again, or the
+        target has not won within an election timeout, the hand-over is
+        asked for again until the deadline."""
         if not self.raft.is_leader():
             raise errors.NOT_LEADER
         target_address: str | None = None
@@ -346,27 +353,16 @@ class Node:
                 return resp
             target_address = member.raft_address
         loop = asyncio.get_running_loop()
-        sent: asyncio.Future[bool] = loop.create_future()
-
-        def done(ok: bool) -> None:  # tick thread
-            loop.call_soon_threadsafe(lambda: sent.done() or sent.set_result(ok))
-
-        timeout = max(self.cfg.election_timeout_ms / 1000 * 2, 2.0)
-        deadline = loop.time() + timeout
+        limit = self.cfg.request_timeout if timeout is None else min(timeout, self.cfg.request_timeout)
+        deadline = loop.time() + limit
+        election_timeout = self.cfg.election_timeout_ms / 1000
         paused_at = loop.time()
         self.proposer.pause()
         try:
-            self.raft.transfer_leadership(target_address, timeout, done)
-            if not await sent:
-                raise errors.TIMEOUT_LEADER_TRANSFER
-            while True:
-                leader = self.raft.raft_status().leader_id
-                if leader and leader != self.member_id and (not target_id or leader == target_id):
-                    break
-                if loop.time() >= deadline:
-                    raise errors.TIMEOUT_LEADER_TRANSFER
-                await asyncio.sleep(0.01)
+            while not await self._hand_over(target_address, target_id, deadline, election_timeout):
+                pass
         finally:
+            self.raft.end_transfer()
             self.proposer.resume()
             if self.raft.is_leader():
                 # Still leading (the hand-over failed): keep-alives held back
@@ -376,6 +372,35 @@ class Node:
         resp = rpc_pb2.MoveLeaderResponse()
         self._fill_header(resp.header)
         return resp
+
+    async def _hand_over(self, target_address: str | None, target_id: int, deadline: float,
+                         election_timeout: float) -> bool:
+        """One attempt of move_leader: have the "timeout now" sent, then wait
+        for another member to lead. False: ask again (this member leads
+        again, or the target has not won in an election timeout)."""
+        loop = asyncio.get_running_loop()
+        asked: asyncio.Future[TransferOutcome] = loop.create_future()
+
+        def done(outcome: TransferOutcome) -> None:  # tick thread
+            loop.call_soon_threadsafe(lambda: asked.done() or asked.set_result(outcome))
+
+        self.raft.transfer_leadership(target_address, max(0.0, deadline - loop.time()), done)
+        outcome = await asked
+        if outcome is TransferOutcome.FAILED:
+            raise errors.TIMEOUT_LEADER_TRANSFER
+        # SENT, or NOT_LEADER: an earlier attempt's election may be under way.
+        sent_term = self.raft.raft_status().term
+        ask_again_at = loop.time() + election_timeout
+        while True:
+            status = self.raft.raft_status()
+            if status.leader_id and status.leader_id != self.member_id \
+                    and (not target_id or status.leader_id == target_id):
+                return True
+            if loop.time() >= deadline:
+                raise errors.TIMEOUT_LEADER_TRANSFER
+            if status.leader_id == self.member_id and (status.term > sent_term or loop.time() >= ask_again_at):
+                return False
+            await asyncio.sleep(0.01)
 
     # -- cluster and status --------------------------------------------------
     def raft_status(self) -> RaftStatus:

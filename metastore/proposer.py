@@ -30,8 +30,14 @@ RAFT_FAILURES = (errors.TIMEOUT, errors.LEADER_CHANGED, errors.NO_LEADER, errors
                  errors.TIMEOUT_LEADER_FAIL, errors.STOPPED, errors.NOT_CAPABLE)
 
 
+# A batch no leader could take (an election under way) is offered again
+# after this long, while its requests still wait: pysyncobj refuses it before
+# appending it anywhere, so sending it again cannot apply it twice.
+NO_LEADER_RETRY = 0.05
+
+
 class _Batch:
-    __slots__ = ("proposals", "futures", "barriers", "size", "timer")
+    __slots__ = ("proposals", "futures", "barriers", "size", "timer", "first_sent")
 
     def __init__(self) -> None:
         self.proposals: list[raft_entry_pb2.Proposal] = []
@@ -39,6 +45,7 @@ class _Batch:
         self.barriers: list[asyncio.Future] = []
         self.size = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.first_sent: float | None = None
 
 
 class Proposer:
@@ -162,6 +169,8 @@ class Proposer:
                 origin=self._origin, proposals=batch.proposals).SerializeToString()
         self._inflight += 1
         loop = self._loop
+        if batch.first_sent is None:
+            batch.first_sent = loop.time()
         batch.timer = loop.call_later(self._timeout * 2, self._finish, batch, None, errors.TIMEOUT)
 
         def done(result: Any, error: EtcdError | None) -> None:  # tick thread
@@ -172,12 +181,29 @@ class Proposer:
 
         self._raft.submit(payload, done)
 
+    def _retry(self, batch: _Batch) -> None:
+        if self._closed:
+            self._resolve(batch, None, errors.STOPPED)
+            return
+        self._ready.appendleft(batch)
+        self._flush()
+
     def _finish(self, batch: _Batch, results: Any, error: EtcdError | None) -> None:
         if batch.timer is None:
             return  # already finished (result after timeout, or vice versa)
         batch.timer.cancel()
         batch.timer = None
         self._inflight -= 1
+        if error is errors.NO_LEADER and not self._closed \
+                and self._loop.time() + NO_LEADER_RETRY < batch.first_sent + self._timeout:
+            self._loop.call_later(NO_LEADER_RETRY, self._retry, batch)
+            self._flush()
+            return
+        self._resolve(batch, results, error)
+        self._flush()
+
+    def _resolve(self, batch: _Batch, results: Any, error: EtcdError | None) -> None:
+        """Hand each waiter its result, or the error."""
         if error is None and results is not None and len(results) != len(batch.futures):
             log.error("entry returned %d results for %d proposals", len(results), len(batch.futures))
             error = errors.EtcdError(errors.STOPPED.code, "etcdserver: internal error: result mismatch")
@@ -187,4 +213,3 @@ class Proposer:
         for fut in batch.barriers:
             if not fut.done():
                 fut.set_result(error)
-        self._flush()

@@ -1,4 +1,4 @@
 """Raft for metastore, on pysyncobj (see node.py)."""
-from metastore.raft.node import RaftConfig, RaftNode
+from metastore.raft.node import RaftConfig, RaftNode, TransferOutcome
 
-__all__ = ["RaftConfig", "RaftNode"]
+__all__ = ["RaftConfig", "RaftNode", "TransferOutcome"]

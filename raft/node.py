@@ -9,6 +9,7 @@ in this package.
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
 import json
 import logging
@@ -42,7 +43,8 @@ _FAILURES: dict[int, errors.EtcdError] = {
     FAIL_REASON.QUEUE_FULL: errors.TOO_MANY_REQUESTS,
     FAIL_REASON.MISSING_LEADER: errors.NO_LEADER,
     FAIL_REASON.DISCARDED: errors.LEADER_CHANGED,
-    FAIL_REASON.NOT_LEADER: errors.LEADER_CHANGED,
+    # The member a follower forwarded to no longer leads: it appended nothing.
+    FAIL_REASON.NOT_LEADER: errors.NO_LEADER,
     FAIL_REASON.LEADER_CHANGED: errors.LEADER_CHANGED,
     FAIL_REASON.REQUEST_DENIED: errors.NOT_CAPABLE,
     FAIL_REASON.UNKNOWN_OUTCOME: errors.TIMEOUT_LEADER_FAIL,
@@ -137,6 +139,15 @@ class _DurableAckTransport(TCPTransport):
         pysyncobj still handles: a success here never lowers it."""
 
         def on_message(node: Any, message: Any) -> None:
+            if isinstance(message, dict) and message.get("type") == "apply_command" \
+                    and self._syncObj.refuses_forwarded_proposals():
+                if "request_id" in message:
+                    # The follower's proposer offers it again (NO_LEADER_RETRY)
+                    # and reaches the new leader once the hand-over is done.
+                    self.send(node, {
+                        "type": "apply_command_response", "request_id": message["request_id"],
+                        "error": FAIL_REASON.NOT_LEADER})
+                return
             next_index = None
             if isinstance(message, dict) and message.get("type") == "next_node_idx" \
                     and message.get("success") and not message.get("reset"):
@@ -147,6 +158,14 @@ class _DurableAckTransport(TCPTransport):
                 next_index[node] = before
 
         super().setOnMessageReceivedCallback(on_message)
+
+
+class TransferOutcome(enum.Enum):
+    """What became of a leadership transfer request (transfer_leadership)."""
+
+    SENT = "sent"  # the target was told to start an election now
+    NOT_LEADER = "not leader"  # this node no longer leads (perhaps the target won)
+    FAILED = "failed"  # no target to hand over to, or none caught up in time
 
 
 # An apply longer than this moves pysyncobj's timers by the time it took
@@ -173,6 +192,12 @@ class _ReplicatedLog(SyncObj):
         self._apply_guard = threading.Lock()
         self._heartbeat_period = conf.appendEntriesPeriod
         self._stopped = threading.Event()
+        # A leadership transfer needs a log that stops growing, or the target
+        # can be one entry behind when it asks for votes and lose. The local
+        # proposer pauses; proposals followers forward through pysyncobj are
+        # answered "not leader" until this time (they appended nothing, so
+        # the follower sends them again, in the end to the new leader).
+        self.refuse_forwarded_until = 0.0
         super().__init__(self_address, partners, conf, transportClass=_DurableAckTransport)
         threading.Thread(target=self._heartbeat_during_long_applies, name="raft-apply-heartbeat",
                          daemon=True).start()
@@ -180,6 +205,9 @@ class _ReplicatedLog(SyncObj):
     def destroy(self) -> None:
         self._stopped.set()
         super().destroy()
+
+    def refuses_forwarded_proposals(self) -> bool:  # tick thread
+        return time.monotonic() < self.refuse_forwarded_until
 
     @replicated
     def apply_entry(self, payload: bytes) -> Any:
@@ -297,7 +325,7 @@ class RaftNode(RaftStatusSource):
         self._obj: _ReplicatedLog | None = None
         # Leadership transfers asked for, run on the tick thread:
         # (target address or None, deadline, done callback).
-        self._transfers: list[tuple[str | None, float, Callable[[bool], None]]] = []
+        self._transfers: list[tuple[str | None, float, Callable[[TransferOutcome], None]]] = []
         self._transfers_lock = threading.Lock()
         self._learner = False
         # The voting peers (addresses, without ours) as pysyncobj's
@@ -585,14 +613,27 @@ class RaftNode(RaftStatusSource):
         return address in self._peers
 
     # -- leadership transfer -------------------------------------------------
-    def transfer_leadership(self, target: str | None, timeout: float, done: Callable[[bool], None]) -> None:
+    def transfer_leadership(self, target: str | None, timeout: float,
+                            done: Callable[[TransferOutcome], None]) -> None:
         """Ask the leader to hand over to `target` (a peer address; None: the
         most caught-up follower). pysyncobj only sends the "timeout now" when
         the target holds the whole log, so the request is retried every tick
-        until it is sent or `timeout` passes; done(True) once sent, done(False)
-        if not. Whether the target then leads must be checked by the caller."""
+        until it is sent or `timeout` passes; done(outcome) says which. Whether
+        the target then leads must be checked by the caller, who calls
+        end_transfer() when done waiting: until then (at most `timeout`)
+        proposals forwarded by followers are refused, to be sent again."""
+        deadline = time.monotonic() + timeout
+        obj = self._obj
+        if obj is not None:
+            obj.refuse_forwarded_until = deadline
         with self._transfers_lock:
-            self._transfers.append((target, time.monotonic() + timeout, done))
+            self._transfers.append((target, deadline, done))
+
+    def end_transfer(self) -> None:
+        """Take proposals forwarded by followers again."""
+        obj = self._obj
+        if obj is not None:
+            obj.refuse_forwarded_until = 0.0
 
     def _run_transfers(self) -> None:  # tick thread
         if not self._transfers:
@@ -600,19 +641,26 @@ class RaftNode(RaftStatusSource):
         with self._transfers_lock:
             pending, self._transfers = self._transfers, []
         obj = self._obj
-        voters = {node.address for node in obj.otherNodes} if obj is not None else set()
+        if obj is None or not obj._isLeader():
+            for _target, _deadline, done in pending:
+                done(TransferOutcome.NOT_LEADER)
+            return
+        voters = {node.address for node in obj.otherNodes}
+        if not obj._SyncObj__connectedNodes & set(obj.otherNodes):
+            voters = set()  # no voter reachable: as etcd, give up at once
         keep = []
         for target, deadline, done in pending:
             if not voters or (target is not None and target not in voters):
-                done(False)  # nobody (or a learner) to hand over to: no retrying helps
+                done(TransferOutcome.FAILED)  # nobody (or a learner) to hand over to
                 continue
             outcome: list[int] = []
-            if obj is not None:
-                obj.transferLeadership(target, callback=lambda _res, reason: outcome.append(reason))
+            obj.transferLeadership(target, callback=lambda _res, reason: outcome.append(reason))
             if outcome and outcome[0] == FAIL_REASON.SUCCESS:
-                done(True)
-            elif obj is None or time.monotonic() >= deadline or (outcome and outcome[0] == FAIL_REASON.NOT_LEADER):
-                done(False)
+                done(TransferOutcome.SENT)
+            elif outcome and outcome[0] == FAIL_REASON.NOT_LEADER:
+                done(TransferOutcome.NOT_LEADER)
+            elif time.monotonic() >= deadline:
+                done(TransferOutcome.FAILED)
             else:
                 keep.append((target, deadline, done))  # target not caught up yet: next tick
         if keep:

@@ -103,3 +103,47 @@ def test_rolling_restart_under_write_load_loses_nothing():
         for key, value in acked.items():
             resp = leader.kv().Range(rpc_pb2.RangeRequest(key=key), timeout=5)
             assert [kv.value for kv in resp.kvs] == [value], key
+
+
+def test_move_leader_while_followers_forward_writes():
+    """Followers forward their writes to the leader through Raft; a hand-over
+    must not let those grow the log under the target (which would then lose
+    its election), and no forwarded write may be lost or fail for it."""
+    with LocalCluster(3) as cluster:
+        acked: dict[bytes, bytes] = {}
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def writer(seed: int) -> None:
+            i = 0
+            while not stop.is_set():
+                follower = [m for m in cluster.members if m.status().leader != m.status().header.member_id][0]
+                key, value = b"fwd/%d/%d" % (seed, i), b"v%d" % i
+                try:
+                    follower.kv().Put(rpc_pb2.PutRequest(key=key, value=value), timeout=5)
+                    acked[key] = value
+                except grpc.RpcError as err:
+                    if err.details() != "etcdserver: leader changed":
+                        failures.append(f"{key!r}: {err.details()}")
+                i += 1
+
+        threads = [threading.Thread(target=writer, args=(s,), daemon=True) for s in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(6):
+                wait_for(lambda: len(acked) >= 20, 30, "forwarded writes")
+                leader = cluster.leader()
+                target = [m for m in cluster.members if m is not leader][0]
+                target_id = target.status().header.member_id
+                leader.maintenance().MoveLeader(rpc_pb2.MoveLeaderRequest(targetID=target_id), timeout=5)
+                assert target.status().leader == target_id
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert not failures, failures
+        leader = cluster.leader()
+        for key, value in acked.items():
+            resp = leader.kv().Range(rpc_pb2.RangeRequest(key=key, serializable=False), timeout=5)
+            assert [kv.value for kv in resp.kvs] == [value], key

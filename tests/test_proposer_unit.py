@@ -106,11 +106,11 @@ def test_errors_and_timeouts_reach_every_waiter():
         t1 = asyncio.create_task(p.propose(put(b"a")))
         t2 = asyncio.create_task(p.barrier())
         await settle()
-        raft.submitted[0][1](None, errors.NO_LEADER)
+        raft.submitted[0][1](None, errors.LEADER_CHANGED)
         for t in (t1, t2):
             with pytest.raises(errors.EtcdError) as e:
                 await t
-            assert e.value is errors.NO_LEADER
+            assert e.value is errors.LEADER_CHANGED
         t3 = asyncio.create_task(p.propose(put(b"b")))
         with pytest.raises(errors.EtcdError) as e:
             await t3  # never applied
@@ -135,8 +135,39 @@ def test_pending_and_failed_counts_for_metrics():
         assert p.pending == 0 and p.failed == 0
         t3 = asyncio.create_task(p.propose(put(b"c")))
         await settle()
-        raft.submitted[1][1](None, errors.NO_LEADER)  # Raft could not carry it
+        raft.submitted[1][1](None, errors.LEADER_CHANGED)  # Raft could not carry it
         with pytest.raises(errors.EtcdError):
             await t3
         assert p.pending == 0 and p.failed == 1
+    run(main())
+
+
+def test_no_leader_is_offered_again_while_the_request_waits():
+    """An entry refused for want of a leader (an election, a hand-over) was
+    appended nowhere: the same batch goes again, and its requests succeed
+    once a leader takes it. Only when no leader turns up in time does the
+    request fail, with etcd's "no leader"."""
+    async def main():
+        raft = FakeRaft()
+        p = make(raft, timeout=0.5)
+        t1 = asyncio.create_task(p.propose(put(b"a")))
+        t2 = asyncio.create_task(p.barrier())
+        await settle()
+        raft.submitted[0][1](None, errors.NO_LEADER)
+        await asyncio.sleep(0.1)
+        assert len(raft.submitted) == 2 and raft.submitted[1][0] == raft.submitted[0][0]
+        assert not t1.done() and not t2.done()
+        raft.apply(1)
+        assert await t1 == b"a"
+        assert await t2 is None
+        t3 = asyncio.create_task(p.propose(put(b"b")))
+        began = asyncio.get_running_loop().time()
+        while not t3.done():
+            await asyncio.sleep(0.01)
+            if len(raft.submitted) > 2:
+                raft.submitted.pop()[1](None, errors.NO_LEADER)
+        with pytest.raises(errors.EtcdError) as e:
+            await t3
+        assert e.value in (errors.NO_LEADER, errors.TIMEOUT)
+        assert asyncio.get_running_loop().time() - began >= 0.4
     run(main())
