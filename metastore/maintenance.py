@@ -239,8 +239,13 @@ class Maintenance:
                   "engine": node.cfg.engine, "created": time.time()}
         path = os.path.join(staging, "snapshot.db")
         if rows is not None:
-            header["revision"] = dbsnapshot.revision_of(rows)
-            return path, dbsnapshot.write(path, header, rows)
+            try:
+                header["revision"] = dbsnapshot.revision_of(rows)
+                return path, dbsnapshot.write(path, header, rows)
+            finally:
+                close = getattr(rows, "close", None)
+                if close is not None:
+                    close()  # the memory engine keeps old rows until then
         from metastore.backend import TABLES
         from metastore.engines.rocksdb import RocksDBBackend
 

@@ -700,8 +700,8 @@ class MVCCStore:
         the apply thread keeps going afterwards: for Raft and client
         snapshots. The RocksDB engine writes a checkpoint (hard links,
         milliseconds) to `target_dir` and returns None; the memory engine
-        returns its rows from copies of its tables that share the bytes
-        objects. Mutations wait while the copy is made."""
+        returns its rows copy-on-write (close() them once read). Mutations
+        wait while the copy is made."""
         with self._write_lock:
             if self.checkpoint(target_dir):
                 return None

@@ -47,8 +47,8 @@ class PendingSnapshot:
     """A snapshot frozen at one applied index, not yet written to its file.
 
     Freezing is quick and runs on the tick thread, between two applies, so
-    the copy is consistent: the memory engine copies its tables' dicts and
-    sorted key lists (references to the same bytes, not the bytes), the
+    the copy is consistent: the memory engine copies its sorted key lists
+    and keeps the old row of whatever changes until the copy is written, the
     RocksDB engine makes a checkpoint (hard links). Writing the file -- the
     slow part, proportional to the data -- then runs on any thread while
     Raft goes on (raft.node runs it in the background)."""
@@ -77,8 +77,12 @@ class PendingSnapshot:
             self._discard()
 
     def _discard(self) -> None:
-        """Drop what the frozen copy holds (a checkpoint's hard links)."""
-        self._rows = None
+        """Drop what the frozen copy holds (a checkpoint's hard links; the
+        old rows the memory engine keeps for it)."""
+        rows, self._rows = self._rows, None
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
         if self._checkpoint_dir is not None:
             shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
 

@@ -105,7 +105,8 @@ class Store(Protocol):
 
     def frozen_copy(self, target_dir: str) -> Iterable[tuple[str, bytes, bytes]] | None:
         """A consistent copy taken quickly, to be read while writes go on:
-        None after writing a checkpoint to `target_dir`, else the rows."""
+        None after writing a checkpoint to `target_dir`, else the rows --
+        call their close(), if they have one, once read."""
         ...
 
     def install_checkpoint(self, checkpoint_dir: str) -> bool:

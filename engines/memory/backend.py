@@ -18,6 +18,9 @@ class MemoryBackend:
     def __init__(self) -> None:
         self._tables: dict[str, SortedDict] = {name: SortedDict() for name in TABLES}
         self._bytes = 0  # keys + values held, for size()
+        # One per FrozenRows still open: the rows as they were when it was
+        # taken, for every key changed since (see frozen_rows).
+        self._pre_images: list[dict[str, dict[bytes, bytes | None]]] = []
 
     def get(self, table: str, key: bytes) -> bytes | None:
         return self._tables[table].get(key)
@@ -41,6 +44,12 @@ class MemoryBackend:
         # is applied: the batch is all-or-nothing.
         tables = self._tables
         ops = [(tables[name], key, value) for name, key, value in batch.ops]
+        for pre in self._pre_images:
+            # Before the rows change: a FrozenRows reader checks afterwards.
+            for name, key, _value in batch.ops:
+                kept = pre[name]
+                if key not in kept:
+                    kept[key] = tables[name].get(key)
         delta = 0
         for d, key, value in ops:
             old = d.get(key)
@@ -56,11 +65,21 @@ class MemoryBackend:
 
     def frozen_rows(self) -> "FrozenRows":
         """Every (table, key, value) as of now, in table then key order, for
-        a snapshot written while writes go on. The copies are made here, at
-        once -- each a few C-level calls (a dict copy and the concatenation
-        of the sorted key lists), so the caller's lock is held briefly --
-        and share the rows' bytes; the iteration over them can run anywhere."""
-        return FrozenRows([(name, dict.copy(d), d.keys()[:]) for name, d in self._tables.items()])
+        a snapshot written while writes go on; close it when done.
+
+        Copy-on-write, so that freezing a million keys takes milliseconds
+        (the caller holds the store's locks, on Raft's thread): only the
+        sorted key lists are copied now; from then on every write first keeps
+        the old row of each key it changes, and the reader takes a row from
+        there when it has one, else from the live table."""
+        pre: dict[str, dict[bytes, bytes | None]] = {name: {} for name in self._tables}
+        self._pre_images.append(pre)
+        keys = [(name, d, d.keys()[:]) for name, d in self._tables.items()]
+        return FrozenRows(self, keys, pre)
+
+    def _unfreeze(self, pre: dict[str, dict[bytes, bytes | None]]) -> None:
+        # By identity: two copies' pre-images can be equal (both empty).
+        self._pre_images = [p for p in self._pre_images if p is not pre]
 
     def size(self) -> tuple[int, int]:
         return self._bytes, self._bytes
@@ -70,12 +89,35 @@ class MemoryBackend:
 
 
 class FrozenRows:
-    """The rows of MemoryBackend.frozen_rows; can be iterated more than once."""
+    """The rows of MemoryBackend.frozen_rows; can be iterated more than once,
+    from any thread, until closed."""
 
-    def __init__(self, tables: list[tuple[str, dict[bytes, bytes], list[bytes]]]) -> None:
+    def __init__(self, backend: MemoryBackend, tables: list[tuple[str, SortedDict, list[bytes]]],
+                 pre: dict[str, dict[bytes, bytes | None]]) -> None:
+        self._backend: MemoryBackend | None = backend
         self._tables = tables
+        self._pre = pre
 
     def __iter__(self) -> Iterator[tuple[str, bytes, bytes]]:
-        for name, rows, keys in self._tables:
+        if self._backend is None:
+            raise RuntimeError("frozen rows read after close()")
+        for name, live, keys in self._tables:
+            kept = self._pre[name]
             for key in keys:
-                yield name, key, rows[key]
+                # Live first, then the kept row: a writer keeps the old row
+                # before changing the live one, so a change that lands
+                # between the two reads is always seen as kept.
+                value = live.get(key)
+                if key in kept:
+                    value = kept[key]
+                assert value is not None  # the key existed when frozen
+                yield name, key, value
+
+    def close(self) -> None:
+        """Stop keeping old rows for this copy (writes go back to full speed)."""
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend._unfreeze(self._pre)
+
+    def __del__(self) -> None:  # a reader that forgot close() must not slow writes forever
+        self.close()
