@@ -2,9 +2,10 @@
 
 pysyncobj compacts its log by asking for a snapshot file and, on a follower
 too far behind, ships that file and loads it there. The state is frozen on
-the tick thread, where nothing is applied meanwhile, so the copy is
-consistent; freezing is quick (heartbeats wait for it), and writing the file
-from the frozen copy runs in the background (`PendingSnapshot`).
+the applier thread right after the entry at the snapshot's index, where
+nothing else is applied meanwhile, so the copy is consistent; freezing is
+quick (later entries wait for it), and writing the file from the frozen copy
+runs in the background (`PendingSnapshot`).
 
 The body comes in one of two formats, named in the header:
 - ``rows``: every backend row, streamed (the memory engine, from a frozen
@@ -46,7 +47,7 @@ _COPY_CHUNK = 1 << 20
 class PendingSnapshot:
     """A snapshot frozen at one applied index, not yet written to its file.
 
-    Freezing is quick and runs on the tick thread, between two applies, so
+    Freezing is quick and runs on the applier thread, between two applies, so
     the copy is consistent: the memory engine copies its sorted key lists
     and keeps the old row of whatever changes until the copy is written, the
     RocksDB engine makes a checkpoint (hard links). Writing the file -- the
@@ -92,7 +93,7 @@ def _yield_gil() -> None:
 
 
 def freeze(staging: str, store: Store, membership: Membership, raft_data: Any) -> PendingSnapshot:
-    """Freeze the state for a snapshot (tick thread: nothing is applied
+    """Freeze the state for a snapshot (applier thread: nothing is applied
     meanwhile). `staging` is a scratch path for a RocksDB checkpoint."""
     shutil.rmtree(staging, ignore_errors=True)
     rows = store.frozen_copy(staging)

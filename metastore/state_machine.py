@@ -42,8 +42,9 @@ class StateMachine:
     def apply(self, payload: bytes, index: int) -> list[Result]:
         """Apply the committed entry at Raft `index`; one result per proposal.
 
-        Runs on the Raft tick thread. Never raises: an exception escaping into
-        pysyncobj would make it retry the same entry forever. After a restart
+        Runs on the Raft applier thread (raft.applier), entries in log
+        order. Never raises: an entry that cannot be applied must still
+        answer its waiters and let the next one through. After a restart
         the log is replayed from the last snapshot; requests a persistent
         store already holds (its applied position) are skipped, so nothing is
         applied twice.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import gc
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pysyncobj.utility import TcpUtility
 from metastore import errors
 from metastore.cluster import NOT_SUPPORTED_FOR_LEARNER, proposal_allowed_on_learner
 from metastore.fsutil import fsync_path
+from metastore.raft.applier import NOT_APPLIED, AppliedResult, Applier
 from metastore.raft.journal import DurableJournal
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
 
@@ -36,7 +36,6 @@ log = logging.getLogger("metastore.raft")
 
 # pysyncobj's numeric states (syncobj._RAFT_STATE) as metastore names them.
 _ROLES = {0: RaftRole.FOLLOWER, 1: RaftRole.CANDIDATE, 2: RaftRole.LEADER}
-_LEADER_STATE = 2
 
 # What a failed submission means to an etcd client.
 _FAILURES: dict[int, errors.EtcdError] = {
@@ -168,30 +167,16 @@ class TransferOutcome(enum.Enum):
     FAILED = "failed"  # no target to hand over to, or none caught up in time
 
 
-# An apply longer than this moves pysyncobj's timers by the time it took
-# (_ReplicatedLog._discount_blocked_time) and is reported to
-# RaftNode.on_long_apply listeners (the lessor extends every lease).
-_LONG_APPLY = 0.05
-# etcd warns about an apply slower than this ("apply request took too long").
-_SLOW_APPLY_WARNING = 0.1
-
-
 class _ReplicatedLog(SyncObj):
     """The pysyncobj object: one replicated method that hands each committed
-    entry, with its index, to metastore's state machine."""
+    entry, with its index, to the Applier (which applies it on its own
+    thread, see raft.applier)."""
 
-    def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf, apply: ApplyFn,
-                 journal: DurableJournal | None, on_long_apply: Callable[[float], None]) -> None:
+    def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
+                 enqueue: Callable[[bytes, int], AppliedResult], journal: DurableJournal | None) -> None:
         # self_address None: pysyncobj's read-only node (a learner).
-        self._apply = apply
+        self._enqueue = enqueue
         self._durable_journal = journal
-        self._on_long_apply = on_long_apply
-        # When the apply running on the tick thread started (None: none is
-        # running); guarded so the heartbeat thread sends only while it runs.
-        self._apply_started: float | None = None
-        self._apply_guard = threading.Lock()
-        self._heartbeat_period = conf.appendEntriesPeriod
-        self._stopped = threading.Event()
         # A leadership transfer needs a log that stops growing, or the target
         # can be one entry behind when it asks for votes and lose. The local
         # proposer pauses; proposals followers forward through pysyncobj are
@@ -199,87 +184,14 @@ class _ReplicatedLog(SyncObj):
         # the follower sends them again, in the end to the new leader).
         self.refuse_forwarded_until = 0.0
         super().__init__(self_address, partners, conf, transportClass=_DurableAckTransport)
-        threading.Thread(target=self._heartbeat_during_long_applies, name="raft-apply-heartbeat",
-                         daemon=True).start()
-
-    def destroy(self) -> None:
-        self._stopped.set()
-        super().destroy()
 
     def refuses_forwarded_proposals(self) -> bool:  # tick thread
         return time.monotonic() < self.refuse_forwarded_until
 
     @replicated
-    def apply_entry(self, payload: bytes) -> Any:
+    def apply_entry(self, payload: bytes) -> AppliedResult:
         # pysyncobj advances raftLastApplied after each entry: this one is +1.
-        t0 = time.monotonic()
-        with self._apply_guard:
-            self._apply_started = t0
-        # No cyclic GC during an apply: a DeleteRange of many keys allocates
-        # hundreds of thousands of short-lived tuples, each batch of which
-        # would start a full collection (tens of ms each, most of a long
-        # apply); reference counting frees them, and the collector runs after.
-        collect = gc.isenabled()
-        if collect:
-            gc.disable()
-        try:
-            return self._apply(payload, self.raftLastApplied + 1)
-        finally:
-            if collect:
-                gc.enable()
-            with self._apply_guard:  # waits for a heartbeat being sent
-                self._apply_started = None
-            blocked = time.monotonic() - t0
-            if blocked > _LONG_APPLY:
-                self._discount_blocked_time(blocked)
-                self._on_long_apply(blocked)
-                if blocked > _SLOW_APPLY_WARNING:
-                    log.warning("applying raft entry %d took %.0f ms (a big DeleteRange, txn or lease "
-                                "revoke?)", self.raftLastApplied + 1, blocked * 1000)
-
-    def _heartbeat_during_long_applies(self) -> None:
-        """While the leader's tick thread is stuck in one long apply (a
-        DeleteRange of 100,000 keys takes seconds), send the followers
-        pysyncobj's append-entries heartbeat from this thread, so they do not
-        time out and elect someone else (etcd applies beside its Raft loop
-        and keeps heartbeating the same way).
-
-        Safe because the tick thread is inside the state machine, which never
-        touches pysyncobj's state, and cannot leave the apply while a
-        heartbeat is being sent (_apply_guard)."""
-        period = self._heartbeat_period
-        while not self._stopped.wait(period):
-            with self._apply_guard:
-                started = self._apply_started
-                if started is None or time.monotonic() - started < period:
-                    continue
-                if getattr(self, "_SyncObj__raftState", None) != _LEADER_STATE:
-                    continue
-                try:
-                    self._SyncObj__sendAppendEntries()
-                except Exception:  # never let this thread die; the next tick sends anyway
-                    log.debug("heartbeat during a long apply failed", exc_info=True)
-
-    def _discount_blocked_time(self, blocked: float) -> None:
-        """Keep a long apply (a DeleteRange or compaction of many keys) from
-        costing an election.
-
-        pysyncobj applies entries on the tick thread that also reads peer
-        messages, and its next tick judges timeouts before it reads the
-        messages that queued meanwhile: a follower would campaign although
-        the leader's heartbeats are waiting in its socket, and a leader would
-        step down although its followers answered. Every member applies the
-        same entry, so all are equally late; the time spent blocked is not
-        counted against anyone -- each timer is moved by exactly that long.
-        """
-        now = time.monotonic()
-        deadline = getattr(self, "_SyncObj__raftElectionDeadline", None)
-        if deadline is not None:
-            self._SyncObj__raftElectionDeadline = max(deadline, min(deadline + blocked, now + blocked))
-        responses = getattr(self, "_SyncObj__lastResponseTime", None)
-        if isinstance(responses, dict):
-            for node, seen in list(responses.items()):
-                responses[node] = min(now, seen + blocked)
+        return self._enqueue(payload, self.raftLastApplied + 1)
 
 
 # The member's Raft role and voting peers, kept next to the journal (its
@@ -323,6 +235,9 @@ class RaftNode(RaftStatusSource):
         self._role_listeners: list[Callable[[RaftRole], None]] = []
         self._long_apply_listeners: list[Callable[[float], None]] = []
         self._obj: _ReplicatedLog | None = None
+        # Applies committed entries off the tick thread; one for the node's
+        # life (a promoted learner's new SyncObj feeds the same one).
+        self._applier: Applier | None = None
         # Leadership transfers asked for, run on the tick thread:
         # (target address or None, deadline, done callback).
         self._transfers: list[tuple[str | None, float, Callable[[TransferOutcome], None]]] = []
@@ -342,6 +257,8 @@ class RaftNode(RaftStatusSource):
     def start(self) -> None:
         learner, partners = self._decide_role()
         with self._lifecycle:
+            if self._applier is None:
+                self._applier = Applier(self._apply, self._long_apply)
             self._open(learner, partners)
         if learner:
             self._supervisor = threading.Thread(target=self._await_promotion, name="raft-learner", daemon=True)
@@ -394,8 +311,9 @@ class RaftNode(RaftStatusSource):
         self._learner = learner
         self._peers = frozenset(partners)
         self._save_role()  # durable before the node acts as what it records
-        obj = _ReplicatedLog(None if learner else cfg.self_address, partners, conf, self._apply, self.journal,
-                             self._long_apply)
+        assert self._applier is not None
+        obj = _ReplicatedLog(None if learner else cfg.self_address, partners, conf, self._applier.enqueue,
+                             self.journal)
         self._obj = obj
         if self.journal is not None:
             # The leader's own entries reach disk before the next tick counts
@@ -574,6 +492,9 @@ class RaftNode(RaftStatusSource):
             obj, self._obj = self._obj, None
             if obj is not None:
                 obj.destroy_synchronous()
+            applier, self._applier = self._applier, None
+        if applier is not None:
+            applier.stop()
         self._released.set()
         supervisor = self._supervisor
         if supervisor is not None and supervisor is not threading.current_thread():
@@ -676,9 +597,10 @@ class RaftNode(RaftStatusSource):
     # serializer, would wait for the whole file -- seconds for a big store,
     # during which this member neither replicates nor answers heartbeats (and
     # all members snapshot at the same index, so all stall at once). Here
-    # the state is only frozen on the tick thread (PendingSnapshot: dict
-    # copies or a RocksDB checkpoint), the file is written by a background
-    # thread, and pysyncobj learns the outcome through its serializeChecker:
+    # the state is only frozen (PendingSnapshot: copy-on-write rows or a
+    # RocksDB checkpoint) on the applier thread, right after the entry at
+    # the snapshot's index, the file is written by a background thread,
+    # and pysyncobj learns the outcome through its serializeChecker:
     # it keeps the whole log until then. The finished file is renamed into
     # place on the tick thread (in the checker), so it can never race a
     # snapshot received from the leader, which is also installed there.
@@ -692,13 +614,21 @@ class RaftNode(RaftStatusSource):
             previous.remove_output()
         job = _SnapshotJob(raft_data[0][1], self._cfg.snapshot_file or path)
         self._snapshot_job = job
-        try:
-            job.start(self._save_snapshot(_without_readonly_self(raft_data)))
-        except Exception as exc:  # reported as FAILED by the checker, once
-            job.fail(exc)
-        else:
-            log.info("snapshot at raft index %d frozen in %.0f ms; writing it in the background",
-                     job.index, (time.monotonic() - t0) * 1000)
+        data = _without_readonly_self(raft_data)
+
+        def freeze() -> None:  # applier thread, once every entry up to job.index is applied
+            t1 = time.monotonic()
+            try:
+                job.start(self._save_snapshot(data))
+            except Exception as exc:  # reported as FAILED by the checker, once
+                job.fail(exc)
+            else:
+                log.info("snapshot at raft index %d frozen in %.0f ms (%.0f ms after it was asked for); "
+                         "writing it in the background", job.index, (time.monotonic() - t1) * 1000,
+                         (t1 - t0) * 1000)
+
+        assert self._applier is not None
+        self._applier.run_in_order(freeze)
         # pysyncobj now renames `path` (its temporary name) over the snapshot
         # file; the job writes elsewhere, so `path` must not exist -- that
         # rename fails, which pysyncobj only notes (it then holds back
@@ -761,6 +691,10 @@ class RaftNode(RaftStatusSource):
         job = self._snapshot_job
         if job is not None:
             job.superseded = True  # must not replace what is loaded now
+        if self._applier is not None:
+            # Entries still queued are older than the snapshot; they (and a
+            # queued freeze) go first, so nothing is applied over what it loads.
+            self._applier.drain()
         raft_data = _without_readonly_self(self._load_snapshot(path))
         if self.journal is not None:
             align_journal_to_snapshot(self.journal, raft_data)
@@ -782,9 +716,15 @@ class RaftNode(RaftStatusSource):
             done(None, NOT_SUPPORTED_FOR_LEARNER)
             return
 
-        def callback(result: Any, reason: int) -> None:
+        def applied(value: Any) -> None:  # applier thread (or tick thread, if already applied)
+            if value is NOT_APPLIED:
+                done(None, errors.STOPPED)
+            else:
+                done(value, None)
+
+        def callback(result: Any, reason: int) -> None:  # tick thread
             if reason == FAIL_REASON.SUCCESS:
-                done(result, None)
+                result.when_applied(applied)  # committed and queued: answer once applied
             else:
                 done(None, _FAILURES.get(reason, errors.LEADER_CHANGED))
 
@@ -795,8 +735,8 @@ class RaftNode(RaftStatusSource):
         self._role_listeners.append(listener)
 
     def on_long_apply(self, listener: Callable[[float], None]) -> None:
-        """listener(seconds) after an entry took longer than _LONG_APPLY to
-        apply (tick thread): whatever queued behind it waited that long."""
+        """listener(seconds) after an entry took longer than applier.LONG_APPLY
+        to apply (applier thread): whatever queued behind it waited that long."""
         self._long_apply_listeners.append(listener)
 
     def _long_apply(self, seconds: float) -> None:
@@ -836,9 +776,8 @@ class RaftNode(RaftStatusSource):
     def applying_for(self) -> float:
         """Seconds the entry being applied right now has taken so far (0
         when none is): a long apply holds back everything queued behind it."""
-        obj = self._obj
-        started = obj._apply_started if obj is not None else None
-        return time.monotonic() - started if started is not None else 0.0
+        applier = self._applier
+        return applier.applying_for() if applier is not None else 0.0
 
     def raft_status(self) -> RaftStatus:
         """A consistent-enough snapshot read without touching pysyncobj's dicts
@@ -846,7 +785,9 @@ class RaftNode(RaftStatusSource):
         obj = self._obj
         if obj is None:
             return RaftStatus(self._node_id, 0, 0, RaftRole.UNKNOWN.value, 0, 0)
-        applied = obj.raftLastApplied
+        # pysyncobj counts an entry applied once it is queued for the applier.
+        backlog = self._applier.backlog if self._applier is not None else 0
+        applied = max(0, obj.raftLastApplied - backlog)
         commit = obj.raftCommitIndex
         return RaftStatus(
             node_id=self._node_id,

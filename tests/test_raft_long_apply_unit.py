@@ -1,9 +1,11 @@
-"""A long apply on the leader (a DeleteRange of many keys) costs no election,
-and is reported to on_long_apply listeners (the lessor extends leases by it).
+"""A long apply (a DeleteRange of many keys) costs no election and stops
+nothing else from committing, and is reported to on_long_apply listeners
+(the lessor extends leases by it).
 
 Three real pysyncobj members in this process on loopback: one entry takes
-longer to apply than the election timeout on every member. The leader keeps
-heartbeating from its watchdog thread meanwhile, so nobody campaigns.
+longer to apply than the election timeout on every member. Entries are
+applied beside Raft's tick thread (raft.applier), so meanwhile the leader
+keeps heartbeating and the followers keep acknowledging new entries.
 """
 from __future__ import annotations
 
@@ -51,7 +53,15 @@ def test_leader_keeps_heartbeating_through_a_long_apply(tmp_path):
         leader.on_long_apply(long_applies.append)  # Node extends every lease by it
         done.clear()
         leader.submit(SLOW, lambda result, error: done.set())
-        assert done.wait(30)
+        wait_for(lambda: all(n.applying_for() > 0.2 for n in nodes), 10, "every member to be applying it")
+        slow_index = leader.raft_status().commit
+        during = threading.Event()
+        leader.submit(b"during", lambda result, error: during.set())
+        # Committed (a follower acknowledged it) while every member is still
+        # busy with the slow entry; answered only once applied, after it.
+        wait_for(lambda: leader.raft_status().commit > slow_index, SLOW_APPLY / 2, "the next entry to commit")
+        assert all(n.applying_for() > 0 for n in nodes) and not during.is_set()
+        assert done.wait(30) and during.wait(10)
         wait_for(lambda: all(SLOW in a for a in applied), 30, "every member to apply the slow entry")
         after = threading.Event()
         leader.submit(b"after", lambda result, error: after.set())

@@ -87,6 +87,11 @@ def test_snapshot_is_written_while_raft_goes_on(tmp_path):
         wait_for(lambda: all(os.path.exists(tmp_path / f"n{i}.snapshot") for i in range(3)), 15, "snapshot files")
         wait_for(lambda: all(n.journal[0][1] > 50 for n in nodes), 15, "the log to be trimmed")
         assert not any(os.path.exists(tmp_path / f"n{i}.snapshot.writing") for i in range(3))
+        for i in range(3):
+            with open(tmp_path / f"n{i}.snapshot", "rb") as f:
+                state, raft_data = pickle.load(f)
+            # Frozen right after the entry at the snapshot's index, not later.
+            assert state[-1] == raft_data[0][1], (i, state[-1], raft_data[0][1])
     finally:
         gate.set()
         for n in nodes:
