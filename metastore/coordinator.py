@@ -124,7 +124,10 @@ class Coordinator:
             log.info("this member is %s, so not a coordinator candidate: handing leadership to %s",
                      me.liveness.name, self.placement._label(target))
             try:
-                await self.node.move_leader(target)
+                # Short: writes wait while a hand-over runs, and a target that
+                # died before its session expired would hold them the whole
+                # request timeout.
+                await self.node.move_leader(target, timeout=max(2.0, 2 * self.node.cfg.election_timeout_ms / 1000))
             except EtcdError as err:
                 self._handover_failed[target] = time.monotonic()
                 # Leave time for lease expiry (paused during a hand-over) to
