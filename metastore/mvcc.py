@@ -329,8 +329,8 @@ class MVCCStore:
         From the moment this returns, reads below the revision fail with
         COMPACTED, so what is still physically there is invisible; the
         Compactor thread removes it in small batches while applies go on
-        (one apply holding the tick thread for a compaction of millions of
-        rows would cost an election). `wait_compacted` waits for the end
+        (one apply compacting millions of rows would hold back every entry
+        after it for seconds). `wait_compacted` waits for the end
         (etcd's physical=true); hashes wait for it on their own."""
         with self._write_lock:
             rev = req.revision

@@ -173,7 +173,7 @@ class Proposer:
             batch.first_sent = loop.time()
         batch.timer = loop.call_later(self._timeout * 2, self._finish, batch, None, errors.TIMEOUT)
 
-        def done(result: Any, error: EtcdError | None) -> None:  # tick thread
+        def done(result: Any, error: EtcdError | None) -> None:  # Raft's tick or applier thread
             try:
                 loop.call_soon_threadsafe(self._finish, batch, result, error)
             except RuntimeError:
