@@ -385,7 +385,10 @@ class Node:
             loop.call_soon_threadsafe(lambda: asked.done() or asked.set_result(outcome))
 
         self.raft.transfer_leadership(target_address, max(0.0, deadline - loop.time()), done)
-        outcome = await asked
+        try:  # answered by the tick thread within the deadline, unless Raft stopped meanwhile
+            outcome = await asyncio.wait_for(asked, max(0.0, deadline - loop.time()) + 1.0)
+        except asyncio.TimeoutError:
+            raise errors.TIMEOUT_LEADER_TRANSFER from None
         if outcome is TransferOutcome.FAILED:
             raise errors.TIMEOUT_LEADER_TRANSFER
         # SENT, or NOT_LEADER: an earlier attempt's election may be under way.

@@ -37,7 +37,7 @@ NO_LEADER_RETRY = 0.05
 
 
 class _Batch:
-    __slots__ = ("proposals", "futures", "barriers", "size", "timer", "first_sent")
+    __slots__ = ("proposals", "futures", "barriers", "size", "timer", "opened")
 
     def __init__(self) -> None:
         self.proposals: list[raft_entry_pb2.Proposal] = []
@@ -45,7 +45,9 @@ class _Batch:
         self.barriers: list[asyncio.Future] = []
         self.size = 0
         self.timer: asyncio.TimerHandle | None = None
-        self.first_sent: float | None = None
+        # When its first request joined (loop time): retries end a request
+        # timeout after that, when its clients stop waiting.
+        self.opened: float | None = None
 
 
 class Proposer:
@@ -87,6 +89,8 @@ class Proposer:
             self._ready.append(self._open)
             self._open = _Batch()
         fut = self._loop.create_future()
+        if self._open.opened is None:
+            self._open.opened = self._loop.time()
         self._open.proposals.append(proposal)
         self._open.futures.append(fut)
         self._open.size += size
@@ -110,6 +114,8 @@ class Proposer:
         if self._closed:
             raise errors.STOPPED
         fut = self._loop.create_future()
+        if self._open.opened is None:
+            self._open.opened = self._loop.time()
         self._open.barriers.append(fut)
         self._schedule_flush()
         error = await self._wait(fut)
@@ -169,8 +175,6 @@ class Proposer:
                 origin=self._origin, proposals=batch.proposals).SerializeToString()
         self._inflight += 1
         loop = self._loop
-        if batch.first_sent is None:
-            batch.first_sent = loop.time()
         batch.timer = loop.call_later(self._timeout * 2, self._finish, batch, None, errors.TIMEOUT)
 
         def done(result: Any, error: EtcdError | None) -> None:  # Raft's tick or applier thread
@@ -195,7 +199,7 @@ class Proposer:
         batch.timer = None
         self._inflight -= 1
         if error is errors.NO_LEADER and not self._closed \
-                and self._loop.time() + NO_LEADER_RETRY < batch.first_sent + self._timeout:
+                and batch.opened is not None and self._loop.time() + NO_LEADER_RETRY < batch.opened + self._timeout:
             self._loop.call_later(NO_LEADER_RETRY, self._retry, batch)
             self._flush()
             return

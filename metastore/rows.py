@@ -28,10 +28,10 @@ PAUSE_EVERY = 256
 
 def write_rows(write: Callable[[bytes], object], rows: Iterable[Row],
                pause: Callable[[], object] | None = None) -> None:
-    """Write the row stream. A writer running beside the Raft tick thread
-    passes `pause` (e.g. a tiny sleep), called every PAUSE_EVERY rows: this
-    loop is pure Python and would otherwise keep the GIL for whole switch
-    intervals (5 ms) each time the tick thread waits to get it back from a
+    """Write the row stream. A writer running beside Raft's tick and applier
+    threads passes `pause` (e.g. a tiny sleep), called every PAUSE_EVERY
+    rows: this loop is pure Python and would otherwise keep the GIL for whole
+    switch intervals (5 ms) each time one of them waits to get it back from a
     socket call -- every such wait lengthens a Raft round trip."""
     table_ids = {name: i for i, name in enumerate(TABLES)}
     n = 0

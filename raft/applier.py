@@ -77,6 +77,7 @@ class Applier:
         self._queue: collections.deque[tuple[int, bytes | None, Any]] = collections.deque()
         self._cond = threading.Condition()
         self._backlog = 0  # queued entries (not jobs) not yet applied
+        self._last_index = 0  # of the last entry applied
         self._started_at: float | None = None  # the entry being applied
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="raft-apply", daemon=True)
@@ -113,6 +114,11 @@ class Applier:
         """Entries committed and handed over but not applied yet."""
         return self._backlog
 
+    @property
+    def last_index(self) -> int:
+        """Raft index of the last entry applied (0: none since the start)."""
+        return self._last_index
+
     def applying_for(self) -> float:
         """Seconds the entry being applied right now has taken so far (0
         when none is): a long apply holds back everything queued behind it."""
@@ -146,6 +152,7 @@ class Applier:
                     log.exception("a job queued behind the applied entries failed")
                 continue
             value = self._apply_one(payload, index)
+            self._last_index = index  # before the backlog shrinks: see RaftNode.raft_status
             with self._cond:
                 self._backlog -= 1
             target._set(value)

@@ -50,7 +50,7 @@ _FAILURES: dict[int, errors.EtcdError] = {
 }
 
 # Applies one committed entry (payload, raft index) and returns its result;
-# runs on the tick thread.
+# runs on the applier thread (raft.applier), entries in log order.
 ApplyFn = Callable[[bytes, int], Any]
 
 
@@ -62,11 +62,12 @@ class FrozenSnapshot(Protocol):
         """Write the snapshot file at `path`, fsynced (and free the copy)."""
 
 
-# Freezes the state machine (plus pysyncobj's raft data) for a snapshot; tick thread.
+# Freezes the state machine (plus pysyncobj's raft data) for a snapshot; applier thread.
 SaveSnapshotFn = Callable[[Any], FrozenSnapshot]
 # Loads a snapshot file into the state machine; returns the raft data saved with it.
 LoadSnapshotFn = Callable[[str], Any]
-# (result, error) for one submitted entry; runs on the tick thread.
+# (result, error) for one submitted entry; runs on the tick thread (a failure)
+# or the applier thread (once applied).
 DoneFn = Callable[[Any, "errors.EtcdError | None"], None]
 
 
@@ -495,6 +496,9 @@ class RaftNode(RaftStatusSource):
             applier, self._applier = self._applier, None
         if applier is not None:
             applier.stop()
+        job = self._snapshot_job
+        if job is not None and not job.started and not job.done.is_set():
+            job.fail(RuntimeError("stopped before the snapshot was frozen"))  # its freeze was dropped
         self._released.set()
         supervisor = self._supervisor
         if supervisor is not None and supervisor is not threading.current_thread():
@@ -698,8 +702,14 @@ class RaftNode(RaftStatusSource):
         raft_data = _without_readonly_self(self._load_snapshot(path))
         if self.journal is not None:
             align_journal_to_snapshot(self.journal, raft_data)
-        log.info("snapshot at raft index %d loaded in %.0f ms", raft_data[0][1],
-                 (time.monotonic() - t0) * 1000)
+        blocked = time.monotonic() - t0
+        obj = self._obj
+        deadline = getattr(obj, "_SyncObj__raftElectionDeadline", None) if obj is not None else None
+        if deadline is not None:
+            # The tick thread waited for the applier and the load: heartbeats
+            # that queued meanwhile must be read before this member campaigns.
+            obj._SyncObj__raftElectionDeadline = max(deadline, time.monotonic()) + blocked
+        log.info("snapshot at raft index %d loaded in %.0f ms", raft_data[0][1], blocked * 1000)
         return raft_data
 
     # -- proposals -----------------------------------------------------------
@@ -786,8 +796,13 @@ class RaftNode(RaftStatusSource):
         if obj is None:
             return RaftStatus(self._node_id, 0, 0, RaftRole.UNKNOWN.value, 0, 0)
         # pysyncobj counts an entry applied once it is queued for the applier.
-        backlog = self._applier.backlog if self._applier is not None else 0
-        applied = max(0, obj.raftLastApplied - backlog)
+        # Read before the backlog: an entry queued in between shows as backlog.
+        # Entries pysyncobj applies itself (a leader's no-op, configuration
+        # changes) never reach the applier: with no backlog, all is applied.
+        applied = obj.raftLastApplied
+        applier = self._applier
+        if applier is not None and applier.backlog:
+            applied = applier.last_index
         commit = obj.raftCommitIndex
         return RaftStatus(
             node_id=self._node_id,
@@ -810,8 +825,10 @@ class _SnapshotJob:
         self.error: BaseException | None = None
         self.superseded = False  # set on the tick thread
         self.seconds = 0.0
+        self.started = False  # frozen, and being written
 
     def start(self, frozen: FrozenSnapshot) -> None:
+        self.started = True
         threading.Thread(target=self._run, args=(frozen,), name="metastore-snapshot", daemon=True).start()
 
     def fail(self, error: BaseException) -> None:

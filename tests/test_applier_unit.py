@@ -28,12 +28,13 @@ def test_entries_apply_in_order_and_jobs_run_between_them():
         for i, r in enumerate(results + [later], start=1):
             r.when_applied(lambda value, i=i: got.__setitem__(i, value))
         assert applier.backlog == 4 and not got  # the first entry is still being applied
+        assert applier.last_index == 0  # what RaftNode.raft_status reports as applied meanwhile
         gate.set()
         applier.drain()
         assert applied == [1, 2, 3, 4]
         assert seen_by_job == [[1, 2, 3]]  # after entry 3, before entry 4
         assert got == {1: "r1", 2: "r2", 3: "r3", 4: "r4"}
-        assert applier.backlog == 0
+        assert applier.backlog == 0 and applier.last_index == 4
         late: list[object] = []
         results[0].when_applied(late.append)  # already applied: answered at once
         assert late == ["r1"]

@@ -7,6 +7,7 @@ same backend object (that is what "restart" means for this engine).
 """
 from __future__ import annotations
 
+import threading
 from typing import Iterator
 
 from sortedcontainers import SortedDict
@@ -19,8 +20,10 @@ class MemoryBackend:
         self._tables: dict[str, SortedDict] = {name: SortedDict() for name in TABLES}
         self._bytes = 0  # keys + values held, for size()
         # One per FrozenRows still open: the rows as they were when it was
-        # taken, for every key changed since (see frozen_rows).
-        self._pre_images: list[dict[str, dict[bytes, bytes | None]]] = []
+        # taken, for every key changed since (see frozen_rows). Replaced, never
+        # changed in place, under _pre_lock: copies are closed from any thread.
+        self._pre_images: tuple[dict[str, dict[bytes, bytes | None]], ...] = ()
+        self._pre_lock = threading.Lock()
 
     def get(self, table: str, key: bytes) -> bytes | None:
         return self._tables[table].get(key)
@@ -73,13 +76,15 @@ class MemoryBackend:
         the old row of each key it changes, and the reader takes a row from
         there when it has one, else from the live table."""
         pre: dict[str, dict[bytes, bytes | None]] = {name: {} for name in self._tables}
-        self._pre_images.append(pre)
+        with self._pre_lock:
+            self._pre_images = (*self._pre_images, pre)
         keys = [(name, d, d.keys()[:]) for name, d in self._tables.items()]
         return FrozenRows(self, keys, pre)
 
     def _unfreeze(self, pre: dict[str, dict[bytes, bytes | None]]) -> None:
-        # By identity: two copies' pre-images can be equal (both empty).
-        self._pre_images = [p for p in self._pre_images if p is not pre]
+        with self._pre_lock:
+            # By identity: two copies' pre-images can be equal (both empty).
+            self._pre_images = tuple(p for p in self._pre_images if p is not pre)
 
     def size(self) -> tuple[int, int]:
         return self._bytes, self._bytes
