@@ -88,9 +88,7 @@ class Proposer:
             # waits its turn like any other (max_inflight still holds).
             self._ready.append(self._open)
             self._open = _Batch()
-        fut = self._loop.create_future()
-        if self._open.opened is None:
-            self._open.opened = self._loop.time()
+        fut = self._join_open_batch()
         self._open.proposals.append(proposal)
         self._open.futures.append(fut)
         self._open.size += size
@@ -113,14 +111,19 @@ class Proposer:
         """Return once this member has applied every entry committed before the call."""
         if self._closed:
             raise errors.STOPPED
-        fut = self._loop.create_future()
-        if self._open.opened is None:
-            self._open.opened = self._loop.time()
+        fut = self._join_open_batch()
         self._open.barriers.append(fut)
         self._schedule_flush()
         error = await self._wait(fut)
         if error is not None:
             raise error
+
+    def _join_open_batch(self) -> asyncio.Future:
+        """A future for one more request in the open batch (noting when the
+        batch's first request joined)."""
+        if self._open.opened is None:
+            self._open.opened = self._loop.time()
+        return self._loop.create_future()
 
     def close(self) -> None:
         self._closed = True

@@ -32,9 +32,6 @@ class BlockingSnapshot:
             f.flush()
             os.fsync(f.fileno())
 
-    def discard(self) -> None:
-        pass
-
 
 def test_snapshot_is_written_while_raft_goes_on(tmp_path):
     ports = free_ports(3)
