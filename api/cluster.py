@@ -29,7 +29,7 @@ class ClusterService(rpc_pb2_grpc.ClusterServicer):
                          context: grpc.aio.ServicerContext) -> rpc_pb2.MemberListResponse:
         self._refuse_on_learner()
         if request.linearizable:
-            await self._node.proposer.barrier()
+            await self._node.read_barrier.wait()
         return rpc_pb2.MemberListResponse(header=self._node.header(),
                                           members=[member_pb(m) for m in self._node.members()])
 

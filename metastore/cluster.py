@@ -229,8 +229,8 @@ def proposal_allowed_on_learner(payload: bytes) -> bool:
     """Whether a learner may propose this Raft entry (a serialized
     `ProposalBatch`): only its own published attributes, which every member,
     learners too, announces through the log (etcd's learners publish the
-    same way). Client writes and read barriers (empty entries) are refused
-    with NOT_SUPPORTED_FOR_LEARNER, as etcd 3.4 does."""
+    same way). Client writes are refused with NOT_SUPPORTED_FOR_LEARNER, as
+    etcd 3.4 does (linearizable reads too: RaftNode.read_barrier)."""
     if not payload:
         return False
     try:

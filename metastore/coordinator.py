@@ -72,7 +72,7 @@ class Coordinator:
             if not self.active:
                 try:
                     # Apply everything committed before acting on the store.
-                    await self.node.proposer.barrier()
+                    await self.node.read_barrier.wait()
                 except EtcdError:
                     continue
                 log.info("coordinating workload placement as the Raft leader")

@@ -154,7 +154,7 @@ class Maintenance:
         a read barrier); ACTIVATE/DEACTIVATE go through Raft."""
         node = self._node
         if req.action == alarms.GET:
-            await node.proposer.barrier()
+            await node.read_barrier.wait()
             resp = alarms.response(alarms.active(node.store, req.alarm))
             node._fill_header(resp.header)
             return resp

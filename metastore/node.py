@@ -2,7 +2,7 @@
 
 This is the one path every request takes below the gRPC layer:
 
-    service -> Node.put()/range()/... -> Proposer (batch | read barrier)
+    service -> Node.put()/range()/... -> Proposer (batch) | ReadBarrier (read index)
             -> RaftNode (pysyncobj log) -> StateMachine.apply -> Store
             -> result back to the waiting request
 
@@ -34,6 +34,7 @@ from metastore.lessor import MAX_LEASE_TTL, Lessor, minimum_ttl
 from metastore.maintenance import Maintenance
 from metastore.placement import Placement, PlacementConfig
 from metastore.proposer import Proposer
+from metastore.read_barrier import ReadBarrier
 from metastore.raft import RaftConfig, RaftNode, TransferOutcome
 from metastore.state_machine import StateMachine
 from metastore.types import RaftRole, RaftStatus
@@ -91,6 +92,7 @@ class Node:
         # meanwhile: that time is not held against any lease.
         self.raft.on_long_apply(self.lessor.extend)
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
+        self.read_barrier = ReadBarrier(self.raft, timeout=cfg.request_timeout)
         # Alarms and the space quota, defragment, hash, client snapshots.
         self.maintenance = Maintenance(self)
         # Member sessions, workload placement and drain (coordinated by the leader).
@@ -137,6 +139,7 @@ class Node:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.proposer.bind(loop)
+        self.read_barrier.bind(loop)
         self.watch_hub.start(loop)
         await loop.run_in_executor(None, self.raft.start)
         self._publish_task = loop.create_task(self._publish_attributes())
@@ -155,6 +158,7 @@ class Node:
             except errors.EtcdError as err:
                 log.warning("leadership not handed over before stopping: %s", err.message)
         self.proposer.close()
+        self.read_barrier.close()
         self.watch_hub.stop()
         for task in (self._publish_task, self._expiry_task):
             if task is not None:
@@ -181,7 +185,7 @@ class Node:
     async def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
         validate.validate_range(req)
         if not req.serializable:
-            await self.proposer.barrier()
+            await self.read_barrier.wait()
         resp = self.store.range(req)
         self._fill_header(resp.header)
         return resp
@@ -198,7 +202,7 @@ class Node:
         validate.validate_txn(req)
         if validate.txn_is_read_only(req):
             # etcd serves a read-only txn as a linearizable read: no log entry.
-            await self.proposer.barrier()
+            await self.read_barrier.wait()
             resp = self.store.txn(req)
             self._fill_header(resp.header)
             return resp
@@ -263,7 +267,7 @@ class Node:
         does not exist or has already expired (etcd's answer)."""
         resp = rpc_pb2.LeaseKeepAliveResponse(ID=lease)
         if self.store.lease_ttl(lease) is None:
-            await self.proposer.barrier()  # granted through another member just now?
+            await self.read_barrier.wait()  # granted through another member just now?
         if self.store.lease_ttl(lease) is not None:
             # Even past its deadline on this member's clock: only a revoke
             # ends a lease, and a client told TTL 0 gives it up for good.
@@ -274,7 +278,7 @@ class Node:
         return resp
 
     async def lease_time_to_live(self, req: rpc_pb2.LeaseTimeToLiveRequest) -> rpc_pb2.LeaseTimeToLiveResponse:
-        await self.proposer.barrier()
+        await self.read_barrier.wait()
         resp = rpc_pb2.LeaseTimeToLiveResponse(ID=req.ID, TTL=-1)
         granted = self.store.lease_ttl(req.ID)
         left = self.lessor.remaining(req.ID)
@@ -287,7 +291,7 @@ class Node:
         return resp
 
     async def lease_leases(self) -> rpc_pb2.LeaseLeasesResponse:
-        await self.proposer.barrier()
+        await self.read_barrier.wait()
         resp = rpc_pb2.LeaseLeasesResponse()
         for lease in sorted(self.store.leases()):
             resp.leases.add(ID=lease)

@@ -187,26 +187,26 @@ class Placement:
         except ValueError as exc:
             raise PlacementError(400, str(exc)) from None
         while True:
-            await self.node.proposer.barrier()
+            await self.node.read_barrier.wait()
             old = await self._read(workload_id)
             if old is not None and old.metadata == metadata:
                 return False, old
             new = Workload(workload_id, metadata) if old is None else replace(old, metadata=metadata)
             if await self.cas(old, new):
-                await self.node.proposer.barrier()
+                await self.node.read_barrier.wait()
                 return old is None, await self._read(workload_id) or new
 
     async def remove(self, workload_id: str) -> bool:
-        await self.node.proposer.barrier()
+        await self.node.read_barrier.wait()
         resp = await self.node.delete_range(rpc_pb2.DeleteRangeRequest(key=workloads.key_of(workload_id)))
         return resp.deleted > 0
 
     async def list(self) -> list[Workload]:
-        await self.node.proposer.barrier()
+        await self.node.read_barrier.wait()
         return workloads.read_all(self.node.store)
 
     async def get(self, workload_id: str) -> Workload | None:
-        await self.node.proposer.barrier()
+        await self.node.read_barrier.wait()
         return await self._read(workload_id)
 
     async def acknowledge(self, workload_id: str, member: int, epoch: int, subunits: dict[int, int],
@@ -222,7 +222,7 @@ class Placement:
         if unknown:
             raise PlacementError(400, f"sub-units reported on unknown members {', '.join(f'{m:x}' for m in unknown)}")
         while True:
-            await self.node.proposer.barrier()
+            await self.node.read_barrier.wait()
             current = await self._read(workload_id)
             if (current is None or current.owner != member or current.epoch != epoch
                     or (not accept and current.state != workloads.RUNNING)):
@@ -240,7 +240,7 @@ class Placement:
         """Start draining a member (idempotent for the member being drained)."""
         if deadline_seconds < 0:
             raise PlacementError(400, "the deadline must not be negative")
-        await self.node.proposer.barrier()
+        await self.node.read_barrier.wait()
         member = self.resolve_member(ref)
         if len(self.node.members()) < 2:
             raise PlacementError(400, "a single-member cluster has nowhere to move workloads to")
@@ -287,7 +287,7 @@ class Placement:
         return counts
 
     async def drain_status(self, ref: str) -> dict[str, Any]:
-        await self.node.proposer.barrier()
+        await self.node.read_barrier.wait()
         member = self.resolve_member(ref)
         return self.status_of(member.id)
 
@@ -322,7 +322,7 @@ class Placement:
     async def drain_cancel(self, ref: str) -> dict[str, Any]:
         """Cancel the member's drain, or undrain a drained (STOPPING) member:
         back to ALIVE and schedulable (idempotent)."""
-        await self.node.proposer.barrier()
+        await self.node.read_barrier.wait()
         member = self.resolve_member(ref)
         drain = liveness.read_drain(self.node.store)
         draining = drain is not None and drain.target == member.id
@@ -335,13 +335,13 @@ class Placement:
             except EtcdError as err:
                 if err is not liveness.NOT_DRAINING:
                     raise
-            await self.node.proposer.barrier()
+            await self.node.read_barrier.wait()
             self.signal.notify()
         return self.status_of(member.id)
 
     async def members_status(self) -> list[dict[str, Any]]:
         """Every member with its liveness, session and load (GET /api/v2/captures)."""
-        await self.node.proposer.barrier()
+        await self.node.read_barrier.wait()
         view = self.view()
         leader = self.node.raft_status().leader_id
         out = []

@@ -1,13 +1,10 @@
-"""Proposal batching and read barriers, on the asyncio side of a member.
+"""Proposal batching, on the asyncio side of a member.
 
 Client requests arrive on the event loop. Rather than one Raft entry (and one
 round trip, one journal write, one message per peer) per request, the
 proposer gathers everything that arrives while the loop is busy into one
 `ProposalBatch` entry, keeping at most `max_inflight` entries in flight.
-Linearizable reads ride the same mechanism: a read waits for the next entry
-this member proposes to be applied locally (an empty entry if there is
-nothing else to send), which proves the member has applied everything
-committed before the read began. Concurrent reads share that one barrier.
+(Linearizable reads need no entry: metastore.read_barrier.)
 """
 from __future__ import annotations
 
@@ -37,12 +34,11 @@ NO_LEADER_RETRY = 0.05
 
 
 class _Batch:
-    __slots__ = ("proposals", "futures", "barriers", "size", "timer", "opened")
+    __slots__ = ("proposals", "futures", "size", "timer", "opened")
 
     def __init__(self) -> None:
         self.proposals: list[raft_entry_pb2.Proposal] = []
         self.futures: list[asyncio.Future] = []
-        self.barriers: list[asyncio.Future] = []
         self.size = 0
         self.timer: asyncio.TimerHandle | None = None
         # When its first request joined (loop time): retries end a request
@@ -76,7 +72,6 @@ class Proposer:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    # -- the two entry points ------------------------------------------------
     async def propose(self, proposal: raft_entry_pb2.Proposal) -> Any:
         """Replicate one request; returns its apply result (raises its error)."""
         if self._closed:
@@ -106,17 +101,6 @@ class Proposer:
                 self.failed += 1
             raise result
         return result
-
-    async def barrier(self) -> None:
-        """Return once this member has applied every entry committed before the call."""
-        if self._closed:
-            raise errors.STOPPED
-        fut = self._join_open_batch()
-        self._open.barriers.append(fut)
-        self._schedule_flush()
-        error = await self._wait(fut)
-        if error is not None:
-            raise error
 
     def _join_open_batch(self) -> asyncio.Future:
         """A future for one more request in the open batch (noting when the
@@ -166,16 +150,13 @@ class Proposer:
             return  # resume() flushes
         while self._inflight < self._max_inflight and self._ready:
             self._submit(self._ready.popleft())
-        if self._inflight < self._max_inflight and (self._open.proposals or self._open.barriers):
+        if self._inflight < self._max_inflight and self._open.proposals:
             batch, self._open = self._open, _Batch()
             self._submit(batch)
         # else: a finishing entry calls _flush again
 
     def _submit(self, batch: _Batch) -> None:
-        payload = b""
-        if batch.proposals:
-            payload = raft_entry_pb2.ProposalBatch(
-                origin=self._origin, proposals=batch.proposals).SerializeToString()
+        payload = raft_entry_pb2.ProposalBatch(origin=self._origin, proposals=batch.proposals).SerializeToString()
         self._inflight += 1
         loop = self._loop
         batch.timer = loop.call_later(self._timeout * 2, self._finish, batch, None, errors.TIMEOUT)
@@ -217,6 +198,3 @@ class Proposer:
         for i, fut in enumerate(batch.futures):
             if not fut.done():
                 fut.set_result(error if error is not None else results[i])
-        for fut in batch.barriers:
-            if not fut.done():
-                fut.set_result(error)

@@ -1,7 +1,8 @@
 """The replicated state machine: what applying one Raft entry means.
 
 An entry is a `ProposalBatch` (many client requests that shared one Raft
-round trip) or empty (a read barrier). Every member applies the same entries
+round trip), or empty in logs written before reads stopped needing an entry
+(raft.read_index). Every member applies the same entries
 in the same order, so everything here must be deterministic. A request that
 fails (a compacted revision, ignore_value on a missing key, ...) fails alone:
 its error is its result and the other requests of the batch still apply.
@@ -50,7 +51,7 @@ class StateMachine:
         applied twice.
         """
         if not payload:
-            return []  # a read barrier: committing it is all it is for
+            return []  # a read barrier of an older version's log: nothing to apply
         try:
             batch = raft_entry_pb2.ProposalBatch.FromString(payload)
         except Exception:  # pragma: no cover - only a corrupted log gets here

@@ -30,6 +30,7 @@ from metastore.cluster import NOT_SUPPORTED_FOR_LEARNER, proposal_allowed_on_lea
 from metastore.fsutil import fsync_path
 from metastore.raft.applier import NOT_APPLIED, AppliedResult, Applier
 from metastore.raft.journal import DurableJournal
+from metastore.raft.read_index import ReadDone, ReadIndex
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
 
 log = logging.getLogger("metastore.raft")
@@ -121,6 +122,9 @@ class _DurableAckTransport(TCPTransport):
             journal = getattr(self._syncObj, "_durable_journal", None)
             if journal is not None and journal.needs_sync():
                 journal.sync()
+        reads = getattr(self._syncObj, "read_index", None)
+        if reads is not None:
+            reads.tag_outgoing(node, message)
         return super().send(node, message)
 
     def setOnMessageReceivedCallback(self, callback: Callable[[Any, Any], None]) -> None:
@@ -138,9 +142,15 @@ class _DurableAckTransport(TCPTransport):
         ever moves the next index back on a rejection ('reset'), which
         pysyncobj still handles: a success here never lowers it."""
 
+        reads: ReadIndex = self._syncObj.read_index
+
         def on_message(node: Any, message: Any) -> None:
-            if isinstance(message, dict) and message.get("type") == "apply_command" \
-                    and self._syncObj.refuses_forwarded_proposals():
+            if not isinstance(message, dict):
+                callback(node, message)
+                return
+            if reads.on_message(node, message):
+                return  # a read index request or answer: not pysyncobj's
+            if message.get("type") == "apply_command" and self._syncObj.refuses_forwarded_proposals():
                 if "request_id" in message:
                     # The follower's proposer offers it again (NO_LEADER_RETRY)
                     # and reaches the new leader once the hand-over is done.
@@ -149,13 +159,14 @@ class _DurableAckTransport(TCPTransport):
                         "error": FAIL_REASON.NOT_LEADER})
                 return
             next_index = None
-            if isinstance(message, dict) and message.get("type") == "next_node_idx" \
-                    and message.get("success") and not message.get("reset"):
+            if message.get("type") == "next_node_idx" and message.get("success") and not message.get("reset"):
                 next_index = getattr(self._syncObj, "_SyncObj__raftNextIndex", None)
             before = next_index.get(node) if next_index is not None else None
+            reads.before_message(node, message)
             callback(node, message)
             if before is not None and next_index.get(node, before) < before:
                 next_index[node] = before
+            reads.after_message(node, message)
 
         super().setOnMessageReceivedCallback(on_message)
 
@@ -174,10 +185,12 @@ class _ReplicatedLog(SyncObj):
     thread, see raft.applier)."""
 
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
-                 enqueue: Callable[[bytes, int], AppliedResult], journal: DurableJournal | None) -> None:
+                 applier: Applier, journal: DurableJournal | None) -> None:
         # self_address None: pysyncobj's read-only node (a learner).
-        self._enqueue = enqueue
+        self._enqueue = applier.enqueue
         self._durable_journal = journal
+        # Before the transport is created: it hooks into the peer messages.
+        self.read_index = ReadIndex(_ReadIndexHost(self, applier), ask_timeout=conf.raftMinTimeout)
         # A leadership transfer needs a log that stops growing, or the target
         # can be one entry behind when it asks for votes and lose. The local
         # proposer pauses; proposals followers forward through pysyncobj are
@@ -189,10 +202,62 @@ class _ReplicatedLog(SyncObj):
     def refuses_forwarded_proposals(self) -> bool:  # tick thread
         return time.monotonic() < self.refuse_forwarded_until
 
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        # Reads asked for since the last tick join a round sent in this one.
+        self.read_index.before_tick()
+        super()._onTick(timeToWait)
+
     @replicated
     def apply_entry(self, payload: bytes) -> AppliedResult:
         # pysyncobj advances raftLastApplied after each entry: this one is +1.
         return self._enqueue(payload, self.raftLastApplied + 1)
+
+
+class _ReadIndexHost:
+    """pysyncobj's side of raft.read_index (tick thread, except wake)."""
+
+    def __init__(self, obj: _ReplicatedLog, applier: Applier) -> None:
+        self._obj = obj
+        self._applier = applier
+
+    def leading_term(self) -> int | None:
+        obj = self._obj
+        return obj.raftCurrentTerm if obj._isLeader() else None
+
+    def term(self) -> int:
+        return self._obj.raftCurrentTerm
+
+    def read_index(self) -> int:
+        # The no-op a new leader appends is its first entry of the term.
+        return max(self._obj.raftCommitIndex, self._obj._SyncObj__noopIDx or 0)
+
+    def voters(self) -> list[Any]:
+        return list(self._obj._SyncObj__otherNodes)
+
+    def leader(self) -> Any:
+        return self._obj._getLeader()
+
+    def send(self, node: Any, message: dict) -> None:
+        self._obj._SyncObj__transport.send(node, message)
+
+    def send_heartbeats_now(self) -> None:
+        self._obj._SyncObj__newAppendEntriesTime = 0.0
+
+    def last_applied(self) -> int:
+        return self._obj.raftLastApplied
+
+    def after_applied(self, job: Callable[[], None]) -> None:
+        # No backlog: every entry handed over is applied (only this thread
+        # hands entries over), so the job need not wait its turn.
+        if self._applier.backlog == 0:
+            job()
+        else:
+            self._applier.run_in_order(job)
+
+    def wake(self) -> None:
+        notifier = getattr(self._obj, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            notifier.notify()
 
 
 # The member's Raft role and voting peers, kept next to the journal (its
@@ -313,7 +378,7 @@ class RaftNode(RaftStatusSource):
         self._peers = frozenset(partners)
         self._save_role()  # durable before the node acts as what it records
         assert self._applier is not None
-        obj = _ReplicatedLog(None if learner else cfg.self_address, partners, conf, self._applier.enqueue,
+        obj = _ReplicatedLog(None if learner else cfg.self_address, partners, conf, self._applier,
                              self.journal)
         self._obj = obj
         if self.journal is not None:
@@ -322,6 +387,7 @@ class RaftNode(RaftStatusSource):
             # tick callbacks run after new entries were appended).
             obj.addOnTickCallback(self._sync_journal)
         obj.addOnTickCallback(self._run_transfers)
+        obj.addOnTickCallback(obj.read_index.after_tick)
         obj.addOnTickCallback(lambda: self._watch_configuration(obj))
         if learner:
             # A read-only node binds nothing (waitBinded would wait forever).
@@ -480,6 +546,7 @@ class RaftNode(RaftStatusSource):
             log.info("this member was promoted: Raft restarts as a voter (peers %s)", ",".join(partners))
             if old is not None:
                 old.destroy_synchronous()
+                old.read_index.close()
             try:
                 self._open(False, partners)
             except Exception:
@@ -493,6 +560,7 @@ class RaftNode(RaftStatusSource):
             obj, self._obj = self._obj, None
             if obj is not None:
                 obj.destroy_synchronous()
+                obj.read_index.close()
             applier, self._applier = self._applier, None
         if applier is not None:
             applier.stop()
@@ -721,8 +789,7 @@ class RaftNode(RaftStatusSource):
             done(None, errors.STOPPED)
             return
         if self._learner and not proposal_allowed_on_learner(payload):
-            # pysyncobj would forward it to the leader; etcd's learners refuse
-            # writes and linearizable reads (the barrier is an empty entry).
+            # pysyncobj would forward it to the leader; etcd's learners refuse writes.
             done(None, NOT_SUPPORTED_FOR_LEARNER)
             return
 
@@ -739,6 +806,18 @@ class RaftNode(RaftStatusSource):
                 done(None, _FAILURES.get(reason, errors.LEADER_CHANGED))
 
         obj.apply_entry(payload, callback=callback)
+
+    def read_barrier(self, done: ReadDone) -> None:
+        """done(None) once this member has applied everything committed
+        before the call, confirmed by the leader without a log entry
+        (raft.read_index); done(error) if it could not be. Thread-safe."""
+        obj = self._obj
+        if obj is None:
+            done(errors.STOPPED)
+        elif self._learner:
+            done(NOT_SUPPORTED_FOR_LEARNER)  # etcd's learners serve serializable reads only
+        else:
+            obj.read_index.request(done)
 
     # -- status --------------------------------------------------------------
     def on_role_change(self, listener: Callable[[RaftRole], None]) -> None:

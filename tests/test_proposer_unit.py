@@ -1,5 +1,5 @@
-"""Proposer logic in isolation: batching, the in-flight limit, barriers,
-timeouts. The Raft node is a fake that records submissions and lets the test
+"""Proposer logic in isolation: batching, the in-flight limit, timeouts,
+retries. The Raft node is a fake that records submissions and lets the test
 decide when each entry is applied."""
 from __future__ import annotations
 
@@ -80,31 +80,12 @@ def test_in_flight_limit_holds_for_full_batches_too():
     run(main())
 
 
-def test_barrier_rides_the_open_batch_or_an_empty_entry():
-    async def main():
-        raft = FakeRaft()
-        p = make(raft)
-        w = asyncio.create_task(p.propose(put(b"a")))
-        b = asyncio.create_task(p.barrier())
-        await settle()
-        assert len(raft.submitted) == 1
-        raft.apply(0)
-        await asyncio.gather(w, b)
-        b2 = asyncio.create_task(p.barrier())
-        await settle()
-        assert raft.submitted[1][0] == b"", "a lone barrier sends an empty entry"
-        assert not b2.done()
-        raft.apply(1)
-        await b2
-    run(main())
-
-
 def test_errors_and_timeouts_reach_every_waiter():
     async def main():
         raft = FakeRaft()
         p = make(raft, timeout=0.2)
         t1 = asyncio.create_task(p.propose(put(b"a")))
-        t2 = asyncio.create_task(p.barrier())
+        t2 = asyncio.create_task(p.propose(put(b"a2")))
         await settle()
         raft.submitted[0][1](None, errors.LEADER_CHANGED)
         for t in (t1, t2):
@@ -151,7 +132,7 @@ def test_no_leader_is_offered_again_while_the_request_waits():
         raft = FakeRaft()
         p = make(raft, timeout=0.5)
         t1 = asyncio.create_task(p.propose(put(b"a")))
-        t2 = asyncio.create_task(p.barrier())
+        t2 = asyncio.create_task(p.propose(put(b"a2")))
         await settle()
         raft.submitted[0][1](None, errors.NO_LEADER)
         await asyncio.sleep(0.1)
@@ -159,7 +140,7 @@ def test_no_leader_is_offered_again_while_the_request_waits():
         assert not t1.done() and not t2.done()
         raft.apply(1)
         assert await t1 == b"a"
-        assert await t2 is None
+        assert await t2 == b"a2"
         t3 = asyncio.create_task(p.propose(put(b"b")))
         began = asyncio.get_running_loop().time()
         while not t3.done():

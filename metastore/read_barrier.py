@@ -1,0 +1,112 @@
+"""Linearizable reads, on the asyncio side of a member.
+
+A linearizable read (Range without `serializable`, a read-only Txn, lease
+lookups, placement reads) first waits for this member to have applied every
+entry committed before the read began. Raft confirms that without a log entry
+(raft.read_index: the leader's commit index, confirmed by a heartbeat round).
+
+Reads that arrive in the same event-loop iteration share one request to Raft.
+The tick thread then puts every request that arrived since its last tick into
+one round, so a burst of reads costs one round, not one per read.
+
+Raft answers NO_LEADER when there is no leader, or the leader changed while
+it was being asked. Nothing was read yet, so the request is made again every
+NO_LEADER_RETRY until the read's timeout. Clients see no error during an
+election or a leadership hand-over, as with writes (metastore.proposer).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable, Protocol
+
+from metastore import errors
+from metastore.errors import EtcdError
+from metastore.proposer import NO_LEADER_RETRY
+
+
+DoneFn = Callable[[EtcdError | None], None]
+
+
+class ReadIndexSource(Protocol):
+    def read_barrier(self, done: DoneFn) -> None:
+        """done(None) once everything committed before the call is applied
+        here, done(error) otherwise; from any thread (raft.RaftNode)."""
+
+
+class ReadBarrier:
+    def __init__(self, raft: ReadIndexSource, *, timeout: float = 5.0) -> None:
+        self._raft = raft
+        self._timeout = timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Reads waiting for the next request to Raft; one request is in
+        # flight at a time, and whatever arrives meanwhile shares the next.
+        self._gathering: list[asyncio.Future] = []
+        self._asking = False  # a request is in flight or about to be made
+        self._waiting: set[asyncio.Future] = set()  # every read not answered yet
+        self._closed = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    async def wait(self) -> None:
+        """Return once this member has applied every entry committed before
+        the call (raises TIMEOUT, STOPPED or NOT_SUPPORTED_FOR_LEARNER)."""
+        if self._closed:
+            raise errors.STOPPED
+        fut = self._loop.create_future()
+        self._gathering.append(fut)
+        self._waiting.add(fut)
+        if not self._asking:
+            self._asking = True
+            self._loop.call_soon(self._ask)  # reads of this loop iteration join
+        try:
+            error = await asyncio.wait_for(asyncio.shield(fut), self._timeout)
+        except asyncio.TimeoutError:
+            raise errors.TIMEOUT from None
+        finally:
+            self._waiting.discard(fut)
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Fail the reads still waiting (the member stops)."""
+        self._closed = True
+        for fut in self._waiting:
+            if not fut.done():
+                fut.set_result(errors.STOPPED)
+
+    def _ask(self) -> None:
+        group = [fut for fut in self._gathering if not fut.done()]  # timed-out reads drop out
+        self._gathering = []
+        if not group or self._closed:
+            self._asking = False
+            self._answer(group, errors.STOPPED)
+            return
+        loop = self._loop
+
+        def done(error: EtcdError | None) -> None:  # tick or applier thread
+            try:
+                loop.call_soon_threadsafe(self._answered, group, error)
+            except RuntimeError:
+                pass  # the loop is closed: the server stopped, nobody waits
+
+        self._raft.read_barrier(done)
+
+    def _answered(self, group: list[asyncio.Future], error: EtcdError | None) -> None:
+        if error is errors.NO_LEADER and not self._closed:
+            # Nothing was read: ask again shortly, with whatever joined since.
+            # A read that waits too long ends with TIMEOUT (wait()).
+            self._gathering[:0] = group
+            self._loop.call_later(NO_LEADER_RETRY, self._ask)
+            return
+        self._answer(group, error)
+        if self._gathering:
+            self._ask()
+        else:
+            self._asking = False
+
+    @staticmethod
+    def _answer(group: list[asyncio.Future], error: EtcdError | None) -> None:
+        for fut in group:
+            if not fut.done():
+                fut.set_result(error)

@@ -1,0 +1,324 @@
+"""Linearizable reads without a log entry: Raft's ReadIndex.
+
+A linearizable read must see every write committed before it began. Committing
+an entry for it would cost a journal write and an fsync on every member and an
+apply everywhere. Instead the leader takes its commit index when the read
+arrives (the read index) and then proves it still leads. After it has proved
+that, nothing can have been committed before the read that the read index does
+not cover. The member that serves the read then waits until it has applied the
+read index.
+
+The proof is a heartbeat round, carried on messages pysyncobj sends anyway:
+- The leader numbers rounds, and tags every append_entries it sends with the
+  current round ('ms_read').
+- A follower remembers the last round it accepted from its leader. It accepts
+  only from a leader whose term is at least its own. It echoes that round and
+  the term in its replies ('next_node_idx').
+- Once a majority of the voters (the leader included) has echoed a round
+  started after the read arrived, in the term the read was taken in, no leader
+  of a later term existed when the read began. A later leader would have needed
+  votes from that majority.
+Reads that arrive in the same tick share a round, and the leader sends the
+round at once rather than at the next heartbeat.
+
+A follower asks the leader for the read index with a message of its own
+('ms_read_index'), answered by 'ms_read_index_resp', and waits for its own
+applier. A request whose leader changes, or that finds no leader, fails with
+NO_LEADER. The asyncio side (metastore.read_barrier) asks again until the
+read's deadline.
+
+Everything below runs on pysyncobj's tick thread except request(). Whatever
+pysyncobj-specific access this needs goes through `ReadIndexHost`, which
+raft.node implements.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Protocol
+
+from metastore import errors
+from metastore.errors import EtcdError
+
+# done(error): None once this member has applied everything committed before
+# the read began; else why the read index could not be had.
+ReadDone = Callable[[EtcdError | None], None]
+# reply(index, error): the read index, or why there is none.
+_Reply = Callable[[int, EtcdError | None], None]
+
+# Message types and fields this module adds to pysyncobj's peer protocol.
+ASK = "ms_read_index"
+ANSWER = "ms_read_index_resp"
+ROUND = "ms_read"  # on append_entries: the leader's round
+ECHO = "ms_read_echo"  # on next_node_idx: (term, round) last accepted from that leader
+
+# Error codes carried in ANSWER (an EtcdError is not sent as such).
+_WIRE_ERRORS = {errors.NO_LEADER.code: errors.NO_LEADER}
+
+
+class ReadIndexHost(Protocol):
+    """What ReadIndex needs from the Raft node (tick thread only)."""
+
+    def leading_term(self) -> int | None:
+        """The current term if this node leads, else None."""
+
+    def term(self) -> int: ...
+
+    def read_index(self) -> int:
+        """The leader's commit index, but at least its own first entry of the
+        term: until that commits, earlier terms' entries may be committed
+        without the commit index showing it yet."""
+
+    def voters(self) -> list[Hashable]:
+        """The other voting members (pysyncobj nodes)."""
+
+    def leader(self) -> Hashable | None:
+        """The node this follower takes as leader."""
+
+    def send(self, node: Hashable, message: dict) -> None: ...
+
+    def send_heartbeats_now(self) -> None: ...
+
+    def last_applied(self) -> int:
+        """Index up to which pysyncobj has applied or handed entries over."""
+
+    def after_applied(self, job: Callable[[], None]) -> None:
+        """Run job() once every entry handed to the applier so far is applied."""
+
+    def wake(self) -> None:
+        """Make the tick thread run soon (called from other threads)."""
+
+
+@dataclass
+class _Pending:
+    """A read waiting on the leader for its round to be echoed by a majority."""
+
+    round: int
+    term: int
+    index: int
+    reply: _Reply
+
+
+@dataclass
+class _Asked:
+    """A follower's read index request, sent to `leader` at `sent` (monotonic)."""
+
+    leader: Hashable
+    sent: float
+    reply: _Reply
+
+
+class ReadIndex:
+    def __init__(self, host: ReadIndexHost, ask_timeout: float) -> None:
+        self._host = host
+        # A follower gives up on the leader's answer after this long (lost
+        # with a connection) and fails the read with NO_LEADER, to be asked again.
+        self._ask_timeout = ask_timeout
+        self._lock = threading.Lock()
+        self._requests: list[ReadDone] = []  # from any thread, taken by the tick thread
+        self._closed = False
+        # Leader.
+        self._round = 0
+        self._round_wanted = False  # a read joined round self._round + 1
+        self._pending: list[_Pending] = []
+        self._echoed: dict[Hashable, int] = {}  # voter -> highest round echoed in this term
+        self._echo_term = 0
+        # Follower.
+        self._ids = itertools.count(1)
+        self._asked: dict[int, _Asked] = {}
+        self._accepted: dict[Hashable, tuple[int, int]] = {}  # leader -> (term, round)
+        # Both: read indexes known, waiting for this member to apply them.
+        self._applying: list[tuple[int, ReadDone]] = []
+
+    # -- any thread ------------------------------------------------------------
+    def request(self, done: ReadDone) -> None:
+        """done(None) once this member has applied everything committed
+        before this call; done(error) if the leader could not be confirmed."""
+        with self._lock:
+            if self._closed:
+                stopped = True
+            else:
+                stopped = False
+                self._requests.append(done)
+        if stopped:
+            done(errors.STOPPED)
+            return
+        self._host.wake()
+
+    def close(self) -> None:
+        """Fail every read not answered yet (the node stops or is replaced)."""
+        with self._lock:
+            self._closed = True
+            requests, self._requests = self._requests, []
+        waiting = [done for _index, done in self._applying]
+        self._applying = []
+        for done in requests + waiting:
+            done(errors.STOPPED)
+        replies = [asked.reply for asked in self._asked.values()] + [p.reply for p in self._pending]
+        self._asked.clear()
+        self._pending.clear()
+        for reply in replies:
+            try:
+                reply(0, errors.STOPPED)
+            except Exception:  # a follower's ask: its connection is gone with the node
+                pass
+
+    # -- tick thread: once per tick, before pysyncobj's own work ---------------
+    def before_tick(self) -> None:
+        with self._lock:
+            requests, self._requests = self._requests, []
+        for done in requests:
+            self._start(self._local_reply(done))
+        term = self._host.leading_term()
+        if term is None:
+            self._fail_pending(errors.NO_LEADER)
+        else:
+            self._fail_pending(errors.NO_LEADER, unless_term=term)  # a term of ours that ended
+            if self._round_wanted:
+                self._round += 1
+                self._round_wanted = False
+                self._host.send_heartbeats_now()
+            if not self._host.voters():
+                self._confirm(term)  # a cluster of one: nobody to ask
+        if self._asked:
+            self._expire_asked()
+
+    def after_tick(self) -> None:
+        """Answer reads whose read index this member has applied by now."""
+        if self._applying:
+            self._check_applied()
+
+    # -- tick thread: messages -------------------------------------------------
+    def tag_outgoing(self, node: Hashable, message: dict) -> None:
+        """Add our part to a pysyncobj message about to be sent."""
+        kind = message.get("type")
+        if kind == "append_entries":
+            message[ROUND] = self._round
+        elif kind == "next_node_idx":
+            accepted = self._accepted.get(node)
+            if accepted is not None:
+                message[ECHO] = accepted
+
+    def on_message(self, node: Hashable, message: dict) -> bool:
+        """Handle our own message types; True if `message` was one of them."""
+        kind = message.get("type")
+        if kind == ASK:
+            self._on_ask(node, message["id"])
+            return True
+        if kind == ANSWER:
+            asked = self._asked.pop(message["id"], None)
+            if asked is not None:
+                code = message.get("error")
+                asked.reply(message.get("index", 0), None if code is None else _WIRE_ERRORS.get(code, errors.NO_LEADER))
+            return True
+        return False
+
+    def before_message(self, node: Hashable, message: dict) -> None:
+        """Note a leader's round before pysyncobj handles its append_entries,
+        so that the reply pysyncobj sends while handling it carries the round.
+        pysyncobj takes the sender as leader exactly when its term is not
+        behind ours; a stale leader's round is not echoed."""
+        if message.get("type") == "append_entries" and ROUND in message \
+                and message.get("term", -1) >= self._host.term():
+            self._accepted[node] = (message["term"], message[ROUND])
+
+    def after_message(self, node: Hashable, message: dict) -> None:
+        """Count a follower's echo once pysyncobj has handled its reply."""
+        if message.get("type") == "next_node_idx" and ECHO in message:
+            term = self._host.leading_term()
+            echo_term, echo_round = message[ECHO]
+            if term is None or echo_term != term:
+                return
+            if self._echo_term != term:
+                self._echoed.clear()
+                self._echo_term = term
+            if echo_round > self._echoed.get(node, 0):
+                self._echoed[node] = echo_round
+                if self._pending:
+                    self._confirm(term)
+
+    # -- leader ----------------------------------------------------------------
+    def _start(self, reply: _Reply) -> None:
+        term = self._host.leading_term()
+        if term is not None:
+            self._pending.append(_Pending(self._round + 1, term, self._host.read_index(), reply))
+            self._round_wanted = True
+            return
+        leader = self._host.leader()
+        if leader is None:
+            reply(0, errors.NO_LEADER)
+            return
+        ask_id = next(self._ids)
+        self._asked[ask_id] = _Asked(leader, time.monotonic(), reply)
+        self._host.send(leader, {"type": ASK, "id": ask_id})
+
+    def _on_ask(self, node: Hashable, ask_id: int) -> None:
+        def answer(index: int, error: EtcdError | None) -> None:
+            message: dict[str, Any] = {"type": ANSWER, "id": ask_id}
+            if error is None:
+                message["index"] = index
+            else:
+                message["error"] = error.code
+            self._host.send(node, message)
+
+        if self._host.leading_term() is None:
+            answer(0, errors.NO_LEADER)
+        else:
+            self._start(answer)
+
+    def _confirm(self, term: int) -> None:
+        """Answer the pending reads whose round a majority has echoed."""
+        voters = self._host.voters()
+        needed = (len(voters) + 1) // 2  # followers' echoes; with ours, a majority
+        if needed == 0:
+            confirmed = self._round
+        else:
+            echoes = sorted((self._echoed.get(v, 0) for v in voters), reverse=True)
+            confirmed = echoes[needed - 1]
+        keep = []
+        for pending in self._pending:
+            if pending.term == term and pending.round <= confirmed:
+                pending.reply(pending.index, None)
+            else:
+                keep.append(pending)
+        self._pending = keep
+
+    def _fail_pending(self, error: EtcdError, unless_term: int | None = None) -> None:
+        failed = [p for p in self._pending if p.term != unless_term]
+        if failed:
+            self._pending = [p for p in self._pending if p.term == unless_term]
+            for p in failed:
+                p.reply(0, error)
+
+    # -- follower --------------------------------------------------------------
+    def _expire_asked(self) -> None:
+        leader = self._host.leader()
+        now = time.monotonic()
+        for ask_id, asked in list(self._asked.items()):
+            if asked.leader != leader or now - asked.sent > self._ask_timeout:
+                del self._asked[ask_id]
+                asked.reply(0, errors.NO_LEADER)
+
+    # -- both ------------------------------------------------------------------
+    def _local_reply(self, done: ReadDone) -> _Reply:
+        def reply(index: int, error: EtcdError | None) -> None:
+            if error is not None:
+                done(error)
+            else:
+                self._applying.append((index, done))
+                self._check_applied()
+        return reply
+
+    def _check_applied(self) -> None:
+        applied = self._host.last_applied()
+        ready = [done for index, done in self._applying if index <= applied]
+        if not ready:
+            return
+        self._applying = [(index, done) for index, done in self._applying if index > applied]
+
+        def answer() -> None:
+            for done in ready:
+                done(None)
+        self._host.after_applied(answer)
