@@ -20,9 +20,18 @@ class WriteBatch:
     """Writes to apply atomically: all of them or none survive a crash.
 
     `ops` keeps (table, key, value) in order; value None deletes the key.
+
+    `ahead` holds puts that may reach disk before the rest, in writes of
+    their own (put_ahead): rows that only the batch's other writes make
+    reachable, and that applying the same request again writes again,
+    identically. A crash between them and the rest leaves rows nothing reads,
+    which the replay of the request overwrites with the same bytes. An engine
+    whose one write of a huge batch would stall the process (RocksDB holds
+    the interpreter lock for the whole write) can so split what is big.
     """
 
     ops: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)
+    ahead: list[tuple[str, bytes, bytes]] = field(default_factory=list)
 
     def put(self, table: str, key: bytes, value: bytes) -> None:
         self.ops.append((table, key, value))
@@ -30,8 +39,16 @@ class WriteBatch:
     def delete(self, table: str, key: bytes) -> None:
         self.ops.append((table, key, None))
 
+    def put_ahead(self, table: str, key: bytes, value: bytes) -> None:
+        self.ahead.append((table, key, value))
+
+    def all_ops(self) -> list[tuple[str, bytes, bytes | None]]:
+        """Every op in the order an engine applying them at once should
+        use: the ahead puts, then the rest."""
+        return [*self.ahead, *self.ops] if self.ahead else self.ops
+
     def __len__(self) -> int:
-        return len(self.ops)
+        return len(self.ops) + len(self.ahead)
 
 
 class Backend(Protocol):
@@ -46,7 +63,8 @@ class Backend(Protocol):
         ...
 
     def write(self, batch: WriteBatch) -> None:
-        """Apply every op of the batch atomically, in order."""
+        """Apply every op of the batch atomically, in order (the batch's
+        `ahead` puts first, possibly in writes of their own)."""
         ...
 
     def size(self) -> tuple[int, int]:

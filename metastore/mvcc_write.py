@@ -2,7 +2,10 @@
 
 Nothing reaches the backend until the request is complete, so a request that
 fails halfway (a txn whose third op is invalid) leaves no trace, and the whole
-request lands with a single `Backend.write`. Reads made while building (by the
+request lands with a single `Backend.write`. Its `hist` and `rev` rows are
+put ahead (`WriteBatch.put_ahead`): they are keyed by revisions above the
+store's current one, so nothing reads them until the `kv` and `meta` writes
+land, and applying the request again rebuilds them byte for byte. Reads made while building (by the
 request itself: prev_kv, ranges inside a txn) see the pending writes through
 an overlay over the committed `kv` table.
 """
@@ -12,9 +15,12 @@ from typing import Iterator, NamedTuple
 
 from metastore.backend import Backend, WriteBatch
 from metastore.mvcc_layout import (
+    RECORD,
+    REV,
     TOMBSTONE,
     encode_record,
     hist_key,
+    hist_prefix,
     pack_rev,
     record_header,
 )
@@ -90,7 +96,7 @@ class WriteTxn:
         else:
             p_create, p_mod, p_sub, p_version, prev_lease = record_header(prev)
             create, version = p_create, p_version + 1
-            self.batch.put("hist", hist_key(key, p_mod, p_sub), prev)
+            self.batch.put_ahead("hist", hist_key(key, p_mod, p_sub), prev)
         if prev_lease != lease:
             if prev_lease:
                 self.batch.delete("lease", attach_key(prev_lease, key))
@@ -98,20 +104,24 @@ class WriteTxn:
                 self.batch.put("lease", attach_key(lease, key), b"")
         rec = encode_record(create, self.rev, sub, version, lease, value)
         self.batch.put("kv", key, rec)
-        self.batch.put("rev", pack_rev(self.rev, sub), key)
+        self.batch.put_ahead("rev", pack_rev(self.rev, sub), key)
         self._overlay[key] = rec
         self.changes.append(Change(key, rec, prev, sub))
         return rec
 
     def delete(self, key: bytes, prev: bytes) -> None:
-        """Delete live `key` whose current record is `prev`."""
+        """Delete live `key` whose current record is `prev`. (A DeleteRange
+        calls this for every key it removes: kept lean.)"""
         sub = len(self.changes)
-        _create, p_mod, p_sub, _version, prev_lease = record_header(prev)
+        rev = self.rev
+        _create, p_mod, p_sub, _version, prev_lease = RECORD.unpack_from(prev)
         if prev_lease:
             self.batch.delete("lease", attach_key(prev_lease, key))
-        self.batch.put("hist", hist_key(key, p_mod, p_sub), prev)
-        self.batch.put("hist", hist_key(key, self.rev, sub), TOMBSTONE)
-        self.batch.delete("kv", key)
-        self.batch.put("rev", pack_rev(self.rev, sub), key)
+        prefix = hist_prefix(key)
+        ahead = self.batch.ahead
+        ahead.append(("hist", prefix + REV.pack(p_mod, p_sub), prev))
+        ahead.append(("hist", prefix + REV.pack(rev, sub), TOMBSTONE))
+        ahead.append(("rev", REV.pack(rev, sub), key))
+        self.batch.ops.append(("kv", key, None))
         self._overlay[key] = None
         self.changes.append(Change(key, None, prev, sub))

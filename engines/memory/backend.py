@@ -46,10 +46,11 @@ class MemoryBackend:
         # Resolve every table first so a bad table name fails before any op
         # is applied: the batch is all-or-nothing.
         tables = self._tables
-        ops = [(tables[name], key, value) for name, key, value in batch.ops]
+        named = batch.all_ops()
+        ops = [(tables[name], key, value) for name, key, value in named]
         for pre in self._pre_images:
             # Before the rows change: a FrozenRows reader checks afterwards.
-            for name, key, _value in batch.ops:
+            for name, key, _value in named:
                 kept = pre[name]
                 if key not in kept:
                     kept[key] = tables[name].get(key)
