@@ -22,12 +22,12 @@ class WriteBatch:
     `ops` keeps (table, key, value) in order; value None deletes the key.
 
     `ahead` holds puts that may reach disk before the rest, in writes of
-    their own (put_ahead): rows that only the batch's other writes make
-    reachable, and that applying the same request again writes again,
-    identically. A crash between them and the rest leaves rows nothing reads,
-    which the replay of the request overwrites with the same bytes. An engine
-    whose one write of a huge batch would stall the process (RocksDB holds
-    the interpreter lock for the whole write) can so split what is big.
+    their own and in order (put_ahead): rows no read reaches until the rest
+    has landed, and that applying the same request again writes again,
+    identically (metastore.mvcc_write says why its rows qualify and how the
+    store drops them when the rest never lands). An engine whose one write of
+    a huge batch would stall the process (RocksDB holds the interpreter lock
+    for the whole write) can so split what is big.
     """
 
     ops: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)

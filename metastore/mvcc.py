@@ -58,7 +58,7 @@ from metastore.mvcc_range import (
     select,
 )
 from metastore.mvcc_read import CurrentView, HistoricalView, View
-from metastore.mvcc_write import WriteTxn
+from metastore.mvcc_write import WriteTxn, unfinished_rows
 from metastore.store import EventListener
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
 from metastore.validate import txn_is_read_only
@@ -107,10 +107,22 @@ class MVCCStore:
             raise RuntimeError(f"unsupported MVCC layout {layout!r} (this build: {LAYOUT_VERSION!r})")
         self._position = (0, 0)
         self._load_meta()
+        self._drop_unfinished()  # a crash cut a request's write short
         if self._compact_finished < self._compact_rev:
             # A crash interrupted a compaction: finish it before serving.
             while self._compact_step(reclaim=False):
                 pass
+
+    def _drop_unfinished(self) -> None:
+        """Delete rows a request put ahead of a write that never landed
+        (mvcc_write.unfinished_rows); usually there are none."""
+        batch = unfinished_rows(self._backend, self._rev)
+        if len(batch):
+            log.warning("dropping %d rows of an unfinished request above revision %d", len(batch), self._rev)
+            try:
+                self._backend.write(batch)
+            except Exception:
+                log.exception("could not drop the rows of an unfinished request")
 
     def _load_meta(self) -> None:
         backend = self._backend
@@ -488,7 +500,11 @@ class MVCCStore:
         w.batch.put("meta", META_REVISION, pack_u64(w.rev))
         w.batch.put("meta", META_APPLIED, _APPLIED.pack(*self._position))
         with self._lock:
-            self._backend.write(w.batch)
+            try:
+                self._backend.write(w.batch)
+            except BaseException:
+                self._drop_unfinished()  # what went ahead must not outlive the request
+                raise
             self._rev = w.rev
             self._applied = self._position
         if self._listeners:

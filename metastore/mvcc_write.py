@@ -2,10 +2,17 @@
 
 Nothing reaches the backend until the request is complete, so a request that
 fails halfway (a txn whose third op is invalid) leaves no trace, and the whole
-request lands with a single `Backend.write`. Its `hist` and `rev` rows are
-put ahead (`WriteBatch.put_ahead`): they are keyed by revisions above the
-store's current one, so nothing reads them until the `kv` and `meta` writes
-land, and applying the request again rebuilds them byte for byte. Reads made while building (by the
+request lands with a single `Backend.write`.
+
+Its `rev` and `hist` rows are put ahead (`WriteBatch.put_ahead`), and an
+engine may write them before the rest. Until the `kv` and `meta` writes land,
+no read reaches them: the `rev` rows and the tombstones are keyed by a
+revision above the store's current one, and the superseded record copied
+into `hist` equals the key's current `kv` record. Should the rest never land
+(a crash, a failed write), `unfinished_rows` finds them from the `rev` rows
+and the store drops them; applying the request again rebuilds them byte for
+byte. Each change's `rev` row goes ahead of its `hist` rows, so an engine
+that writes the ahead rows in order never leaves a `hist` row without it. Reads made while building (by the
 request itself: prev_kv, ranges inside a txn) see the pending writes through
 an overlay over the committed `kv` table.
 """
@@ -23,6 +30,7 @@ from metastore.mvcc_layout import (
     hist_prefix,
     pack_rev,
     record_header,
+    unpack_rev,
 )
 from metastore.mvcc_lease import attach_key
 from metastore.mvcc_read import Item
@@ -91,6 +99,7 @@ class WriteTxn:
         record (from get). Returns the new record."""
         sub = len(self.changes)
         prev_lease = 0
+        self.batch.put_ahead("rev", pack_rev(self.rev, sub), key)
         if prev is None:
             create, version = self.rev, 1
         else:
@@ -104,7 +113,6 @@ class WriteTxn:
                 self.batch.put("lease", attach_key(lease, key), b"")
         rec = encode_record(create, self.rev, sub, version, lease, value)
         self.batch.put("kv", key, rec)
-        self.batch.put_ahead("rev", pack_rev(self.rev, sub), key)
         self._overlay[key] = rec
         self.changes.append(Change(key, rec, prev, sub))
         return rec
@@ -119,9 +127,25 @@ class WriteTxn:
             self.batch.delete("lease", attach_key(prev_lease, key))
         prefix = hist_prefix(key)
         ahead = self.batch.ahead
+        ahead.append(("rev", REV.pack(rev, sub), key))
         ahead.append(("hist", prefix + REV.pack(p_mod, p_sub), prev))
         ahead.append(("hist", prefix + REV.pack(rev, sub), TOMBSTONE))
-        ahead.append(("rev", REV.pack(rev, sub), key))
         self.batch.ops.append(("kv", key, None))
         self._overlay[key] = None
         self.changes.append(Change(key, None, prev, sub))
+
+
+def unfinished_rows(backend: Backend, current_rev: int) -> WriteBatch:
+    """Deletes of the rows a request put ahead without the rest of its batch
+    landing: every `rev` row above `current_rev`, the tombstone or superseded
+    record filed under it, and the copy of a key's current record in `hist`."""
+    batch = WriteBatch()
+    for rk, key in backend.scan("rev", pack_rev(current_rev + 1), None):
+        main, sub = unpack_rev(rk)
+        batch.delete("rev", rk)
+        batch.delete("hist", hist_key(key, main, sub))
+        current = backend.get("kv", key)
+        if current is not None:
+            _create, mod, mod_sub, _version, _lease = record_header(current)
+            batch.delete("hist", hist_key(key, mod, mod_sub))  # hist never holds the current version
+    return batch

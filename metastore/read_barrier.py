@@ -65,6 +65,7 @@ class ReadBarrier:
             raise errors.TIMEOUT from None
         finally:
             self._waiting.discard(fut)
+            fut.cancel()  # timed out or the client left: no longer asked for
         if error is not None:
             raise error
 
@@ -76,7 +77,7 @@ class ReadBarrier:
                 fut.set_result(errors.STOPPED)
 
     def _ask(self) -> None:
-        group = [fut for fut in self._gathering if not fut.done()]  # timed-out reads drop out
+        group = [fut for fut in self._gathering if not fut.done()]  # reads given up drop out
         self._gathering = []
         if not group or self._closed:
             self._asking = False
@@ -95,9 +96,13 @@ class ReadBarrier:
     def _answered(self, group: list[asyncio.Future], error: EtcdError | None) -> None:
         if error is errors.NO_LEADER and not self._closed:
             # Nothing was read: ask again shortly, with whatever joined since.
-            # A read that waits too long ends with TIMEOUT (wait()).
-            self._gathering[:0] = group
-            self._loop.call_later(NO_LEADER_RETRY, self._ask)
+            # A read that waits too long ends with TIMEOUT (wait()); once
+            # every read has, nobody is left to ask for.
+            self._gathering[:0] = [fut for fut in group if not fut.done()]
+            if self._gathering:
+                self._loop.call_later(NO_LEADER_RETRY, self._ask)
+            else:
+                self._asking = False
             return
         self._answer(group, error)
         if self._gathering:

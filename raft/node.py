@@ -237,8 +237,8 @@ class _ReadIndexHost:
     def leader(self) -> Any:
         return self._obj._getLeader()
 
-    def send(self, node: Any, message: dict) -> None:
-        self._obj._SyncObj__transport.send(node, message)
+    def send(self, node: Any, message: dict) -> bool:
+        return bool(self._obj._SyncObj__transport.send(node, message))
 
     def send_heartbeats_now(self) -> None:
         self._obj._SyncObj__newAppendEntriesTime = 0.0
@@ -546,7 +546,7 @@ class RaftNode(RaftStatusSource):
             log.info("this member was promoted: Raft restarts as a voter (peers %s)", ",".join(partners))
             if old is not None:
                 old.destroy_synchronous()
-                old.read_index.close()
+                old.read_index.close(errors.NO_LEADER)  # asked again of the voting node
             try:
                 self._open(False, partners)
             except Exception:
@@ -813,7 +813,9 @@ class RaftNode(RaftStatusSource):
         (raft.read_index); done(error) if it could not be. Thread-safe."""
         obj = self._obj
         if obj is None:
-            done(errors.STOPPED)
+            # Between the learner's and the voter's node at a promotion, no
+            # leader is known for a moment; after stop(), there is none.
+            done(errors.STOPPED if self._stopping.is_set() else errors.NO_LEADER)
         elif self._learner:
             done(NOT_SUPPORTED_FOR_LEARNER)  # etcd's learners serve serializable reads only
         else:

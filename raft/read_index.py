@@ -77,7 +77,8 @@ class ReadIndexHost(Protocol):
     def leader(self) -> Hashable | None:
         """The node this follower takes as leader."""
 
-    def send(self, node: Hashable, message: dict) -> None: ...
+    def send(self, node: Hashable, message: dict) -> bool:
+        """False if `node` is not connected (nothing was sent)."""
 
     def send_heartbeats_now(self) -> None: ...
 
@@ -147,21 +148,22 @@ class ReadIndex:
             return
         self._host.wake()
 
-    def close(self) -> None:
-        """Fail every read not answered yet (the node stops or is replaced)."""
+    def close(self, error: EtcdError = errors.STOPPED) -> None:
+        """Fail every read not answered yet with `error`: STOPPED when the
+        node stops, NO_LEADER (to be asked again) when it is replaced."""
         with self._lock:
             self._closed = True
             requests, self._requests = self._requests, []
         waiting = [done for _index, done in self._applying]
         self._applying = []
         for done in requests + waiting:
-            done(errors.STOPPED)
+            done(error)
         replies = [asked.reply for asked in self._asked.values()] + [p.reply for p in self._pending]
         self._asked.clear()
         self._pending.clear()
         for reply in replies:
             try:
-                reply(0, errors.STOPPED)
+                reply(0, error)
             except Exception:  # a follower's ask: its connection is gone with the node
                 pass
 
@@ -251,8 +253,10 @@ class ReadIndex:
             reply(0, errors.NO_LEADER)
             return
         ask_id = next(self._ids)
+        if not self._host.send(leader, {"type": ASK, "id": ask_id}):
+            reply(0, errors.NO_LEADER)  # not connected to it (yet): ask again shortly
+            return
         self._asked[ask_id] = _Asked(leader, time.monotonic(), reply)
-        self._host.send(leader, {"type": ASK, "id": ask_id})
 
     def _on_ask(self, node: Hashable, ask_id: int) -> None:
         def answer(index: int, error: EtcdError | None) -> None:

@@ -74,6 +74,23 @@ def test_no_leader_is_asked_again_until_the_read_times_out():
             await read
         assert e.value is errors.TIMEOUT
         assert asyncio.get_running_loop().time() - began >= 0.45
+        await asyncio.sleep(0.1)
+        if raft.asked:
+            raft.asked.pop()(errors.NO_LEADER)
+        await asyncio.sleep(0.2)
+        assert not raft.asked, "nobody waits any more: Raft is not asked again"
+
+        # A client that goes away stops being asked for, too.
+        read = asyncio.create_task(b.wait())
+        await settle()
+        read.cancel()
+        raft.asked.pop()(errors.NO_LEADER)
+        await asyncio.sleep(0.2)
+        assert not raft.asked
+        reads = [asyncio.create_task(b.wait()) for _ in range(2)]
+        await settle()
+        raft.asked.pop()(None)
+        await asyncio.gather(*reads)
     asyncio.run(main())
 
 

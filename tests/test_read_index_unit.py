@@ -23,6 +23,7 @@ class FakeHost:
         self.heartbeats = 0
         self.deferred: list = []  # jobs waiting for the applier
         self.woken = 0
+        self.disconnected: set[str] = set()
 
     def leading_term(self):
         return self.current_term if self.leading else None
@@ -41,6 +42,7 @@ class FakeHost:
 
     def send(self, node, message):
         self.sent.append((node, message))
+        return node not in self.disconnected
 
     def send_heartbeats_now(self):
         self.heartbeats += 1
@@ -176,6 +178,12 @@ def test_follower_asks_the_leader_and_waits_for_its_own_applier():
     host.leader_node = "c"
     reads.before_tick()
     assert answers[-1] is errors.NO_LEADER
+
+    # Not connected to the leader: no waiting for an answer that cannot come.
+    host.disconnected.add("c")
+    reads.request(answers.append)
+    reads.before_tick()
+    assert answers[-1] is errors.NO_LEADER and len(answers) == 3
 
 
 def test_follower_echoes_only_a_leader_it_accepts():

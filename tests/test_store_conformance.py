@@ -1178,11 +1178,13 @@ class _CrashAfterAhead(Exception):
     pass
 
 
-def test_a_crash_after_the_ahead_rows_loses_nothing_and_the_replay_matches(make_store, reopen) -> None:
+@pytest.mark.parametrize("restart", [True, False], ids=["crash", "failed-write"])
+def test_rows_put_ahead_of_a_write_that_never_lands_leave_no_trace(make_store, reopen, restart) -> None:
     """A big request's `hist` and `rev` rows may reach disk before the rest
-    (WriteBatch.put_ahead). If the member dies in between, the store must read
-    exactly as before the request, and applying the request again (Raft's
-    replay after the restart) must leave the same bytes as applying it once."""
+    (WriteBatch.put_ahead). If the rest never lands -- the member dies in
+    between, or the write fails -- the store must hold exactly what it held
+    before the request, and applying the request again (Raft's replay after a
+    restart) must leave the same bytes as applying it once."""
     def fill(s: MVCCStore) -> None:
         for i in range(1500):  # enough rows for the RocksDB engine to split the write
             s.put(pb.PutRequest(key=b"d/%04d" % i, value=b"v%d" % i * 20))
@@ -1193,32 +1195,34 @@ def test_a_crash_after_the_ahead_rows_loses_nothing_and_the_replay_matches(make_
     fill(reference)
     reference.delete_range(delete)
 
-    crashed, path = make_store()
-    fill(crashed)
-    rev = crashed.revision
-    before = list(crashed.export_items())
-    old_read = crashed.range(pb.RangeRequest(key=b"d/", range_end=b"d0", revision=rev - 1))
-    real_write = crashed.backend.write
+    store, path = make_store()
+    fill(store)
+    rev = store.revision
+    before = list(store.export_items())
+    hash_before = store.hash_kv(0)
+    real_write = store.backend.write
+    from metastore.backend import WriteBatch
 
-    def write_ahead_then_crash(batch) -> None:
-        from metastore.backend import WriteBatch
-        assert batch.ahead, "the delete's hist and rev rows are put ahead"
+    def write_ahead_then_fail(batch) -> None:
+        if not batch.ahead:
+            if restart:
+                raise _CrashAfterAhead  # dead: nothing more reaches the disk
+            return real_write(batch)  # the store dropping what went ahead
         real_write(WriteBatch(ahead=batch.ahead))
         raise _CrashAfterAhead
 
-    crashed.backend.write = write_ahead_then_crash  # type: ignore[method-assign]
+    store.backend.write = write_ahead_then_fail  # type: ignore[method-assign]
     with pytest.raises(_CrashAfterAhead):
-        crashed.delete_range(delete)
-    crashed.backend.write = real_write  # type: ignore[method-assign]
-    restarted = reopen(crashed, path)
+        store.delete_range(delete)
+    store.backend.write = real_write  # type: ignore[method-assign]
+    if restart:
+        store = reopen(store, path)
 
-    assert restarted.revision == rev
-    current = restarted.range(pb.RangeRequest(key=b"d/", range_end=b"d0"))
-    assert current.count == 1500 and current.kvs[7].value == b"again"
-    assert restarted.range(pb.RangeRequest(key=b"d/", range_end=b"d0", revision=rev - 1)) == old_read
-    replayed = [(r, [ev.kv.key for ev in events]) for r, events in restarted.events_since(rev, b"d/", b"d0")]
+    assert store.revision == rev
+    assert list(store.export_items()) == before, "nothing of the request is left"
+    assert store.hash_kv(0) == hash_before
+    replayed = [(r, [ev.kv.key for ev in events]) for r, events in store.events_since(rev, b"d/", b"d0")]
     assert replayed == [(rev, [b"d/0007"])], "watch history ends at the current revision"
 
-    restarted.delete_range(delete)  # the replay
-    assert list(restarted.export_items()) == list(reference.export_items())
-    assert list(restarted.export_items()) != before
+    store.delete_range(delete)  # the replay
+    assert list(store.export_items()) == list(reference.export_items())

@@ -3,7 +3,9 @@
 One column family per table of `metastore.backend.TABLES`, all in raw mode
 (bytes in, bytes out). A `WriteBatch` of the store becomes one RocksDB write
 batch, which RocksDB applies atomically across column families, so a crash
-never leaves `kv` at one revision and `meta` at another.
+never leaves `kv` at one revision and `meta` at another. Only a big batch's
+`ahead` rows (history no read reaches yet, see WriteBatch) are written before
+it, in writes of their own.
 
 Durability: the WAL is always on, so a killed process never loses a batch
 that `write` returned for. Whether each write is also fsynced is the `sync`
@@ -52,6 +54,7 @@ from metastore.fsutil import fsync_path, fsync_tree
 # member runs -- not Raft's heartbeats either. A batch's `ahead` puts bigger
 # than this go in writes of their own of about this size (a few ms each).
 AHEAD_CHUNK_BYTES = 1 << 20
+AHEAD_CHUNK_OPS = 5000
 AHEAD_INLINE_OPS = 1000  # up to this many ops in all: one write, as usual
 
 _INCOMING = ".incoming"  # a checkpoint being moved into place
@@ -149,7 +152,8 @@ class RocksDBBackend:
     def write(self, batch: WriteBatch) -> None:
         """Apply the batch: its ops in one atomic RocksDB write, after its
         `ahead` puts (in the same write when the batch is small; else in
-        writes of about AHEAD_CHUNK_BYTES, see WriteBatch)."""
+        writes of at most about AHEAD_CHUNK_BYTES or AHEAD_CHUNK_OPS, see
+        WriteBatch)."""
         ahead = batch.ahead
         if len(ahead) + len(batch.ops) <= AHEAD_INLINE_OPS:
             self._write_ops(batch.all_ops())
@@ -157,7 +161,7 @@ class RocksDBBackend:
         start = size = 0
         for i, (_table, key, value) in enumerate(ahead):
             size += len(key) + len(value)
-            if size >= AHEAD_CHUNK_BYTES:
+            if size >= AHEAD_CHUNK_BYTES or i + 1 - start >= AHEAD_CHUNK_OPS:
                 self._write_ops(ahead[start:i + 1])
                 start, size = i + 1, 0
         self._write_ops(ahead[start:])
