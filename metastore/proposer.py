@@ -33,6 +33,12 @@ RAFT_FAILURES = (errors.TIMEOUT, errors.LEADER_CHANGED, errors.NO_LEADER, errors
 NO_LEADER_RETRY = 0.05
 
 
+def expire(fut: asyncio.Future) -> None:
+    """A request's timer ran out: it is answered TIMEOUT."""
+    if not fut.done():
+        fut.set_result(errors.TIMEOUT)
+
+
 class _Batch:
     __slots__ = ("proposals", "futures", "size", "timer", "opened")
 
@@ -133,10 +139,15 @@ class Proposer:
 
     # -- batching ------------------------------------------------------------
     async def _wait(self, fut: asyncio.Future) -> Any:
+        """The request's result, or TIMEOUT. The future is the request's own:
+        a client that goes away cancels it, and whoever finishes the batch
+        skips it. (A timer rather than wait_for(shield()): a third of the
+        cost, for every request.)"""
+        timer = self._loop.call_later(self._timeout, expire, fut)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), self._timeout)
-        except asyncio.TimeoutError:
-            raise errors.TIMEOUT from None
+            return await fut
+        finally:
+            timer.cancel()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:

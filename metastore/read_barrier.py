@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 from metastore import errors
 from metastore.errors import EtcdError
-from metastore.proposer import NO_LEADER_RETRY
+from metastore.proposer import NO_LEADER_RETRY, expire
 
 
 DoneFn = Callable[[EtcdError | None], None]
@@ -59,13 +59,12 @@ class ReadBarrier:
         if not self._asking:
             self._asking = True
             self._loop.call_soon(self._ask)  # reads of this loop iteration join
+        timer = self._loop.call_later(self._timeout, expire, fut)
         try:
-            error = await asyncio.wait_for(asyncio.shield(fut), self._timeout)
-        except asyncio.TimeoutError:
-            raise errors.TIMEOUT from None
+            error = await fut  # a client that goes away cancels it: it drops out
         finally:
+            timer.cancel()
             self._waiting.discard(fut)
-            fut.cancel()  # timed out or the client left: no longer asked for
         if error is not None:
             raise error
 

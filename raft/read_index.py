@@ -9,11 +9,10 @@ not cover. The member that serves the read then waits until it has applied the
 read index.
 
 The proof is a heartbeat round, carried on messages pysyncobj sends anyway:
-- The leader numbers rounds, and tags every append_entries it sends with the
-  current round ('ms_read').
-- A follower remembers the last round it accepted from its leader. It accepts
-  only from a leader whose term is at least its own. It echoes that round and
-  the term in its replies ('next_node_idx').
+- The leader numbers rounds, and while reads wait it tags every
+  append_entries it sends with the current round ('ms_read').
+- A follower that accepts such a message (its sender's term is at least its
+  own) echoes the round and the term in its reply ('next_node_idx').
 - Once a majority of the voters (the leader included) has echoed a round
   started after the read arrived, in the term the read was taken in, no leader
   of a later term existed when the read began. A later leader would have needed
@@ -129,7 +128,8 @@ class ReadIndex:
         # Follower.
         self._ids = itertools.count(1)
         self._asked: dict[int, _Asked] = {}
-        self._accepted: dict[Hashable, tuple[int, int]] = {}  # leader -> (term, round)
+        # Leader -> (term, round) of its message being handled, for the reply.
+        self._accepted: dict[Hashable, tuple[int, int]] = {}
         # Both: read indexes known, waiting for this member to apply them.
         self._applying: list[tuple[int, ReadDone]] = []
 
@@ -169,10 +169,13 @@ class ReadIndex:
 
     # -- tick thread: once per tick, before pysyncobj's own work ---------------
     def before_tick(self) -> None:
-        with self._lock:
-            requests, self._requests = self._requests, []
-        for done in requests:
-            self._start(self._local_reply(done))
+        if self._requests:  # a request added meanwhile wakes the next tick
+            with self._lock:
+                requests, self._requests = self._requests, []
+            for done in requests:
+                self._start(self._local_reply(done))
+        if not (self._pending or self._asked):
+            return  # the common tick: no read in progress
         term = self._host.leading_term()
         if term is None:
             self._fail_pending(errors.NO_LEADER)
@@ -195,11 +198,11 @@ class ReadIndex:
     # -- tick thread: messages -------------------------------------------------
     def tag_outgoing(self, node: Hashable, message: dict) -> None:
         """Add our part to a pysyncobj message about to be sent."""
-        kind = message.get("type")
-        if kind == "append_entries":
-            message[ROUND] = self._round
-        elif kind == "next_node_idx":
-            accepted = self._accepted.get(node)
+        if self._pending:
+            if message.get("type") == "append_entries":
+                message[ROUND] = self._round
+        elif self._accepted and message.get("type") == "next_node_idx":
+            accepted = self._accepted.pop(node, None)
             if accepted is not None:
                 message[ECHO] = accepted
 
@@ -221,7 +224,9 @@ class ReadIndex:
         """Note a leader's round before pysyncobj handles its append_entries,
         so that the reply pysyncobj sends while handling it carries the round.
         pysyncobj takes the sender as leader exactly when its term is not
-        behind ours; a stale leader's round is not echoed."""
+        behind ours; a stale leader's round is not echoed. (Only messages of
+        a round in progress carry one, and only their replies an echo: the
+        steady stream of replication messages stays as pysyncobj makes it.)"""
         if message.get("type") == "append_entries" and ROUND in message \
                 and message.get("term", -1) >= self._host.term():
             self._accepted[node] = (message["term"], message[ROUND])

@@ -78,17 +78,23 @@ def echo(reads: ReadIndex, node: str, term: int, round_: int) -> None:
 def test_leader_answers_after_a_majority_echoes_a_later_round():
     host = FakeHost(leading=True, voters=["b", "c", "d", "e"])  # five voters: two echoes needed
     reads = ReadIndex(host, ask_timeout=1.0)
-    old_round = heartbeat(reads, "b")[ROUND]
-    answers: list = []
-    reads.request(answers.append)
+    assert ROUND not in heartbeat(reads, "b"), "no read waits: replication messages stay untagged"
+    first: list = []
+    reads.request(first.append)
     assert host.woken == 1
     reads.before_tick()
     assert host.heartbeats == 1, "the round is sent at once, not at the next heartbeat"
+    old_round = heartbeat(reads, "b")[ROUND]
+    answers: list = []
+    reads.request(answers.append)
+    reads.before_tick()
     new_round = heartbeat(reads, "b")[ROUND]
-    assert new_round == old_round + 1
+    assert new_round == old_round + 1 and host.heartbeats == 2
 
     echo(reads, "b", 3, old_round)
     echo(reads, "c", 3, old_round)
+    host.run_applier()
+    assert first == [None], "two echoes and the leader: a majority of five"
     assert not answers, "a round sent before the read proves nothing about it"
     echo(reads, "b", 3, new_round)
     assert not answers, "one echo of five voters is no majority"
@@ -97,6 +103,7 @@ def test_leader_answers_after_a_majority_echoes_a_later_round():
     echo(reads, "c", 3, new_round)
     host.run_applier()
     assert answers == [None]
+    assert ROUND not in heartbeat(reads, "b"), "no read waits any more"
 
 
 def test_answer_waits_until_the_read_index_is_applied_here():
@@ -199,6 +206,10 @@ def test_follower_echoes_only_a_leader_it_accepts():
     reply = {"type": "next_node_idx", "success": True}
     reads.tag_outgoing("c", reply)
     assert reply[ECHO] == (5, 9), "the reply to that very message carries its round"
+    reads.before_message("c", {"type": "append_entries", "term": 5})
+    reply = {"type": "next_node_idx", "success": True}
+    reads.tag_outgoing("c", reply)
+    assert ECHO not in reply, "a message without a round gets a reply without an echo"
 
 
 def test_leader_answers_a_followers_ask_by_message():
