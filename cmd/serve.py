@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from metastore import logs
+from metastore import event_loop, logs
 from metastore.config import DEFAULT_CLIENT_URL, DEFAULT_METRICS_URL, DEFAULT_PEER_URL, ConfigError, ServerConfig
 from metastore.cluster import parse_urls
 
@@ -121,7 +121,7 @@ def serve(name: str, data_dir: str, listen_client_urls: list[str], advertise_cli
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        asyncio.run(_run(cfg))
+        event_loop.run(_run(cfg))
     except (ConfigError, RuntimeError) as exc:
         click.echo(f"metastore: {exc}", err=True)
         sys.exit(1)

@@ -56,7 +56,7 @@ import time
 import weakref
 from typing import Any, Sequence
 
-from metastore import errors
+from metastore import errors, event_loop
 from metastore.api.pb import rpc_pb2
 from metastore.client import Client
 from metastore.cluster import parse_initial_cluster, parse_urls
@@ -351,7 +351,7 @@ class Member:
     # -- the member's thread -------------------------------------------------------------
     def _thread_main(self) -> None:
         try:
-            asyncio.run(self._serve())
+            event_loop.run(self._serve())
         except BaseException as exc:  # noqa: BLE001 - reported to start() or logged
             if not self._started.is_set():
                 self._start_error = exc
