@@ -78,9 +78,10 @@ class ReadBarrier:
     def _ask(self) -> None:
         group = [fut for fut in self._gathering if not fut.done()]  # reads given up drop out
         self._gathering = []
-        if not group or self._closed:
-            self._asking = False
+        if self._closed:
             self._answer(group, errors.STOPPED)
+        if self._closed or not group:
+            self._asking = False
             return
         loop = self._loop
 

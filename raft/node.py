@@ -122,9 +122,7 @@ class _DurableAckTransport(TCPTransport):
             journal = getattr(self._syncObj, "_durable_journal", None)
             if journal is not None and journal.needs_sync():
                 journal.sync()
-        reads = getattr(self._syncObj, "read_index", None)
-        if reads is not None:
-            reads.tag_outgoing(node, message)
+        self._syncObj.read_index.tag_outgoing(node, message)
         return super().send(node, message)
 
     def setOnMessageReceivedCallback(self, callback: Callable[[Any, Any], None]) -> None:

@@ -53,8 +53,6 @@ ANSWER = "ms_read_index_resp"
 ROUND = "ms_read"  # on append_entries: the leader's round
 ECHO = "ms_read_echo"  # on next_node_idx: (term, round) last accepted from that leader
 
-# Error codes carried in ANSWER (an EtcdError is not sent as such).
-_WIRE_ERRORS = {errors.NO_LEADER.code: errors.NO_LEADER}
 
 
 class ReadIndexHost(Protocol):
@@ -215,8 +213,8 @@ class ReadIndex:
         if kind == ANSWER:
             asked = self._asked.pop(message["id"], None)
             if asked is not None:
-                code = message.get("error")
-                asked.reply(message.get("index", 0), None if code is None else _WIRE_ERRORS.get(code, errors.NO_LEADER))
+                # Refused (no longer leading, stopping): nothing was read, ask again.
+                asked.reply(message.get("index", 0), errors.NO_LEADER if message.get("refused") else None)
             return True
         return False
 
@@ -269,7 +267,7 @@ class ReadIndex:
             if error is None:
                 message["index"] = index
             else:
-                message["error"] = error.code
+                message["refused"] = True
             self._host.send(node, message)
 
         if self._host.leading_term() is None:

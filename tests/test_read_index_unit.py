@@ -186,11 +186,19 @@ def test_follower_asks_the_leader_and_waits_for_its_own_applier():
     reads.before_tick()
     assert answers[-1] is errors.NO_LEADER
 
+    # The leader refuses (it no longer leads): nothing was read, ask again.
+    host.leader_node = "a"
+    reads.request(answers.append)
+    reads.before_tick()
+    ask = host.sent[-1][1]
+    assert reads.on_message("a", {"type": ANSWER, "id": ask["id"], "refused": True})
+    assert answers[-1] is errors.NO_LEADER
+
     # Not connected to the leader: no waiting for an answer that cannot come.
     host.disconnected.add("c")
     reads.request(answers.append)
     reads.before_tick()
-    assert answers[-1] is errors.NO_LEADER and len(answers) == 3
+    assert answers[-1] is errors.NO_LEADER and len(answers) == 4
 
 
 def test_follower_echoes_only_a_leader_it_accepts():
@@ -222,7 +230,7 @@ def test_leader_answers_a_followers_ask_by_message():
     assert host.sent[-1] == ("b", {"type": ANSWER, "id": 4, "index": 21})
     host.leading = False
     assert reads.on_message("b", {"type": ASK, "id": 5})
-    assert host.sent[-1][1]["id"] == 5 and host.sent[-1][1]["error"] == errors.NO_LEADER.code
+    assert host.sent[-1][1]["id"] == 5 and host.sent[-1][1]["refused"]
 
 
 def test_close_fails_what_waits():
