@@ -195,7 +195,7 @@ def test_follower_asks_the_leader_and_waits_for_its_own_applier():
     assert answers[-1] is errors.NO_LEADER
 
     # Not connected to the leader: no waiting for an answer that cannot come.
-    host.disconnected.add("c")
+    host.disconnected.add("a")
     reads.request(answers.append)
     reads.before_tick()
     assert answers[-1] is errors.NO_LEADER and len(answers) == 4
