@@ -30,6 +30,7 @@ from metastore.cluster import NOT_SUPPORTED_FOR_LEARNER, proposal_allowed_on_lea
 from metastore.fsutil import fsync_path
 from metastore.raft.applier import NOT_APPLIED, AppliedResult, Applier
 from metastore.raft.journal import DurableJournal
+from metastore.raft.peer_wire import send_uncompressed
 from metastore.raft.read_index import ReadDone, ReadIndex
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
 
@@ -332,6 +333,7 @@ class RaftNode(RaftStatusSource):
         """Create the pysyncobj node (voter or read-only) over this member's
         journal and snapshot files."""
         cfg = self._cfg
+        send_uncompressed()  # raft.peer_wire: deflating peer messages costs more than it saves
         if cfg.journal_file is not None:
             self.journal = DurableJournal(cfg.journal_file, fsync=cfg.fsync)
         snapshots = cfg.snapshot_file is not None and self._save_snapshot is not None
