@@ -84,6 +84,7 @@ class Node:
             save_snapshot=lambda raft_data: snapshot.freeze(
                 os.path.join(cfg.member_dir, "raft.snapshot.checkpoint"), self.store, self.membership, raft_data),
             load_snapshot=lambda path: snapshot.load(path, self.store, self.membership),
+            prepare_snapshot=self.store.prepare_frozen_copy,
         )
         self.store.attach_raft(self.raft)
         # Before this member's first expiry check as leader (tick thread).

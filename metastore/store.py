@@ -109,6 +109,12 @@ class Store(Protocol):
         call their close(), if they have one, once read."""
         ...
 
+    def prepare_frozen_copy(self) -> None:
+        """A frozen copy is coming soon: do ahead, in the background, what
+        would make it slow (a persistent engine flushes its write buffers).
+        Never blocks for long."""
+        ...
+
     def install_checkpoint(self, checkpoint_dir: str) -> bool:
         """Replace the whole content with a checkpoint from an engine of the
         same kind; False, nothing changed, if this engine cannot."""

@@ -325,13 +325,16 @@ class RaftNode(RaftStatusSource):
 
     def __init__(self, cfg: RaftConfig, node_id: int, member_id_of: Callable[[str | None], int],
                  apply: ApplyFn, save_snapshot: SaveSnapshotFn | None = None,
-                 load_snapshot: LoadSnapshotFn | None = None) -> None:
+                 load_snapshot: LoadSnapshotFn | None = None,
+                 prepare_snapshot: Callable[[], None] | None = None) -> None:
         self._cfg = cfg
         self._node_id = node_id
         self._member_id_of = member_id_of
         self._apply = apply
         self._save_snapshot = save_snapshot
         self._load_snapshot = load_snapshot
+        self._prepare_snapshot = prepare_snapshot
+        self._snapshot_prepared = False  # for the snapshot the log now grows toward
         self._snapshot_job: _SnapshotJob | None = None
         self.journal: DurableJournal | None = None
         self._role = RaftRole.FOLLOWER
@@ -424,6 +427,8 @@ class RaftNode(RaftStatusSource):
             # them toward commit (commit is computed at the start of a tick;
             # tick callbacks run after new entries were appended).
             obj.addOnTickCallback(self._sync_journal)
+        if snapshots and self.journal is not None and self._prepare_snapshot is not None:
+            obj.addOnTickCallback(self._prepare_snapshot_when_near)
         obj.addOnTickCallback(self._run_transfers)
         obj.addOnTickCallback(obj.read_index.after_tick)
         obj.addOnTickCallback(lambda: self._watch_configuration(obj))
@@ -746,6 +751,20 @@ class RaftNode(RaftStatusSource):
         # _release_serializer).
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+
+    def _prepare_snapshot_when_near(self) -> None:
+        """Tick callback: once the log is within a tenth of snapshot_entries
+        of the size at which pysyncobj asks for a snapshot, tell the state
+        machine, once, so freezing it (which holds the applier) is quick."""
+        due = self._cfg.snapshot_entries
+        if len(self.journal) < due - max(1, due // 10):
+            self._snapshot_prepared = False  # the log was compacted: a new cycle
+        elif not self._snapshot_prepared:
+            self._snapshot_prepared = True
+            try:
+                self._prepare_snapshot()
+            except Exception:  # only a slower freeze is at stake
+                log.exception("preparing the state machine for a snapshot failed")
 
     def _release_serializer(self, new_file: bool = False) -> None:
         """Let pysyncobj's serializer send the snapshot file to followers

@@ -40,13 +40,20 @@ def test_snapshot_is_written_while_raft_goes_on(tmp_path):
     gate, started = threading.Event(), threading.Event()
     states: list[list[int]] = [[] for _ in range(3)]
     nodes: list[RaftNode] = []
+    # Log length when each member was told a snapshot is near, and when it froze.
+    prepared: list[list[int]] = [[] for _ in range(3)]
+    frozen: list[list[int]] = [[] for _ in range(3)]
     for i, address in enumerate(addresses):
         def apply(payload: bytes, index: int, i=i) -> int:
             states[i].append(index)
             return index
 
         def save(raft_data: Any, i=i) -> BlockingSnapshot:
+            frozen[i].append(len(states[i]))
             return BlockingSnapshot(states[i], raft_data, gate, started)
+
+        def prepare(i=i) -> None:
+            prepared[i].append(len(states[i]))
 
         def load(path: str, i=i) -> Any:
             with open(path, "rb") as f:
@@ -58,7 +65,7 @@ def test_snapshot_is_written_while_raft_goes_on(tmp_path):
                          bind_address=address, journal_file=str(tmp_path / f"n{i}.log"),
                          snapshot_file=str(tmp_path / f"n{i}.snapshot"), snapshot_entries=50,
                          heartbeat_interval=0.05, election_timeout=0.5)
-        nodes.append(RaftNode(cfg, i + 1, membership.id_of_address, apply, save, load))
+        nodes.append(RaftNode(cfg, i + 1, membership.id_of_address, apply, save, load, prepare))
     try:
         for n in nodes:
             n.start()
@@ -71,8 +78,17 @@ def test_snapshot_is_written_while_raft_goes_on(tmp_path):
             for _ in range(count):
                 assert done.acquire(timeout=30)
 
-        submit_and_wait(80)  # past snapshot_entries: every member starts a snapshot
+        # Within a tenth of snapshot_entries of a snapshot, every member tells
+        # its state machine (once), before anything is frozen.
+        submit_and_wait(40)
+        assert not any(prepared) and not any(frozen), (prepared, frozen)
+        submit_and_wait(6)
+        wait_for(lambda: all(prepared), 15, "every member to be told a snapshot is near")
+        assert not any(frozen), frozen
+        submit_and_wait(34)  # past snapshot_entries: every member starts a snapshot
         assert started.wait(15)
+        wait_for(lambda: all(frozen), 15, "every member to freeze")
+        assert all(len(p) == 1 for p in prepared), prepared
         term = leader.raft_status().term
         # The writes block; Raft does not: entries commit and apply meanwhile.
         submit_and_wait(200)

@@ -18,6 +18,7 @@ from metastore.backend import TABLES, WriteBatch
 from metastore.engines import open_store
 from metastore.engines.rocksdb import BackendClosedError, ForeignDirectoryError, RocksDBBackend
 from metastore.engines.rocksdb.marker import MARKER_NAME
+from metastore.testing import wait_for
 
 
 @pytest.fixture
@@ -267,6 +268,24 @@ def test_checkpoint_is_a_consistent_openable_copy(backend: RocksDBBackend, tmp_p
     finally:
         copy.close()
     assert backend.get("kv", b"only-in-copy") is None
+
+
+def test_background_flush_empties_the_memtables_without_waiting(backend: RocksDBBackend) -> None:
+    """What prepares a checkpoint (MVCCStore.prepare_frozen_copy): the
+    memtables go to SST files behind the caller's back, the data stays."""
+    keys = [b"k%06d" % i for i in range(3000)]
+    fill(backend, "kv", keys)
+    fill(backend, "hist", keys[:10])
+
+    def in_memtables() -> int:
+        return sum(cf.property_int_value("rocksdb.num-entries-active-mem-table") or 0
+                   for cf in backend._cfs.values())
+
+    assert in_memtables() == 3010
+    backend.flush_in_background()
+    wait_for(lambda: in_memtables() == 0, 15, "the memtables to be flushed")
+    assert scan_keys(backend, "kv", b"", None) == keys
+    assert backend.get("hist", b"k000009") == b"vk000009"
 
 
 def test_from_checkpoint_replaces_the_database(tmp_path: Path) -> None:

@@ -260,6 +260,16 @@ class RocksDBBackend:
             for cf in cfs:
                 cf.compact_range(None, None, opts)
 
+    def flush_in_background(self) -> None:
+        """Start flushing every memtable and return at once. A checkpoint
+        flushes the memtables itself, on its caller's thread, for as long as
+        that takes (~100 ms for 60k puts here, more on a busy machine):
+        asked a little ahead of one, this leaves it little to flush."""
+        with self._admin.shared():
+            self._check_open()
+            for cf in (self._db, *self._cfs.values()):
+                cf.flush(False)
+
     def checkpoint(self, target_dir: str) -> None:
         """A consistent copy of the whole database in `target_dir` (which must
         not exist yet), made of hard links where the filesystem allows, and
