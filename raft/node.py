@@ -123,11 +123,17 @@ class _DurableAckTransport(TCPTransport):
 
     Held acknowledgements go out (after one fsync) at the start of the next
     tick, and before anything else is sent (messages to a peer keep their
-    order) or any message other than more entries from the same leader is
-    taken in (a new leader may cut the log an acknowledgement covers)."""
+    order). Only entries that extend the log past every held
+    acknowledgement, from the same leader in the same term, are taken in
+    while they wait: anything else -- a resend that overlaps them (pysyncobj
+    cuts and re-appends the tail), a snapshot, another term or peer -- could
+    cut the entries an acknowledgement covers, so they go out first. As a
+    last guard, one claiming more than the journal holds after the fsync is
+    dropped (the leader learns from the next one)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._held_acks: list[tuple[Any, dict]] = []
+        self._held_term = 0  # the follower's term when they were held
         super().__init__(*args, **kwargs)
 
     def send(self, node: Any, message: Any) -> bool:
@@ -135,7 +141,11 @@ class _DurableAckTransport(TCPTransport):
         if message.get("type") == "next_node_idx" and message.get("success"):
             journal = self._syncObj._durable_journal
             if journal is not None and journal.needs_sync():
+                term = self._syncObj.raftCurrentTerm
+                if self._held_acks and term != self._held_term:
+                    self.send_held_acks()
                 self._held_acks.append((node, message))
+                self._held_term = term
                 return True
         self.send_held_acks()
         return super().send(node, message)
@@ -147,17 +157,23 @@ class _DurableAckTransport(TCPTransport):
         journal = self._syncObj._durable_journal
         if journal.needs_sync():
             journal.sync()
+        last = journal[-1][1] if len(journal) else 0
         held, self._held_acks = self._held_acks, []
         for node, message in held:
-            super().send(node, message)
+            if message["next_node_idx"] - 1 <= last:
+                super().send(node, message)
 
-    def _holds_acks_for_other_than(self, node: Any, message: dict) -> bool:
-        """Whether taking `message` in must wait for the held acknowledgements."""
+    def _must_send_held_acks_before(self, node: Any, message: dict) -> bool:
+        """Whether taking `message` in could cut entries a held
+        acknowledgement covers (see the class docstring)."""
         if not self._held_acks:
             return False
-        if message.get("type") != "append_entries" or "transmission" in message:
+        if message.get("type") != "append_entries" or "transmission" in message or "serialized" in message:
             return True
-        return any(held_node != node for held_node, _ in self._held_acks)
+        if message.get("term") != self._held_term or any(held != node for held, _ in self._held_acks):
+            return True
+        claimed = max(m["next_node_idx"] for _, m in self._held_acks) - 1
+        return message.get("prevLogIdx", -1) < claimed
 
     def setOnMessageReceivedCallback(self, callback: Callable[[Any, Any], None]) -> None:
         """Keep a follower's acknowledgement from rewinding the leader.
@@ -181,7 +197,7 @@ class _DurableAckTransport(TCPTransport):
                 self.send_held_acks()
                 callback(node, message)
                 return
-            if self._holds_acks_for_other_than(node, message):
+            if self._must_send_held_acks_before(node, message):
                 self.send_held_acks()
             if reads.on_message(node, message):
                 return  # a read index request or answer: not pysyncobj's
@@ -334,7 +350,9 @@ class RaftNode(RaftStatusSource):
         self._save_snapshot = save_snapshot
         self._load_snapshot = load_snapshot
         self._prepare_snapshot = prepare_snapshot
-        self._snapshot_prepared = False  # for the snapshot the log now grows toward
+        # First log index when the state machine was last told a snapshot is
+        # near: told again once the log has been compacted (it starts later).
+        self._snapshot_prepared_for: int | None = None
         self._snapshot_job: _SnapshotJob | None = None
         self.journal: DurableJournal | None = None
         self._role = RaftRole.FOLLOWER
@@ -755,16 +773,24 @@ class RaftNode(RaftStatusSource):
     def _prepare_snapshot_when_near(self) -> None:
         """Tick callback: once the log is within a tenth of snapshot_entries
         of the size at which pysyncobj asks for a snapshot, tell the state
-        machine, once, so freezing it (which holds the applier) is quick."""
+        machine -- once per log start, i.e. per snapshot -- so freezing it
+        (which holds the applier) is quick. On a thread of its own: RocksDB
+        may make even a flush it does not wait for wait behind one running."""
+        journal = self.journal
         due = self._cfg.snapshot_entries
-        if len(self.journal) < due - max(1, due // 10):
-            self._snapshot_prepared = False  # the log was compacted: a new cycle
-        elif not self._snapshot_prepared:
-            self._snapshot_prepared = True
-            try:
-                self._prepare_snapshot()
-            except Exception:  # only a slower freeze is at stake
-                log.exception("preparing the state machine for a snapshot failed")
+        if not len(journal) or len(journal) < due - max(1, due // 10):
+            return
+        start = journal[0][1]
+        if start == self._snapshot_prepared_for:
+            return
+        self._snapshot_prepared_for = start
+        threading.Thread(target=self._run_prepare_snapshot, name="raft-snapshot-prepare", daemon=True).start()
+
+    def _run_prepare_snapshot(self) -> None:
+        try:
+            self._prepare_snapshot()
+        except Exception as exc:  # only a slower freeze is at stake (or the store closed)
+            log.warning("preparing the state machine for a snapshot failed: %s", exc)
 
     def _release_serializer(self, new_file: bool = False) -> None:
         """Let pysyncobj's serializer send the snapshot file to followers

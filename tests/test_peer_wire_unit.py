@@ -1,5 +1,5 @@
-"""raft.peer_wire: peer messages go out as stored zlib blocks, and members
-of either kind read each other's messages."""
+"""raft.peer_wire: peer messages go out as stored zlib blocks (big ones
+deflated), and members of either kind read each other's messages."""
 from __future__ import annotations
 
 import pickle
@@ -7,7 +7,7 @@ import zlib
 
 from pysyncobj import tcp_connection
 
-from metastore.raft.peer_wire import send_uncompressed
+from metastore.raft.peer_wire import DEFLATE_FROM, send_uncompressed
 
 MESSAGE = {"type": "append_entries", "entries": [(b"value %d " % i * 30, i, 3) for i in range(200)]}
 
@@ -26,3 +26,13 @@ def test_a_deflated_message_from_an_older_member_is_read() -> None:
     send_uncompressed()
     deflated = zlib.compress(pickle.dumps(MESSAGE), 3)
     assert pickle.loads(tcp_connection.zlib.decompress(deflated)) == MESSAGE
+
+
+def test_big_messages_are_still_deflated() -> None:
+    send_uncompressed()
+    body = pickle.dumps({"type": "append_entries", "entries": [(b"value %d " % i * 30, i, 3)
+                                                               for i in range(DEFLATE_FROM // 200)]})
+    assert len(body) >= DEFLATE_FROM
+    framed = tcp_connection.zlib.compress(body, 3)
+    assert len(framed) < len(body) // 3
+    assert zlib.decompress(framed) == body

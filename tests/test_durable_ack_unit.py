@@ -1,0 +1,85 @@
+"""The follower's held acknowledgements (raft.node._DurableAckTransport) in
+isolation: one fsync for many, and never one that claims entries the log
+may have lost. The journal is real; pysyncobj's node is a stand-in that
+only carries what the transport reads (term, journal, read-index tagging),
+and what would go on the wire is recorded instead of sent."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+import metastore.raft.node as raft_node
+from metastore.raft.journal import DurableJournal
+
+LEADER, OTHER = "127.0.0.1:1", "127.0.0.1:2"
+
+
+@pytest.fixture
+def transport(tmp_path, monkeypatch):
+    journal = DurableJournal(str(tmp_path / "raft.log"))
+    wire: list[tuple[str, dict]] = []
+    monkeypatch.setattr(raft_node.TCPTransport, "send", lambda self, node, message: wire.append((node, message)))
+    t = object.__new__(raft_node._DurableAckTransport)
+    t._held_acks, t._held_term = [], 0
+    t._syncObj = SimpleNamespace(_durable_journal=journal, raftCurrentTerm=3,
+                                 read_index=SimpleNamespace(tag_outgoing=lambda node, message: None))
+    return t, journal, wire
+
+
+def append(journal: DurableJournal, first: int, last: int, term: int = 3) -> None:
+    for i in range(first, last + 1):
+        journal.add(b"cmd%d" % i, i, term)
+
+
+def ack(next_index: int) -> dict:
+    return {"type": "next_node_idx", "next_node_idx": next_index, "reset": False, "success": True}
+
+
+def entries(prev: int, term: int = 3) -> dict:
+    return {"type": "append_entries", "term": term, "prevLogIdx": prev, "prevLogTerm": term,
+            "entries": [], "commit_index": 0}
+
+
+def test_acknowledgements_wait_for_one_fsync(transport):
+    t, journal, wire = transport
+    append(journal, 1, 5)
+    t.send(LEADER, ack(6))
+    append(journal, 6, 9)
+    t.send(LEADER, ack(10))
+    assert wire == [] and journal.fsync_count == 0
+    t.send_held_acks()  # the start of the next tick
+    assert journal.fsync_count == 1 and journal.durable_index == 9
+    assert [m["next_node_idx"] for _, m in wire] == [6, 10]
+
+
+def test_anything_else_sent_goes_after_them(transport):
+    t, journal, wire = transport
+    append(journal, 1, 3)
+    t.send(LEADER, ack(4))
+    t.send(LEADER, {"type": "apply_command", "command": b"x"})
+    assert [m["type"] for _, m in wire] == ["next_node_idx", "apply_command"]
+    assert journal.durable_index == 3
+
+
+def test_only_entries_that_extend_past_them_are_taken_in_while_they_wait(transport):
+    t, journal, _wire = transport
+    append(journal, 1, 12)
+    t.send(LEADER, ack(13))
+    must_flush = t._must_send_held_acks_before
+    assert not must_flush(LEADER, entries(prev=12))  # appends after 12: cuts nothing held
+    assert must_flush(LEADER, entries(prev=10))      # a resend: pysyncobj cuts from 11
+    assert must_flush(LEADER, entries(prev=12, term=4))
+    assert must_flush(OTHER, entries(prev=12))
+    assert must_flush(LEADER, {**entries(prev=12), "transmission": "start", "data": b""})
+    assert must_flush(LEADER, {"type": "append_entries", "term": 3, "serialized": b"..", "commit_index": 0})
+    assert must_flush(LEADER, {"type": "request_vote", "term": 4})
+
+
+def test_one_claiming_entries_the_log_lost_is_dropped(transport):
+    t, journal, wire = transport
+    append(journal, 1, 12)
+    t.send(LEADER, ack(13))
+    journal.deleteEntriesFrom(10)  # positions: entries 11 and 12 are cut
+    t.send_held_acks()
+    assert wire == [] and journal.durable_index == 10
