@@ -30,7 +30,7 @@ from metastore.cluster import NOT_SUPPORTED_FOR_LEARNER, proposal_allowed_on_lea
 from metastore.fsutil import fsync_path
 from metastore.raft.applier import NOT_APPLIED, AppliedResult, Applier
 from metastore.raft.journal import DurableJournal
-from metastore.raft.peer_wire import send_uncompressed
+from metastore.raft.peer_wire import deflate_only_big_messages
 from metastore.raft.read_index import ReadDone, ReadIndex
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
 
@@ -141,11 +141,10 @@ class _DurableAckTransport(TCPTransport):
         if message.get("type") == "next_node_idx" and message.get("success"):
             journal = self._syncObj._durable_journal
             if journal is not None and journal.needs_sync():
-                term = self._syncObj.raftCurrentTerm
-                if self._held_acks and term != self._held_term:
-                    self.send_held_acks()
+                # (The term cannot differ from the held ones': whatever
+                # changes it made them go out first, see on_message.)
                 self._held_acks.append((node, message))
-                self._held_term = term
+                self._held_term = self._syncObj.raftCurrentTerm
                 return True
         self.send_held_acks()
         return super().send(node, message)
@@ -392,7 +391,7 @@ class RaftNode(RaftStatusSource):
         """Create the pysyncobj node (voter or read-only) over this member's
         journal and snapshot files."""
         cfg = self._cfg
-        send_uncompressed()  # raft.peer_wire: deflating peer messages costs more than it saves
+        deflate_only_big_messages()  # raft.peer_wire: deflating every peer message costs more than it saves
         if cfg.journal_file is not None:
             self.journal = DurableJournal(cfg.journal_file, fsync=cfg.fsync)
         snapshots = cfg.snapshot_file is not None and self._save_snapshot is not None

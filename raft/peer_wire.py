@@ -37,7 +37,7 @@ class _StoredBlocks:
     decompress = staticmethod(zlib.decompress)
 
 
-def send_uncompressed() -> None:
+def deflate_only_big_messages() -> None:
     """From now on this process's pysyncobj connections send small messages
     as stored blocks (idempotent; pysyncobj looks zlib up in its module at
     each send)."""

@@ -54,7 +54,6 @@ ROUND = "ms_read"  # on append_entries: the leader's round
 ECHO = "ms_read_echo"  # on next_node_idx: (term, round) last accepted from that leader
 
 
-
 class ReadIndexHost(Protocol):
     """What ReadIndex needs from the Raft node (tick thread only)."""
 

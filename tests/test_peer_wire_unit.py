@@ -7,13 +7,13 @@ import zlib
 
 from pysyncobj import tcp_connection
 
-from metastore.raft.peer_wire import DEFLATE_FROM, send_uncompressed
+from metastore.raft.peer_wire import DEFLATE_FROM, deflate_only_big_messages
 
 MESSAGE = {"type": "append_entries", "entries": [(b"value %d " % i * 30, i, 3) for i in range(200)]}
 
 
 def test_messages_are_framed_without_deflating() -> None:
-    send_uncompressed()
+    deflate_only_big_messages()
     body = pickle.dumps(MESSAGE)
     framed = tcp_connection.zlib.compress(body, 3)  # what TcpConnection.send calls
     # Stored blocks: never smaller than the pickle, though deflate would shrink this one 5-fold.
@@ -23,13 +23,13 @@ def test_messages_are_framed_without_deflating() -> None:
 
 
 def test_a_deflated_message_from_an_older_member_is_read() -> None:
-    send_uncompressed()
+    deflate_only_big_messages()
     deflated = zlib.compress(pickle.dumps(MESSAGE), 3)
     assert pickle.loads(tcp_connection.zlib.decompress(deflated)) == MESSAGE
 
 
 def test_big_messages_are_still_deflated() -> None:
-    send_uncompressed()
+    deflate_only_big_messages()
     body = pickle.dumps({"type": "append_entries", "entries": [(b"value %d " % i * 30, i, 3)
                                                                for i in range(DEFLATE_FROM // 200)]})
     assert len(body) >= DEFLATE_FROM
