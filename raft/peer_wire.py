@@ -13,12 +13,17 @@ deflated, at the fastest level: pysyncobj grows its receive buffer by
 concatenation, so the bytes it copies grow with the square of a message's
 size, and shrinking those is worth the deflate.
 
-Level 0 still writes a zlib stream (stored blocks), so a member that
-deflates reads these messages and this one reads its messages: members of
-both kinds can run side by side during a rolling upgrade.
+The small ones still travel as a zlib stream, of stored (uncompressed)
+blocks, so a member that deflates reads these messages and this one reads
+its messages: members of both kinds can run side by side during a rolling
+upgrade. That stream is framed here rather than by `zlib.compress(data, 0)`,
+which sets up a whole deflate state (~300 KB) per call: ~57 us per message
+whatever its size, against ~1 us for the framing, and a member sends and
+receives thousands of messages a second under load.
 """
 from __future__ import annotations
 
+import struct
 import zlib
 
 from pysyncobj import tcp_connection
@@ -26,13 +31,41 @@ from pysyncobj import tcp_connection
 # Messages at least this big are deflated (level 1).
 DEFLATE_FROM = 1 << 20
 
+# RFC 1950 header: deflate with a 32 KiB window, "fastest" level, no preset
+# dictionary (0x7801 is a multiple of 31, as the header check requires).
+_ZLIB_HEADER = b"\x78\x01"
+# RFC 1951 stored block: BFINAL/BTYPE=00 in one byte, then LEN and its
+# ones' complement NLEN, then LEN bytes as they are.
+_STORED_BLOCK = struct.Struct("<BHH")
+_MAX_STORED = 0xFFFF
+_ADLER32 = struct.Struct(">I")
+
+
+def stored_zlib_stream(data: bytes) -> bytes:
+    """`data` as a zlib stream of stored blocks: what zlib.compress(data, 0)
+    returns, built without a deflate state."""
+    parts = [_ZLIB_HEADER]
+    view = memoryview(data)
+    size = len(data)
+    offset = 0
+    while True:
+        chunk = view[offset:offset + _MAX_STORED]
+        offset += len(chunk)
+        final = offset >= size
+        parts.append(_STORED_BLOCK.pack(1 if final else 0, len(chunk), len(chunk) ^ 0xFFFF))
+        parts.append(chunk)
+        if final:
+            break
+    parts.append(_ADLER32.pack(zlib.adler32(data)))
+    return b"".join(parts)
+
 
 class _StoredBlocks:
     """Stands in for the zlib module where pysyncobj frames peer messages."""
 
     @staticmethod
     def compress(data: bytes, level: int = -1) -> bytes:
-        return zlib.compress(data, 0 if len(data) < DEFLATE_FROM else 1)
+        return stored_zlib_stream(data) if len(data) < DEFLATE_FROM else zlib.compress(data, 1)
 
     decompress = staticmethod(zlib.decompress)
 

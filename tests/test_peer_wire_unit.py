@@ -7,7 +7,9 @@ import zlib
 
 from pysyncobj import tcp_connection
 
-from metastore.raft.peer_wire import DEFLATE_FROM, deflate_only_big_messages
+import pytest
+
+from metastore.raft.peer_wire import DEFLATE_FROM, deflate_only_big_messages, stored_zlib_stream
 
 MESSAGE = {"type": "append_entries", "entries": [(b"value %d " % i * 30, i, 3) for i in range(200)]}
 
@@ -36,3 +38,19 @@ def test_big_messages_are_still_deflated() -> None:
     framed = tcp_connection.zlib.compress(body, 3)
     assert len(framed) < len(body) // 3
     assert zlib.decompress(framed) == body
+
+
+@pytest.mark.parametrize("size", [0, 1, 1200, 65534, 65535, 65536, 3 * 65535, 3 * 65535 + 7, DEFLATE_FROM - 1])
+def test_stored_stream_is_a_zlib_stream_of_the_bytes(size: int) -> None:
+    data = bytes(i * 7 % 251 for i in range(size))
+    stream = stored_zlib_stream(data)
+    assert zlib.decompress(stream) == data
+    reader = zlib.decompressobj()
+    assert reader.decompress(stream) == data and reader.eof and not reader.unused_data
+    # Stored blocks: five bytes of framing per 64 KiB block, plus zlib's six.
+    assert len(stream) == len(data) + 6 + 5 * max(1, -(-size // 65535))
+
+
+def test_stored_stream_matches_zlib_level_0_for_a_small_message() -> None:
+    body = pickle.dumps(MESSAGE)
+    assert stored_zlib_stream(body) == zlib.compress(body, 0)
