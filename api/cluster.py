@@ -30,7 +30,7 @@ class ClusterService(rpc_pb2_grpc.ClusterServicer):
         self._refuse_on_learner()
         if request.linearizable:
             await self._node.read_barrier.wait()
-        return rpc_pb2.MemberListResponse(header=self._node.header(),
+        return rpc_pb2.MemberListResponse(header=self._node.header(with_revision=False),
                                           members=[member_pb(m) for m in self._node.members()])
 
     @etcd_errors

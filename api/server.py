@@ -11,6 +11,7 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from metastore.api.auth import AuthService
 from metastore.api.cluster import ClusterService
 from metastore.api.http import HTTPServer, Router, add_member_routes
 from metastore.api.placement_http import add_placement_routes
@@ -54,6 +55,7 @@ async def build_server(node: Node, interceptors: Sequence[grpc.aio.ServerInterce
     rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), server)
     rpc_pb2_grpc.add_WatchServicer_to_server(WatchService(node), server)
     rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(node), server)
+    rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(node), server)
     metastore_pb2_grpc.add_RaftServicer_to_server(RaftStatusService(node), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -65,8 +65,8 @@ def _optional_urls(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--quota-backend-bytes", default=0, show_default=True, type=int,
               help="Backend size that raises the NOSPACE alarm (writes refused until disarmed); "
                    "0 means etcd's default of 2 GiB, a negative value disables the quota.")
-@click.option("--snapshot-count", default=10000, show_default=True, type=click.IntRange(min=100),
-              help="Raft entries between snapshots; the log before a snapshot is dropped.")
+@click.option("--snapshot-count", default=100_000, show_default=True, type=click.IntRange(min=100),
+              help="Applied requests between snapshots, as etcd counts them; the log before a snapshot is dropped.")
 @click.option("--unsafe-no-fsync", is_flag=True, default=False,
               help="Do not fsync the Raft log: faster, but a power loss can lose acknowledged "
                    "writes. For tests and benchmarks only.")

@@ -54,8 +54,9 @@ class ServerConfig:
     # Seconds a request may wait for Raft; 0: etcd's rule, 5 s plus two
     # election timeouts (a leader change or a long apply fits in it).
     request_timeout: float = 0.0
-    # Applied entries between snapshots (after which the Raft log is trimmed).
-    snapshot_count: int = 10000
+    # Applied requests between snapshots (after which the Raft log is
+    # trimmed): etcd's flag, meaning and default.
+    snapshot_count: int = 100_000
     # Acknowledge writes before they are fsynced: for tests and benchmarks
     # only -- a power loss can then lose acknowledged writes.
     unsafe_no_fsync: bool = False

@@ -68,3 +68,11 @@ BAD_LEADER_TRANSFEREE = _e(StatusCode.FAILED_PRECONDITION, "bad leader transfere
 TIMEOUT_LEADER_TRANSFER = _e(StatusCode.UNAVAILABLE, "request timed out, leader transfer took too long")
 NOT_CAPABLE = _e(StatusCode.UNAVAILABLE, "not capable")
 PERMISSION_DENIED = _e(StatusCode.PERMISSION_DENIED, "permission denied")
+
+# Authentication (always disabled: see api/auth.py)
+AUTH_NOT_ENABLED = _e(StatusCode.FAILED_PRECONDITION, "authentication is not enabled")
+ROOT_USER_NOT_EXIST = _e(StatusCode.FAILED_PRECONDITION, "root user does not exist")
+USER_NOT_FOUND = _e(StatusCode.FAILED_PRECONDITION, "user name not found")
+ROLE_NOT_FOUND = _e(StatusCode.FAILED_PRECONDITION, "role name not found")
+USERS_NOT_SUPPORTED = EtcdError(StatusCode.UNIMPLEMENTED,
+                                "metastore: users and roles are not supported; authentication stays disabled")

@@ -151,15 +151,16 @@ class Maintenance:
     # -- alarms -------------------------------------------------------------------
     async def alarm(self, req: rpc_pb2.AlarmRequest) -> rpc_pb2.AlarmResponse:
         """etcd's Alarm: GET reads the replicated alarms (linearizable: after
-        a read barrier); ACTIVATE/DEACTIVATE go through Raft."""
+        a read barrier); ACTIVATE/DEACTIVATE go through Raft. As etcd 3.4's,
+        the response has no header."""
         node = self._node
         if req.action == alarms.GET:
             await node.read_barrier.wait()
-            resp = alarms.response(alarms.active(node.store, req.alarm))
-            node._fill_header(resp.header)
-            return resp
-        return await node._propose(raft_entry_pb2.Proposal(alarm=rpc_pb2.AlarmRequest(
+            return alarms.response(alarms.active(node.store, req.alarm))
+        resp = await node._propose(raft_entry_pb2.Proposal(alarm=rpc_pb2.AlarmRequest(
             action=req.action, memberID=req.memberID, alarm=req.alarm)))
+        resp.ClearField("header")  # etcd answers alarms without a header
+        return resp
 
     def alarm_errors(self) -> list[str]:
         """The active alarms as etcd 3.4 lists them in StatusResponse.errors."""

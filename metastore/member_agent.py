@@ -118,7 +118,7 @@ class MemberAgent:
         self.placement.signal.notify()
         if old and old != grant.ID:
             try:  # the previous incarnation's session: end it now rather than at its expiry
-                await self.node.lease_revoke(rpc_pb2.LeaseRevokeRequest(ID=old))
+                await self.node.lease_revoke(rpc_pb2.LeaseRevokeRequest(ID=old), from_client=False)
             except EtcdError:
                 pass
 

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from metastore import ETCD_COMPAT_VERSION, errors, snapshot, validate
+from metastore import ETCD_COMPAT_VERSION, errors, liveness, snapshot, validate
 from metastore.api.pb import metastore_pb2, metastore_pb2_grpc, raft_entry_pb2, rpc_pb2, rpc_pb2_grpc
 from metastore.cluster import (LEARNER_NOT_READY, LEARNER_READY_RATIO, MAX_LEARNERS, MEMBER_NOT_LEARNER,
                                TOO_MANY_LEARNERS, Member, Membership, hostport, is_loopback, member_id,
@@ -72,7 +72,7 @@ class Node:
                 bind_address=hostport(cfg.listen_peer_urls[0]),
                 journal_file=os.path.join(cfg.member_dir, "raft.log"),
                 snapshot_file=os.path.join(cfg.member_dir, "raft.snapshot"),
-                snapshot_entries=cfg.snapshot_count,
+                snapshot_requests=cfg.snapshot_count,
                 fsync=not cfg.unsafe_no_fsync,
                 password=cfg.peer_secret,
                 heartbeat_interval=cfg.heartbeat_interval_ms / 1000,
@@ -155,7 +155,7 @@ class Node:
             # Hand leadership over first, so a rolling restart costs the
             # cluster no election timeout.
             try:
-                await self.move_leader(0)
+                await self.move_leader(None)
             except errors.EtcdError as err:
                 log.warning("leadership not handed over before stopping: %s", err.message)
         self.proposer.close()
@@ -260,8 +260,20 @@ class Node:
                 if err is not errors.LEASE_EXISTS:
                     raise
 
-    async def lease_revoke(self, req: rpc_pb2.LeaseRevokeRequest) -> rpc_pb2.LeaseRevokeResponse:
+    async def lease_revoke(self, req: rpc_pb2.LeaseRevokeRequest, *,
+                           from_client: bool = True) -> rpc_pb2.LeaseRevokeResponse:
+        """A client cannot revoke a member's session lease: to it, that lease
+        does not exist (see member_sessions)."""
+        if from_client and req.ID in self.member_sessions():
+            raise errors.LEASE_NOT_FOUND
         return await self._propose(raft_entry_pb2.Proposal(lease_revoke=req))
+
+    def member_sessions(self) -> set[int]:
+        """The leases of the members' own sessions (metastore.liveness). They
+        are metastore's, not a client's -- etcd has no such leases -- so the
+        Lease API leaves them out: `lease list` shows only clients' leases,
+        and a cleanup that revokes them all cannot end a member's session."""
+        return {state.session for state in liveness.read_all(self.store).values() if state.session}
 
     async def lease_keepalive(self, lease: int) -> rpc_pb2.LeaseKeepAliveResponse:
         """Restart the lease's clock on every member; TTL 0 for a lease that
@@ -281,7 +293,7 @@ class Node:
     async def lease_time_to_live(self, req: rpc_pb2.LeaseTimeToLiveRequest) -> rpc_pb2.LeaseTimeToLiveResponse:
         await self.read_barrier.wait()
         resp = rpc_pb2.LeaseTimeToLiveResponse(ID=req.ID, TTL=-1)
-        granted = self.store.lease_ttl(req.ID)
+        granted = self.store.lease_ttl(req.ID) if req.ID not in self.member_sessions() else None
         left = self.lessor.remaining(req.ID)
         if granted is not None and left is not None:
             resp.TTL = max(0, int(left))
@@ -294,7 +306,7 @@ class Node:
     async def lease_leases(self) -> rpc_pb2.LeaseLeasesResponse:
         await self.read_barrier.wait()
         resp = rpc_pb2.LeaseLeasesResponse()
-        for lease in sorted(self.store.leases()):
+        for lease in sorted(self.store.leases().keys() - self.member_sessions()):
             resp.leases.add(ID=lease)
         self._fill_header(resp.header)
         return resp
@@ -334,11 +346,13 @@ class Node:
                     asyncio.get_running_loop().create_task(revoke(lease))
 
     # -- leadership -----------------------------------------------------------
-    async def move_leader(self, target_id: int, timeout: float | None = None) -> rpc_pb2.MoveLeaderResponse:
+    async def move_leader(self, target_id: int | None, timeout: float | None = None) -> rpc_pb2.MoveLeaderResponse:
         """etcd's MoveLeader: only the leader can hand over; returns once the
         target leads, or fails with etcd's "leader transfer took too long"
-        after `timeout` (default: the request timeout). target_id 0 picks the
-        most caught-up follower. New proposals wait meanwhile, so the target
+        after `timeout` (default: the request timeout). The target must be a
+        voting member (etcd: "bad leader transferee" for 0, a stranger or a
+        learner); metastore's own hand-overs pass None, which picks the most
+        caught-up follower. New proposals wait meanwhile, so the target
         can catch up with the log.
 
         The target's election can still fail (a vote lost to a member that
@@ -348,9 +362,9 @@ class Node:
         if not self.raft.is_leader():
             raise errors.NOT_LEADER
         target_address: str | None = None
-        if target_id:
+        if target_id is not None:
             member = self.membership.get(target_id)
-            if member is None:
+            if member is None or member.is_learner:
                 raise errors.BAD_LEADER_TRANSFEREE
             if target_id == self.member_id:
                 resp = rpc_pb2.MoveLeaderResponse()
@@ -378,7 +392,7 @@ class Node:
         self._fill_header(resp.header)
         return resp
 
-    async def _hand_over(self, target_address: str | None, target_id: int, deadline: float,
+    async def _hand_over(self, target_address: str | None, target_id: int | None, deadline: float,
                          election_timeout: float) -> bool:
         """One attempt of move_leader: have the "timeout now" sent, then wait
         for another member to lead. False: ask again (this member leads
@@ -450,7 +464,7 @@ class Node:
         log.info("%s %x added (%s)", "learner" if req.isLearner else "member", new_id, ",".join(urls))
         resp = rpc_pb2.MemberAddResponse(member=rpc_pb2.Member(ID=new_id, peerURLs=urls, isLearner=req.isLearner))
         resp.members.extend(member_pb(m) for m in self.members())
-        self._fill_header(resp.header)
+        self._fill_header(resp.header, with_revision=False)
         return resp
 
     async def member_remove(self, req: rpc_pb2.MemberRemoveRequest) -> rpc_pb2.MemberRemoveResponse:
@@ -464,7 +478,7 @@ class Node:
             raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION,
                             "etcdserver: cannot remove the only voting member of the cluster")
         if self.raft.is_leader() and req.ID == self.member_id:
-            await self.move_leader(0)  # the next leader removes us
+            await self.move_leader(None)  # the next leader removes us
         if not self.raft.is_leader():
             return await self._relay_to_leader("MemberRemove", req)
         done = asyncio.get_running_loop().create_future()
@@ -483,7 +497,7 @@ class Node:
         log.info("member %x (%s) removed", req.ID, member.name)
         resp = rpc_pb2.MemberRemoveResponse()
         resp.members.extend(member_pb(m) for m in self.members())
-        self._fill_header(resp.header)
+        self._fill_header(resp.header, with_revision=False)
         return resp
 
     async def member_promote(self, req: rpc_pb2.MemberPromoteRequest) -> rpc_pb2.MemberPromoteResponse:
@@ -522,7 +536,7 @@ class Node:
         log.info("learner %x (%s) promoted to voting member", member.id, member.name)
         resp = rpc_pb2.MemberPromoteResponse()
         resp.members.extend(member_pb(m) for m in self.members())
-        self._fill_header(resp.header)
+        self._fill_header(resp.header, with_revision=False)
         return resp
 
     async def _learner_in_sync(self, learner: Member) -> bool:
@@ -572,7 +586,7 @@ class Node:
                             f"the new peer URLs")
         resp = rpc_pb2.MemberUpdateResponse()
         resp.members.extend(member_pb(m) for m in self.members())
-        self._fill_header(resp.header)
+        self._fill_header(resp.header, with_revision=False)
         return resp
 
     def is_learner(self) -> bool:
@@ -711,15 +725,18 @@ class Node:
         self._fill_header(resp.header, term=st.term)
         return resp
 
-    def header(self) -> rpc_pb2.ResponseHeader:
+    def header(self, with_revision: bool = True) -> rpc_pb2.ResponseHeader:
         h = rpc_pb2.ResponseHeader()
-        self._fill_header(h)
+        self._fill_header(h, with_revision=with_revision)
         return h
 
-    def _fill_header(self, header: rpc_pb2.ResponseHeader, term: int | None = None) -> None:
+    def _fill_header(self, header: rpc_pb2.ResponseHeader, term: int | None = None,
+                     with_revision: bool = True) -> None:
+        """etcd's response header. Membership responses carry no revision
+        in etcd (they are not about the key space): with_revision=False."""
         header.cluster_id = self.cluster_id
         header.member_id = self.member_id
         header.raft_term = term if term is not None else self.raft.term()
-        if not header.revision:
+        if with_revision and not header.revision:
             header.revision = self.store.revision
 

@@ -117,7 +117,8 @@ class Placement:
             self.agent.release_all()
         if end_session and self.agent.session:
             try:
-                await asyncio.wait_for(self.node.lease_revoke(rpc_pb2.LeaseRevokeRequest(ID=self.agent.session)), 1.0)
+                revoke = rpc_pb2.LeaseRevokeRequest(ID=self.agent.session)
+                await asyncio.wait_for(self.node.lease_revoke(revoke, from_client=False), 1.0)
             except (EtcdError, asyncio.TimeoutError):
                 pass  # it expires on its own
             self.agent.session = 0

@@ -331,7 +331,7 @@ class WatchStream:
         compact revision (etcdctl prints the compaction error and exits)."""
         self._push_control(rpc_pb2.WatchResponse(
             watch_id=w.id, canceled=True, compact_revision=self._hub.store.compact_revision),
-            self._hub.last_revision)
+            0)  # etcd's header here carries no revision
         self._remove(w)
 
     async def _resync(self) -> None:

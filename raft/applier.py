@@ -78,6 +78,7 @@ class Applier:
         self._cond = threading.Condition()
         self._backlog = 0  # queued entries (not jobs) not yet applied
         self._last_index = 0  # of the last entry applied
+        self._requests = 0  # see requests_applied
         self._started_at: float | None = None  # the entry being applied
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="raft-apply", daemon=True)
@@ -119,6 +120,15 @@ class Applier:
         """Raft index of the last entry applied (0: none since the start)."""
         return self._last_index
 
+    @property
+    def requests_applied(self) -> int:
+        """Requests applied since this applier started. An entry whose apply
+        answered a list -- one result per request the entry carried, as
+        StateMachine.apply does -- counts as that many, any other as one:
+        snapshots are due by requests, as etcd counts them (see
+        RaftNode._snapshot_when_due)."""
+        return self._requests
+
     def applying_for(self) -> float:
         """Seconds the entry being applied right now has taken so far (0
         when none is): a long apply holds back everything queued behind it."""
@@ -152,6 +162,7 @@ class Applier:
                     log.exception("a job queued behind the applied entries failed")
                 continue
             value = self._apply_one(payload, index)
+            self._requests += len(value) if isinstance(value, list) else 1
             self._last_index = index  # before the backlog shrinks: see RaftNode.raft_status
             with self._cond:
                 self._backlog -= 1

@@ -96,8 +96,9 @@ class RaftConfig:
     password: str | None = None    # cluster secret: encrypts and authenticates peers
     fsync: bool = True             # False only for tests/benchmarks (--unsafe-no-fsync)
     snapshot_file: str | None = None  # where the state machine snapshot lives
-    # Take a snapshot and drop the log before it after this many entries.
-    snapshot_entries: int = 20000
+    # Take a snapshot and drop the log before it after this many applied
+    # requests (etcd's --snapshot-count; an entry carries a batch of them).
+    snapshot_requests: int = 20000
     heartbeat_interval: float = 0.1
     election_timeout: float = 1.0
     # Largest Raft message; an entry must stay below it (pysyncobj's chunked
@@ -352,6 +353,11 @@ class RaftNode(RaftStatusSource):
         # First log index when the state machine was last told a snapshot is
         # near: told again once the log has been compacted (it starts later).
         self._snapshot_prepared_for: int | None = None
+        # Applier.requests_applied when the last snapshot was frozen, and
+        # the count before which no snapshot is asked for again (one that
+        # failed is retried after another snapshot_requests).
+        self._requests_at_snapshot = 0
+        self._next_snapshot_request = 0
         self._snapshot_job: _SnapshotJob | None = None
         self.journal: DurableJournal | None = None
         self._role = RaftRole.FOLLOWER
@@ -420,7 +426,10 @@ class RaftNode(RaftStatusSource):
             serializer=self._serialize if snapshots else None,
             serializeChecker=self._snapshot_state if snapshots else None,
             deserializer=self._deserialize if snapshots else None,
-            logCompactionMinEntries=cfg.snapshot_entries if snapshots else 2**62,
+            # RaftNode._snapshot_when_due asks for snapshots by requests;
+            # pysyncobj's count of entries (never more than the requests in
+            # them, bar empty ones) stays as a backstop.
+            logCompactionMinEntries=cfg.snapshot_requests if snapshots else 2**62,
             logCompactionMinTime=3600 if snapshots else 10**12,
             # With no leader a proposal fails at once ("no leader") instead of
             # waiting in pysyncobj's queue with no deadline, where it could be
@@ -444,8 +453,8 @@ class RaftNode(RaftStatusSource):
             # them toward commit (commit is computed at the start of a tick;
             # tick callbacks run after new entries were appended).
             obj.addOnTickCallback(self._sync_journal)
-        if snapshots and self.journal is not None and self._prepare_snapshot is not None:
-            obj.addOnTickCallback(self._prepare_snapshot_when_near)
+        if snapshots and self.journal is not None:
+            obj.addOnTickCallback(self._snapshot_when_due)
         obj.addOnTickCallback(self._run_transfers)
         obj.addOnTickCallback(obj.read_index.after_tick)
         obj.addOnTickCallback(lambda: self._watch_configuration(obj))
@@ -750,6 +759,8 @@ class RaftNode(RaftStatusSource):
 
         def freeze() -> None:  # applier thread, once every entry up to job.index is applied
             t1 = time.monotonic()
+            assert self._applier is not None
+            self._requests_at_snapshot = self._applier.requests_applied
             try:
                 job.start(self._save_snapshot(data))
             except Exception as exc:  # reported as FAILED by the checker, once
@@ -769,21 +780,32 @@ class RaftNode(RaftStatusSource):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
 
-    def _prepare_snapshot_when_near(self) -> None:
-        """Tick callback: once the log is within a tenth of snapshot_entries
-        of the size at which pysyncobj asks for a snapshot, tell the state
-        machine -- once per log start, i.e. per snapshot -- so freezing it
-        (which holds the applier) is quick. On a thread of its own: RocksDB
-        may make even a flush it does not wait for wait behind one running."""
+    def _snapshot_when_due(self) -> None:
+        """Tick callback. etcd's --snapshot-count counts committed requests,
+        and here one entry carries a whole batch of them (ten or more under
+        load), so pysyncobj's count of entries would let the log -- held in
+        memory -- grow that many times larger than etcd's: the snapshot is
+        asked for here, once snapshot_requests requests were applied since
+        the last one. A tenth before that, the state machine is told, once
+        per log start, so that freezing it (which holds the applier) is
+        quick; on a thread of its own, as RocksDB may make even a flush it
+        does not wait for wait behind one running."""
+        applier, obj = self._applier, self._obj
+        if applier is None or obj is None or self._snapshot_job is not None:
+            return  # none while one is being frozen or written
+        applied = applier.requests_applied
+        since = applied - self._requests_at_snapshot
+        due = self._cfg.snapshot_requests
+        if since < due - max(1, due // 10):
+            return
         journal = self.journal
-        due = self._cfg.snapshot_entries
-        if not len(journal) or len(journal) < due - max(1, due // 10):
-            return
-        start = journal[0][1]
-        if start == self._snapshot_prepared_for:
-            return
-        self._snapshot_prepared_for = start
-        threading.Thread(target=self._run_prepare_snapshot, name="raft-snapshot-prepare", daemon=True).start()
+        start = journal[0][1] if journal is not None and len(journal) else None
+        if self._prepare_snapshot is not None and start != self._snapshot_prepared_for:
+            self._snapshot_prepared_for = start
+            threading.Thread(target=self._run_prepare_snapshot, name="raft-snapshot-prepare", daemon=True).start()
+        if since >= due and applied >= self._next_snapshot_request:
+            self._next_snapshot_request = applied + due
+            obj.forceLogCompaction()
 
     def _run_prepare_snapshot(self) -> None:
         try:

@@ -3,6 +3,7 @@ commands, etcd's errors, and expiry decided by the leader."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -103,6 +104,30 @@ def test_client_chosen_id_duplicate_and_limits(cluster):
     ids = [ls.ID for ls in stub.LeaseLeases(rpc_pb2.LeaseLeasesRequest(), timeout=5).leases]
     assert 0x5eed in ids
     stub.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=0x5eed), timeout=5)
+
+
+def test_members_own_session_leases_are_not_clients_leases(cluster):
+    """etcd has no leases of its own: the members' session leases (liveness)
+    are neither listed nor revocable through the Lease API."""
+    def sessions() -> list[str] | None:
+        found = [re.findall(r"session ([0-9a-f]+) registered", m.log()) for m in cluster.members]
+        return [f[-1] for f in found] if all(found) else None
+
+    ids = wait_for(sessions, 20, "every member's session")
+    mine = grant(cluster, 30)
+    out = cluster.etcdctl("lease", "list").stdout
+    listed = {int(word, 16) for word in out.splitlines()[1:]}
+    assert int(mine, 16) in listed
+    assert not listed & {int(s, 16) for s in ids}, (ids, out)
+    for session in ids:
+        proc = cluster.etcdctl("lease", "revoke", session, check=False)
+        assert proc.returncode != 0 and "etcdserver: requested lease not found" in proc.stderr, proc
+        out = cluster.etcdctl("lease", "timetolive", session).stdout
+        assert out == f"lease {int(session, 16):016x} already expired\n", out
+    # Still the same sessions: none was ended by the attempts.
+    assert sessions() == ids
+    assert not any("starting a new one" in m.log() for m in cluster.members)
+    cluster.etcdctl("lease", "revoke", mine)
 
 
 def test_keepalive_stream_keeps_a_lease_alive_past_its_ttl(cluster):

@@ -162,13 +162,14 @@ def test_alarm_activate_and_deactivate_any_type(cluster):
     req = rpc_pb2.AlarmRequest
     resp = stub.Alarm(req(action=req.ACTIVATE, memberID=id2, alarm=rpc_pb2.CORRUPT), timeout=5)
     assert [(a.memberID, a.alarm) for a in resp.alarms] == [(id2, rpc_pb2.CORRUPT)]
-    assert resp.header.cluster_id == m1.status().header.cluster_id
+    assert not resp.HasField("header")  # etcd 3.4 answers alarms without one
     wait_for(lambda: all(alarms_on(m) == [(id2, rpc_pb2.CORRUPT)] for m in cluster.members), 10,
              "the CORRUPT alarm on every member")
     assert cluster.etcdctl("alarm", "list").stdout == f"memberID:{id2} alarm:CORRUPT \n"
     # Filtered GET, and a deactivation of an alarm that is not active: a no-op.
     none = stub.Alarm(req(action=req.GET, alarm=rpc_pb2.NOSPACE), timeout=5)
     assert list(none.alarms) == []
+    assert not none.HasField("header")
     noop = stub.Alarm(req(action=req.DEACTIVATE, memberID=id2, alarm=rpc_pb2.NOSPACE), timeout=5)
     assert list(noop.alarms) == []
     assert alarms_on(m2) == [(id2, rpc_pb2.CORRUPT)]

@@ -2,6 +2,7 @@
 leadership over, and a rolling restart under write load."""
 from __future__ import annotations
 
+import json
 import random
 import signal
 import threading
@@ -39,6 +40,20 @@ def test_etcdctl_move_leader_and_errors():
             target.maintenance().MoveLeader(rpc_pb2.MoveLeaderRequest(targetID=0xdead), timeout=5)
         assert info.value.details() == "etcdserver: bad leader transferee"
         assert leader_id(cluster) == target_id
+        # No target (0) and a learner are refused at once, as etcd does: no
+        # member is picked in their place.
+        proc = cluster.etcdctl("move-leader", "0", endpoints=[target], check=False)
+        assert proc.returncode == 1 and "etcdserver: bad leader transferee" in proc.stderr, proc.stderr
+        learner_url = "http://127.0.0.1:9"  # never started: it cannot catch up, let alone lead
+        added = cluster.etcdctl("member", "add", "lrn", "--learner", f"--peer-urls={learner_url}",
+                                "-w", "json", endpoints=[target]).stdout
+        learner_id = json.loads(added)["member"]["ID"]
+        started = time.monotonic()
+        proc = cluster.etcdctl("move-leader", f"{learner_id:x}", endpoints=[target], check=False)
+        assert proc.returncode == 1 and "etcdserver: bad leader transferee" in proc.stderr, proc.stderr
+        assert time.monotonic() - started < 4, "refused only after waiting for the transfer"
+        assert leader_id(cluster) == target_id
+        cluster.etcdctl("member", "remove", f"{learner_id:x}", endpoints=[target])
         proc = cluster.etcdctl("move-leader", f"{old_id:x}", endpoints=[old], check=False)
         assert proc.returncode != 0 and "no leader endpoint given" in proc.stderr
 

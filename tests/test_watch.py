@@ -7,6 +7,7 @@ everything after it is deterministic.
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -184,6 +185,12 @@ def test_watch_compacted_revision_is_an_error(cluster):
     assert proc.stdout == ""
     assert proc.stderr == ("watch was canceled (etcdserver: mvcc: required revision has been compacted)\n"
                            "Error: watch is canceled by the server\n")
+    # etcd's cancel carries the compact revision, and no revision in its header.
+    proc = cluster.etcdctl("watch", "--rev", str(old), "wcomp", "-w", "json", check=False, timeout=TIMEOUT)
+    assert proc.returncode == 5, proc
+    canceled = json.loads(proc.stdout)
+    assert canceled["Canceled"] and canceled["CompactRevision"] == now, canceled
+    assert canceled["Header"]["member_id"] and "revision" not in canceled["Header"], canceled
 
 
 # -- raw gRPC ----------------------------------------------------------------------------
