@@ -7,7 +7,8 @@
 Starts a fresh durable 3-member cluster (metastore.testing.LocalCluster),
 loads KEYS keys with VALUE_SIZE-byte values through Txns of 128 puts from 16
 concurrent clients, then writes enough single puts for every member to take
-a Raft snapshot of the whole store (--snapshot-count entries) and waits for
+a Raft snapshot of the whole store (--snapshot-count requests; 10,000 here
+unless given) and waits for
 it to be written. Prints, per member, the resident size after loading, after
 the snapshot, and the peak (VmHWM: the most the process ever held, which is
 what a machine must have room for). Every cluster is stopped and its data

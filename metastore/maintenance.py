@@ -184,9 +184,7 @@ class Maintenance:
             await loop.run_in_executor(None, reclaim)
             log.info("defragmented: %d -> %d bytes in %.0f ms", before, node.store.db_size()[0],
                      (time.monotonic() - t0) * 1000)
-        resp = rpc_pb2.DefragmentResponse()
-        node._fill_header(resp.header)
-        return resp
+        return rpc_pb2.DefragmentResponse()  # etcd's has no header either
 
     # -- hash -----------------------------------------------------------------------
     async def hash(self) -> rpc_pb2.HashResponse:

@@ -367,9 +367,7 @@ class Node:
             if member is None or member.is_learner:
                 raise errors.BAD_LEADER_TRANSFEREE
             if target_id == self.member_id:
-                resp = rpc_pb2.MoveLeaderResponse()
-                self._fill_header(resp.header)
-                return resp
+                return rpc_pb2.MoveLeaderResponse()
             target_address = member.raft_address
         loop = asyncio.get_running_loop()
         limit = self.cfg.request_timeout if timeout is None else min(timeout, self.cfg.request_timeout)
@@ -388,9 +386,7 @@ class Node:
                 # by the pause get back the time they lost.
                 self.lessor.extend(loop.time() - paused_at)
         log.info("leadership moved from %x to %x", self.member_id, self.raft.raft_status().leader_id)
-        resp = rpc_pb2.MoveLeaderResponse()
-        self._fill_header(resp.header)
-        return resp
+        return rpc_pb2.MoveLeaderResponse()  # etcd's has no header either
 
     async def _hand_over(self, target_address: str | None, target_id: int | None, deadline: float,
                          election_timeout: float) -> bool:

@@ -87,6 +87,10 @@ def _journal_factory(journal_file: Any) -> Journal:
 pysyncobj.syncobj.createJournal = _journal_factory
 
 
+# A snapshot that failed (a full disk, say) is asked for again after this long.
+SNAPSHOT_RETRY_SECONDS = 5.0
+
+
 @dataclass
 class RaftConfig:
     self_address: str              # 'host:port' other members know us by
@@ -353,11 +357,12 @@ class RaftNode(RaftStatusSource):
         # First log index when the state machine was last told a snapshot is
         # near: told again once the log has been compacted (it starts later).
         self._snapshot_prepared_for: int | None = None
-        # Applier.requests_applied when the last snapshot was frozen, and
-        # the count before which no snapshot is asked for again (one that
-        # failed is retried after another snapshot_requests).
+        # Applier.requests_applied at the last snapshot (written here or
+        # installed from the leader), the count before which none is asked
+        # for again, and when one that failed may be tried again.
         self._requests_at_snapshot = 0
         self._next_snapshot_request = 0
+        self._snapshot_retry_at = 0.0
         self._snapshot_job: _SnapshotJob | None = None
         self.journal: DurableJournal | None = None
         self._role = RaftRole.FOLLOWER
@@ -760,7 +765,7 @@ class RaftNode(RaftStatusSource):
         def freeze() -> None:  # applier thread, once every entry up to job.index is applied
             t1 = time.monotonic()
             assert self._applier is not None
-            self._requests_at_snapshot = self._applier.requests_applied
+            job.requests = self._applier.requests_applied
             try:
                 job.start(self._save_snapshot(data))
             except Exception as exc:  # reported as FAILED by the checker, once
@@ -803,7 +808,7 @@ class RaftNode(RaftStatusSource):
         if self._prepare_snapshot is not None and start != self._snapshot_prepared_for:
             self._snapshot_prepared_for = start
             threading.Thread(target=self._run_prepare_snapshot, name="raft-snapshot-prepare", daemon=True).start()
-        if since >= due and applied >= self._next_snapshot_request:
+        if since >= due and applied >= self._next_snapshot_request and time.monotonic() >= self._snapshot_retry_at:
             self._next_snapshot_request = applied + due
             obj.forceLogCompaction()
 
@@ -857,7 +862,12 @@ class RaftNode(RaftStatusSource):
         if error is not None:
             job.remove_output()
             log.error("writing the snapshot at raft index %d failed: %s", job.index, error)
-            return SERIALIZER_STATE.FAILED  # pysyncobj tries again later
+            # Still due: asked for again once SNAPSHOT_RETRY_SECONDS passed.
+            self._next_snapshot_request = 0
+            self._snapshot_retry_at = time.monotonic() + SNAPSHOT_RETRY_SECONDS
+            return SERIALIZER_STATE.FAILED
+        if job.requests is not None:
+            self._requests_at_snapshot = job.requests
         self._release_serializer(new_file=True)
         log.info("snapshot at raft index %d written in %.0f ms", job.index, job.seconds * 1000)
         return SERIALIZER_STATE.SUCCESS
@@ -872,6 +882,10 @@ class RaftNode(RaftStatusSource):
             # queued freeze) go first, so nothing is applied over what it loads.
             self._applier.drain()
         raft_data = _without_readonly_self(self._load_snapshot(path))
+        if self._applier is not None:
+            # The count of requests since a snapshot starts again from this one.
+            self._requests_at_snapshot = self._applier.requests_applied
+            self._next_snapshot_request = 0
         if self.journal is not None:
             align_journal_to_snapshot(self.journal, raft_data)
         blocked = time.monotonic() - t0
@@ -1010,6 +1024,7 @@ class _SnapshotJob:
         self.error: BaseException | None = None
         self.superseded = False  # set on the tick thread
         self.seconds = 0.0
+        self.requests: int | None = None  # Applier.requests_applied when frozen
         self.started = False  # frozen, and being written
 
     def start(self, frozen: FrozenSnapshot) -> None:

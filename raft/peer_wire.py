@@ -42,8 +42,10 @@ _ADLER32 = struct.Struct(">I")
 
 
 def stored_zlib_stream(data: bytes) -> bytes:
-    """`data` as a zlib stream of stored blocks: what zlib.compress(data, 0)
-    returns, built without a deflate state."""
+    """`data` as a zlib stream of stored blocks, built without a deflate
+    state: any zlib reader inflates it to `data` (for a message under
+    64 KiB these are the very bytes zlib.compress(data, 0) returns; above,
+    zlib cuts its blocks elsewhere)."""
     parts = [_ZLIB_HEADER]
     view = memoryview(data)
     size = len(data)

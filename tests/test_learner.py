@@ -13,7 +13,7 @@ import signal
 import grpc
 import pytest
 
-from metastore.api.pb import rpc_pb2
+from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
 from metastore.testing import LocalCluster, Member, wait_for
 from store_engines import ENGINES
 
@@ -74,7 +74,9 @@ def test_learner_replicates_without_voting_until_promoted(engine):
         # etcd 3.4's learner refuses writes, linearizable reads and cluster calls.
         for call in (lambda: put(learner, b"nope"),
                      lambda: learner.kv().Range(rpc_pb2.RangeRequest(key=b"data/000"), timeout=5),
-                     lambda: learner.cluster().MemberList(rpc_pb2.MemberListRequest(), timeout=5)):
+                     lambda: learner.cluster().MemberList(rpc_pb2.MemberListRequest(), timeout=5),
+                     lambda: rpc_pb2_grpc.AuthStub(learner.channel()).UserList(rpc_pb2.AuthUserListRequest(),
+                                                                             timeout=5)):
             err = rpc_error(call)
             assert (err.code(), err.details()) == (grpc.StatusCode.UNAVAILABLE, NOT_FOR_LEARNER)
 
