@@ -15,123 +15,54 @@ serializable reads.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import grpc
 
 from metastore import errors
 from metastore.api.errors import etcd_errors
-from metastore.cluster import NOT_SUPPORTED_FOR_LEARNER
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
+from metastore.errors import EtcdError
 from metastore.node import Node
+
+Handler = Callable[..., Any]
+
+
+def _refused(error: EtcdError) -> Handler:
+    """A handler that answers `error`."""
+    @etcd_errors
+    async def handler(self: "AuthService", request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._node.refuse_on_learner()
+        raise error
+    return handler
+
+
+def _empty(response_type: Any) -> Handler:
+    """A handler that answers `response_type` with only a header: no users,
+    no roles, or nothing to disable."""
+    @etcd_errors
+    async def handler(self: "AuthService", request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._node.refuse_on_learner()
+        return response_type(header=self._node.header())
+    return handler
 
 
 class AuthService(rpc_pb2_grpc.AuthServicer):
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    def _refuse_on_learner(self) -> None:
-        if self._node.is_learner():
-            raise NOT_SUPPORTED_FOR_LEARNER
-
-    @etcd_errors
-    async def Authenticate(self, request: rpc_pb2.AuthenticateRequest,
-                           context: grpc.aio.ServicerContext) -> rpc_pb2.AuthenticateResponse:
-        self._refuse_on_learner()
-        raise errors.AUTH_NOT_ENABLED
-
     @etcd_errors
     async def AuthStatus(self, request: rpc_pb2.AuthStatusRequest,
                          context: grpc.aio.ServicerContext) -> rpc_pb2.AuthStatusResponse:
-        self._refuse_on_learner()
+        self._node.refuse_on_learner()
         return rpc_pb2.AuthStatusResponse(header=self._node.header(), enabled=False, authRevision=0)
 
-    @etcd_errors
-    async def AuthEnable(self, request: rpc_pb2.AuthEnableRequest,
-                         context: grpc.aio.ServicerContext) -> rpc_pb2.AuthEnableResponse:
-        self._refuse_on_learner()
-        raise errors.ROOT_USER_NOT_EXIST
+    Authenticate = _refused(errors.AUTH_NOT_ENABLED)
+    AuthEnable = _refused(errors.ROOT_USER_NOT_EXIST)
+    AuthDisable = _empty(rpc_pb2.AuthDisableResponse)  # already disabled
 
-    @etcd_errors
-    async def AuthDisable(self, request: rpc_pb2.AuthDisableRequest,
-                          context: grpc.aio.ServicerContext) -> rpc_pb2.AuthDisableResponse:
-        self._refuse_on_learner()
-        return rpc_pb2.AuthDisableResponse(header=self._node.header())  # already disabled
-
-    # -- users -------------------------------------------------------------------
-    @etcd_errors
-    async def UserAdd(self, request: rpc_pb2.AuthUserAddRequest,
-                      context: grpc.aio.ServicerContext) -> rpc_pb2.AuthUserAddResponse:
-        self._refuse_on_learner()
-        raise errors.USERS_NOT_SUPPORTED
-
-    @etcd_errors
-    async def UserList(self, request: rpc_pb2.AuthUserListRequest,
-                       context: grpc.aio.ServicerContext) -> rpc_pb2.AuthUserListResponse:
-        self._refuse_on_learner()
-        return rpc_pb2.AuthUserListResponse(header=self._node.header())
-
-    @etcd_errors
-    async def UserGet(self, request: rpc_pb2.AuthUserGetRequest,
-                      context: grpc.aio.ServicerContext) -> rpc_pb2.AuthUserGetResponse:
-        self._refuse_on_learner()
-        raise errors.USER_NOT_FOUND
-
-    @etcd_errors
-    async def UserDelete(self, request: rpc_pb2.AuthUserDeleteRequest,
-                         context: grpc.aio.ServicerContext) -> rpc_pb2.AuthUserDeleteResponse:
-        self._refuse_on_learner()
-        raise errors.USER_NOT_FOUND
-
-    @etcd_errors
-    async def UserChangePassword(self, request: rpc_pb2.AuthUserChangePasswordRequest,
-                                 context: grpc.aio.ServicerContext) -> rpc_pb2.AuthUserChangePasswordResponse:
-        self._refuse_on_learner()
-        raise errors.USER_NOT_FOUND
-
-    @etcd_errors
-    async def UserGrantRole(self, request: rpc_pb2.AuthUserGrantRoleRequest,
-                            context: grpc.aio.ServicerContext) -> rpc_pb2.AuthUserGrantRoleResponse:
-        self._refuse_on_learner()
-        raise errors.USER_NOT_FOUND
-
-    @etcd_errors
-    async def UserRevokeRole(self, request: rpc_pb2.AuthUserRevokeRoleRequest,
-                             context: grpc.aio.ServicerContext) -> rpc_pb2.AuthUserRevokeRoleResponse:
-        self._refuse_on_learner()
-        raise errors.USER_NOT_FOUND
-
-    # -- roles -------------------------------------------------------------------
-    @etcd_errors
-    async def RoleAdd(self, request: rpc_pb2.AuthRoleAddRequest,
-                      context: grpc.aio.ServicerContext) -> rpc_pb2.AuthRoleAddResponse:
-        self._refuse_on_learner()
-        raise errors.USERS_NOT_SUPPORTED
-
-    @etcd_errors
-    async def RoleList(self, request: rpc_pb2.AuthRoleListRequest,
-                       context: grpc.aio.ServicerContext) -> rpc_pb2.AuthRoleListResponse:
-        self._refuse_on_learner()
-        return rpc_pb2.AuthRoleListResponse(header=self._node.header())
-
-    @etcd_errors
-    async def RoleGet(self, request: rpc_pb2.AuthRoleGetRequest,
-                      context: grpc.aio.ServicerContext) -> rpc_pb2.AuthRoleGetResponse:
-        self._refuse_on_learner()
-        raise errors.ROLE_NOT_FOUND
-
-    @etcd_errors
-    async def RoleDelete(self, request: rpc_pb2.AuthRoleDeleteRequest,
-                         context: grpc.aio.ServicerContext) -> rpc_pb2.AuthRoleDeleteResponse:
-        self._refuse_on_learner()
-        raise errors.ROLE_NOT_FOUND
-
-    @etcd_errors
-    async def RoleGrantPermission(self, request: rpc_pb2.AuthRoleGrantPermissionRequest,
-                                  context: grpc.aio.ServicerContext) -> rpc_pb2.AuthRoleGrantPermissionResponse:
-        self._refuse_on_learner()
-        raise errors.ROLE_NOT_FOUND
-
-    @etcd_errors
-    async def RoleRevokePermission(self, request: rpc_pb2.AuthRoleRevokePermissionRequest,
-                                   context: grpc.aio.ServicerContext) -> rpc_pb2.AuthRoleRevokePermissionResponse:
-        self._refuse_on_learner()
-        raise errors.ROLE_NOT_FOUND
+    UserAdd = RoleAdd = _refused(errors.USERS_NOT_SUPPORTED)
+    UserList = _empty(rpc_pb2.AuthUserListResponse)
+    RoleList = _empty(rpc_pb2.AuthRoleListResponse)
+    UserGet = UserDelete = UserChangePassword = UserGrantRole = UserRevokeRole = _refused(errors.USER_NOT_FOUND)
+    RoleGet = RoleDelete = RoleGrantPermission = RoleRevokePermission = _refused(errors.ROLE_NOT_FOUND)

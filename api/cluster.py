@@ -12,7 +12,7 @@ import grpc
 
 from metastore.api.errors import etcd_errors
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
-from metastore.cluster import NOT_SUPPORTED_FOR_LEARNER, member_pb
+from metastore.cluster import member_pb
 from metastore.node import Node
 
 
@@ -20,14 +20,10 @@ class ClusterService(rpc_pb2_grpc.ClusterServicer):
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    def _refuse_on_learner(self) -> None:
-        if self._node.is_learner():
-            raise NOT_SUPPORTED_FOR_LEARNER
-
     @etcd_errors
     async def MemberList(self, request: rpc_pb2.MemberListRequest,
                          context: grpc.aio.ServicerContext) -> rpc_pb2.MemberListResponse:
-        self._refuse_on_learner()
+        self._node.refuse_on_learner()
         if request.linearizable:
             await self._node.read_barrier.wait()
         return rpc_pb2.MemberListResponse(header=self._node.header(with_revision=False),
@@ -36,23 +32,23 @@ class ClusterService(rpc_pb2_grpc.ClusterServicer):
     @etcd_errors
     async def MemberAdd(self, request: rpc_pb2.MemberAddRequest,
                         context: grpc.aio.ServicerContext) -> rpc_pb2.MemberAddResponse:
-        self._refuse_on_learner()
+        self._node.refuse_on_learner()
         return await self._node.member_add(request)
 
     @etcd_errors
     async def MemberRemove(self, request: rpc_pb2.MemberRemoveRequest,
                            context: grpc.aio.ServicerContext) -> rpc_pb2.MemberRemoveResponse:
-        self._refuse_on_learner()
+        self._node.refuse_on_learner()
         return await self._node.member_remove(request)
 
     @etcd_errors
     async def MemberUpdate(self, request: rpc_pb2.MemberUpdateRequest,
                            context: grpc.aio.ServicerContext) -> rpc_pb2.MemberUpdateResponse:
-        self._refuse_on_learner()
+        self._node.refuse_on_learner()
         return await self._node.member_update(request)
 
     @etcd_errors
     async def MemberPromote(self, request: rpc_pb2.MemberPromoteRequest,
                             context: grpc.aio.ServicerContext) -> rpc_pb2.MemberPromoteResponse:
-        self._refuse_on_learner()
+        self._node.refuse_on_learner()
         return await self._node.member_promote(request)

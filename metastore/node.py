@@ -25,8 +25,8 @@ import grpc
 from metastore import ETCD_COMPAT_VERSION, errors, liveness, snapshot, validate
 from metastore.api.pb import metastore_pb2, metastore_pb2_grpc, raft_entry_pb2, rpc_pb2, rpc_pb2_grpc
 from metastore.cluster import (LEARNER_NOT_READY, LEARNER_READY_RATIO, MAX_LEARNERS, MEMBER_NOT_LEARNER,
-                               TOO_MANY_LEARNERS, Member, Membership, hostport, is_loopback, member_id,
-                               member_pb)
+                               NOT_SUPPORTED_FOR_LEARNER, TOO_MANY_LEARNERS, Member, Membership, hostport,
+                               is_loopback, member_id, member_pb)
 from metastore.config import ConfigError, ServerConfig
 from metastore.errors import EtcdError
 from metastore.engines import open_store
@@ -267,6 +267,12 @@ class Node:
         if from_client and req.ID in self.member_sessions():
             raise errors.LEASE_NOT_FOUND
         return await self._propose(raft_entry_pb2.Proposal(lease_revoke=req))
+
+    def refuse_on_learner(self) -> None:
+        """etcd 3.4's learner serves only Status and serializable reads: the
+        services that have nothing else to refuse it with call this first."""
+        if self.is_learner():
+            raise NOT_SUPPORTED_FOR_LEARNER
 
     def member_sessions(self) -> set[int]:
         """The leases of the members' own sessions (metastore.liveness). They
