@@ -112,7 +112,7 @@ class Coordinator:
         me = view.members.get(self.node.member_id)
         if me is None or me.liveness is Liveness.ALIVE:
             return False
-        voters = {m.id for m in self.node.members() if not m.is_learner}  # a learner cannot lead
+        voters = {m.id for m in self.node.membership.voters()}  # a learner cannot lead
         others = sorted(m.id for m in view.members.values() if m.schedulable and m.id != me.id and m.id in voters)
         if others:
             self._alone_since = None

@@ -358,10 +358,9 @@ class RaftNode(RaftStatusSource):
         # near: told again once the log has been compacted (it starts later).
         self._snapshot_prepared_for: int | None = None
         # Applier.requests_applied at the last snapshot (written here or
-        # installed from the leader), the count before which none is asked
-        # for again, and when one that failed may be tried again.
+        # installed from the leader), and when one that failed may be asked
+        # for again.
         self._requests_at_snapshot = 0
-        self._next_snapshot_request = 0
         self._snapshot_retry_at = 0.0
         self._snapshot_job: _SnapshotJob | None = None
         self.journal: DurableJournal | None = None
@@ -808,8 +807,9 @@ class RaftNode(RaftStatusSource):
         if self._prepare_snapshot is not None and start != self._snapshot_prepared_for:
             self._snapshot_prepared_for = start
             threading.Thread(target=self._run_prepare_snapshot, name="raft-snapshot-prepare", daemon=True).start()
-        if since >= due and applied >= self._next_snapshot_request and time.monotonic() >= self._snapshot_retry_at:
-            self._next_snapshot_request = applied + due
+        if since >= due and time.monotonic() >= self._snapshot_retry_at:
+            # Until pysyncobj starts it (next tick), asking again only sets
+            # the same flag; once started, the job above stops the asking.
             obj.forceLogCompaction()
 
     def _run_prepare_snapshot(self) -> None:
@@ -863,7 +863,6 @@ class RaftNode(RaftStatusSource):
             job.remove_output()
             log.error("writing the snapshot at raft index %d failed: %s", job.index, error)
             # Still due: asked for again once SNAPSHOT_RETRY_SECONDS passed.
-            self._next_snapshot_request = 0
             self._snapshot_retry_at = time.monotonic() + SNAPSHOT_RETRY_SECONDS
             return SERIALIZER_STATE.FAILED
         if job.requests is not None:
@@ -885,7 +884,6 @@ class RaftNode(RaftStatusSource):
         if self._applier is not None:
             # The count of requests since a snapshot starts again from this one.
             self._requests_at_snapshot = self._applier.requests_applied
-            self._next_snapshot_request = 0
         if self.journal is not None:
             align_journal_to_snapshot(self.journal, raft_data)
         blocked = time.monotonic() - t0

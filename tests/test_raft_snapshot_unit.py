@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from metastore.cluster import Membership
 from metastore.raft import RaftConfig, RaftNode
@@ -33,65 +33,91 @@ class BlockingSnapshot:
             os.fsync(f.fileno())
 
 
-def test_snapshot_is_written_while_raft_goes_on(tmp_path):
-    ports = free_ports(3)
-    addresses = [f"127.0.0.1:{p}" for p in ports]
+Callbacks = tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any], Callable[[], None] | None]
+
+
+def start_members(tmp_path: Any, snapshot_requests: int, callbacks: Callable[[int], Callbacks]) -> list[RaftNode]:
+    """Three members on loopback, each with callbacks(i) = (apply, save,
+    load, prepare), started (stop them when done)."""
+    addresses = [f"127.0.0.1:{p}" for p in free_ports(3)]
     membership = Membership("t", {f"n{i}": [f"http://{a}"] for i, a in enumerate(addresses)})
-    gate, started = threading.Event(), threading.Event()
-    states: list[list[int]] = [[] for _ in range(3)]
-    nodes: list[RaftNode] = []
-    # Log length when each member was told a snapshot is near, and when it froze.
-    prepared: list[list[int]] = [[] for _ in range(3)]
-    frozen: list[list[int]] = [[] for _ in range(3)]
+    nodes = []
     for i, address in enumerate(addresses):
-        def apply(payload: bytes, index: int, i=i) -> int:
-            states[i].append(index)
-            return index
-
-        def save(raft_data: Any, i=i) -> BlockingSnapshot:
-            frozen[i].append(len(states[i]))
-            return BlockingSnapshot(states[i], raft_data, gate, started)
-
-        def prepare(i=i) -> None:
-            prepared[i].append(len(states[i]))
-
-        def load(path: str, i=i) -> Any:
-            with open(path, "rb") as f:
-                state, raft_data = pickle.load(f)
-            states[i][:] = state
-            return raft_data
-
         cfg = RaftConfig(self_address=address, partner_addresses=[a for a in addresses if a != address],
                          bind_address=address, journal_file=str(tmp_path / f"n{i}.log"),
-                         snapshot_file=str(tmp_path / f"n{i}.snapshot"), snapshot_requests=50,
+                         snapshot_file=str(tmp_path / f"n{i}.snapshot"), snapshot_requests=snapshot_requests,
                          heartbeat_interval=0.05, election_timeout=0.5)
-        nodes.append(RaftNode(cfg, i + 1, membership.id_of_address, apply, save, load, prepare))
+        nodes.append(RaftNode(cfg, i + 1, membership.id_of_address, *callbacks(i)))
     try:
         for n in nodes:
             n.start()
-        leader = wait_for(lambda: next((n for n in nodes if n.is_leader()), None), 15, "a leader")
+    except BaseException:
+        for n in nodes:
+            n.stop()
+        raise
+    return nodes
 
-        def submit_and_wait(count: int) -> None:
-            done = threading.Semaphore(0)
-            for k in range(count):
-                leader.submit(b"e%d" % k, lambda result, error: done.release())
-            for _ in range(count):
-                assert done.acquire(timeout=30)
 
+def leader_of(nodes: list[RaftNode]) -> RaftNode:
+    return wait_for(lambda: next((n for n in nodes if n.is_leader()), None), 15, "a leader")
+
+
+def submit_and_wait(leader: RaftNode, count: int) -> None:
+    """Propose `count` entries and wait until every one is applied."""
+    done = threading.Semaphore(0)
+    for k in range(count):
+        leader.submit(b"e%d" % k, lambda result, error: done.release())
+    for _ in range(count):
+        assert done.acquire(timeout=30)
+
+
+def pickled_state_loader(states: list[list[int]], i: int) -> Callable[[str], Any]:
+    def load(path: str) -> Any:
+        with open(path, "rb") as f:
+            state, raft_data = pickle.load(f)
+        states[i][:] = state
+        return raft_data
+    return load
+
+
+def test_snapshot_is_written_while_raft_goes_on(tmp_path):
+    gate, started = threading.Event(), threading.Event()
+    states: list[list[int]] = [[] for _ in range(3)]
+    # Log length when each member was told a snapshot is near, and when it froze.
+    prepared: list[list[int]] = [[] for _ in range(3)]
+    frozen: list[list[int]] = [[] for _ in range(3)]
+
+    def callbacks(i: int) -> Callbacks:
+        def apply(payload: bytes, index: int) -> int:
+            states[i].append(index)
+            return index
+
+        def save(raft_data: Any) -> BlockingSnapshot:
+            frozen[i].append(len(states[i]))
+            return BlockingSnapshot(states[i], raft_data, gate, started)
+
+        def prepare() -> None:
+            prepared[i].append(len(states[i]))
+
+        return apply, save, pickled_state_loader(states, i), prepare
+
+    nodes = start_members(tmp_path, 50, callbacks)
+    try:
+        leader = leader_of(nodes)
         # Within a tenth of snapshot_requests of a snapshot, every member tells
         # its state machine (once), before anything is frozen.
-        submit_and_wait(40)
+        submit_and_wait(leader, 40)
         assert not any(prepared) and not any(frozen), (prepared, frozen)
-        submit_and_wait(6)
+        submit_and_wait(leader, 6)
         wait_for(lambda: all(prepared), 15, "every member to be told a snapshot is near")
         assert not any(frozen), frozen
-        submit_and_wait(34)  # past snapshot_requests: every member starts a snapshot
+        submit_and_wait(leader, 34)  # past snapshot_requests: every member starts a snapshot
         assert started.wait(15)
         wait_for(lambda: all(frozen), 15, "every member to freeze")
         assert all(len(p) == 1 for p in prepared), prepared
         term = leader.raft_status().term
         # The writes block; Raft does not: entries commit and apply meanwhile.
-        submit_and_wait(200)
+        submit_and_wait(leader, 200)
         assert leader.is_leader() and leader.raft_status().term == term, "an election happened"
         assert not any(os.path.exists(tmp_path / f"n{i}.snapshot") for i in range(3))
         # The log is kept whole until the file exists.
@@ -126,46 +152,26 @@ class PickledState:
 def test_snapshots_are_due_by_requests_not_entries(tmp_path):
     """etcd's --snapshot-count counts requests; an entry carrying ten of them
     (a batch) counts ten, so the log is trimmed after a tenth of the entries."""
-    ports = free_ports(3)
-    addresses = [f"127.0.0.1:{p}" for p in ports]
-    membership = Membership("t", {f"n{i}": [f"http://{a}"] for i, a in enumerate(addresses)})
     states: list[list[int]] = [[] for _ in range(3)]
     frozen: list[list[int]] = [[] for _ in range(3)]
-    nodes: list[RaftNode] = []
-    for i, address in enumerate(addresses):
-        def apply(payload: bytes, index: int, i=i) -> list[int]:
+
+    def callbacks(i: int) -> Callbacks:
+        def apply(payload: bytes, index: int) -> list[int]:
             states[i].append(index)
             return [index] * 10  # one result per request, as StateMachine.apply answers a batch
 
-        def save(raft_data: Any, i=i) -> PickledState:
+        def save(raft_data: Any) -> PickledState:
             frozen[i].append(len(states[i]))
             return PickledState(states[i], raft_data)
 
-        def load(path: str, i=i) -> Any:
-            with open(path, "rb") as f:
-                state, raft_data = pickle.load(f)
-            states[i][:] = state
-            return raft_data
+        return apply, save, pickled_state_loader(states, i), None
 
-        cfg = RaftConfig(self_address=address, partner_addresses=[a for a in addresses if a != address],
-                         bind_address=address, journal_file=str(tmp_path / f"n{i}.log"),
-                         snapshot_file=str(tmp_path / f"n{i}.snapshot"), snapshot_requests=200,
-                         heartbeat_interval=0.05, election_timeout=0.5)
-        nodes.append(RaftNode(cfg, i + 1, membership.id_of_address, apply, save, load))
+    nodes = start_members(tmp_path, 200, callbacks)
     try:
-        for n in nodes:
-            n.start()
-        leader = wait_for(lambda: next((n for n in nodes if n.is_leader()), None), 15, "a leader")
-        done = threading.Semaphore(0)
-        for k in range(15):  # 150 requests: not due yet
-            leader.submit(b"e%d" % k, lambda result, error: done.release())
-        for _ in range(15):
-            assert done.acquire(timeout=30)
+        leader = leader_of(nodes)
+        submit_and_wait(leader, 15)  # 150 requests: not due yet
         assert not any(frozen), frozen
-        for k in range(15, 30):  # 300 requests in 30 entries: past 200
-            leader.submit(b"e%d" % k, lambda result, error: done.release())
-        for _ in range(15):
-            assert done.acquire(timeout=30)
+        submit_and_wait(leader, 15)  # 300 requests in 30 entries: past 200
         wait_for(lambda: all(frozen), 15, "every member to snapshot")
         # Due at 200 requests (20 entries), long before pysyncobj's own count
         # of 200 entries; a tick may pass before it is taken.
@@ -201,34 +207,22 @@ def test_a_log_still_holding_a_snapshots_entries_is_trimmed_not_cleared(tmp_path
 def test_a_failed_snapshot_is_retried(tmp_path):
     """A snapshot that cannot be made (a full disk, say) must not stop the
     next one: pysyncobj only asks again once it has been told the outcome."""
-    ports = free_ports(3)
-    addresses = [f"127.0.0.1:{p}" for p in ports]
-    membership = Membership("t", {f"n{i}": [f"http://{a}"] for i, a in enumerate(addresses)})
     attempts = [0, 0, 0]
     gate, started = threading.Event(), threading.Event()
     gate.set()
-    nodes: list[RaftNode] = []
-    for i, address in enumerate(addresses):
-        def save(raft_data: Any, i=i) -> BlockingSnapshot:
+
+    def callbacks(i: int) -> Callbacks:
+        def save(raft_data: Any) -> BlockingSnapshot:
             attempts[i] += 1
             if attempts[i] == 1:
                 raise OSError(28, "No space left on device")
             return BlockingSnapshot([], raft_data, gate, started)
 
-        cfg = RaftConfig(self_address=address, partner_addresses=[a for a in addresses if a != address],
-                         bind_address=address, journal_file=str(tmp_path / f"n{i}.log"),
-                         snapshot_file=str(tmp_path / f"n{i}.snapshot"), snapshot_requests=50,
-                         heartbeat_interval=0.05, election_timeout=0.5)
-        nodes.append(RaftNode(cfg, i + 1, membership.id_of_address, lambda p, idx: idx, save, lambda path: None))
+        return (lambda p, idx: idx), save, (lambda path: None), None
+
+    nodes = start_members(tmp_path, 50, callbacks)
     try:
-        for n in nodes:
-            n.start()
-        leader = wait_for(lambda: next((n for n in nodes if n.is_leader()), None), 15, "a leader")
-        done = threading.Semaphore(0)
-        for k in range(120):
-            leader.submit(b"e%d" % k, lambda result, error: done.release())
-        for _ in range(120):
-            assert done.acquire(timeout=30)
+        submit_and_wait(leader_of(nodes), 120)
         wait_for(lambda: all(os.path.exists(tmp_path / f"n{i}.snapshot") for i in range(3)), 15,
                  "a snapshot after the failed one")
         assert all(a >= 2 for a in attempts), attempts
