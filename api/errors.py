@@ -31,3 +31,27 @@ def etcd_errors(handler: H) -> H:
             await context.abort(grpc.StatusCode.INTERNAL, f"etcdserver: internal error: {exc}")
 
     return wrapper  # type: ignore[return-value]
+
+
+def flatten_code(err: EtcdError) -> EtcdError:
+    """The error as etcd's lock and election services report it: they call
+    the KV API through an in-process client that keeps etcd's message but
+    loses its code, so the client sees UNKNOWN. UNAVAILABLE stays: it tells
+    the client to try another member, which is safe for these calls (asking
+    again with the same lease answers the same key)."""
+    if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
+        return err
+    return EtcdError(grpc.StatusCode.UNKNOWN, err.message)
+
+
+def recipe_errors(handler: H) -> H:
+    """etcd_errors for the lock and election services' unary calls (see flatten_code)."""
+
+    @functools.wraps(handler)
+    async def flattened(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except EtcdError as err:
+            raise flatten_code(err) from None
+
+    return etcd_errors(flattened)  # type: ignore[return-value]

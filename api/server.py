@@ -13,12 +13,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from metastore.api.auth import AuthService
 from metastore.api.cluster import ClusterService
+from metastore.api.election import ElectionService
 from metastore.api.http import HTTPServer, Router, add_member_routes
 from metastore.api.placement_http import add_placement_routes
 from metastore.api.kv import KVService
 from metastore.api.lease import LeaseService
+from metastore.api.lock import LockService
 from metastore.api.maintenance import MaintenanceService
-from metastore.api.pb import metastore_pb2_grpc, rpc_pb2_grpc
+from metastore.api.pb import metastore_pb2_grpc, rpc_pb2_grpc, v3election_pb2_grpc, v3lock_pb2_grpc
 from metastore.api.raft_status import RaftStatusService
 from metastore.api.watch import WatchService
 from metastore.cluster import hostport
@@ -56,6 +58,8 @@ async def build_server(node: Node, interceptors: Sequence[grpc.aio.ServerInterce
     rpc_pb2_grpc.add_WatchServicer_to_server(WatchService(node), server)
     rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(node), server)
     rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(node), server)
+    v3lock_pb2_grpc.add_LockServicer_to_server(LockService(node), server)
+    v3election_pb2_grpc.add_ElectionServicer_to_server(ElectionService(node), server)
     metastore_pb2_grpc.add_RaftServicer_to_server(RaftStatusService(node), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

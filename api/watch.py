@@ -24,14 +24,10 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    def _fill_header(self, header: rpc_pb2.ResponseHeader, revision: int) -> None:
-        header.CopyFrom(self._node.header())  # cluster, member, raft term
-        header.revision = revision
-
     async def Watch(self, request_iterator: AsyncIterable[rpc_pb2.WatchRequest],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.WatchResponse]:
         stream = self._node.watch_hub.open_stream(
-            max_response_bytes=self._node.cfg.max_request_bytes, fill_header=self._fill_header)
+            max_response_bytes=self._node.cfg.max_request_bytes, fill_header=self._node.fill_header_at)
         reader = asyncio.ensure_future(self._read(request_iterator, stream))
         try:
             while True:

@@ -13,6 +13,7 @@ import click
 import grpc
 
 from metastore.api.pb import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from metastore.client import prefix_range_end
 from metastore.cmd.ctl_common import (
     EXIT_BAD_FEATURE, EXIT_INTERRUPTED, BadArgs, CtlError, Session, command, flush, go_json, kv_text, out,
     print_json, rpc_error_message, settings)
@@ -29,17 +30,6 @@ def _arg(text: str) -> bytes:
     return os.fsencode(text)
 
 
-def prefix_end(prefix: bytes) -> bytes:
-    """etcd's range end for "every key starting with prefix"."""
-    end = bytearray(prefix)
-    while end and end[-1] == 0xFF:
-        end.pop()
-    if not end:
-        return b"\0"
-    end[-1] += 1
-    return bytes(end)
-
-
 def key_range(args: tuple[str, ...], prefix: bool, from_key: bool) -> tuple[bytes, bytes]:
     """(key, range_end) as etcdctl builds them from KEY [RANGE_END] and
     --prefix / --from-key."""
@@ -51,7 +41,7 @@ def key_range(args: tuple[str, ...], prefix: bool, from_key: bool) -> tuple[byte
             raise BadArgs("too many arguments, only accept one argument when `--prefix` or `--from-key` is set")
         return key, _arg(args[1])
     if prefix:
-        return (b"\0", b"\0") if not key else (key, prefix_end(key))
+        return (b"\0", b"\0") if not key else (key, prefix_range_end(key))
     if from_key:
         return key or b"\0", b"\0"
     return key, b""

@@ -732,6 +732,11 @@ class Node:
         self._fill_header(h, with_revision=with_revision)
         return h
 
+    def fill_header_at(self, header: rpc_pb2.ResponseHeader, revision: int) -> None:
+        """A header as of `revision` (a watch response's)."""
+        header.revision = revision
+        self._fill_header(header)
+
     def _fill_header(self, header: rpc_pb2.ResponseHeader, term: int | None = None,
                      with_revision: bool = True) -> None:
         """etcd's response header. Membership responses carry no revision
