@@ -36,11 +36,9 @@ def etcd_errors(handler: H) -> H:
 def flatten_code(err: EtcdError) -> EtcdError:
     """The error as etcd's lock and election services report it: they call
     the KV API through an in-process client that keeps etcd's message but
-    loses its code, so the client sees UNKNOWN. UNAVAILABLE stays: it tells
-    the client to try another member, which is safe for these calls (asking
-    again with the same lease answers the same key)."""
-    if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
-        return err
+    loses its code, so the client sees UNKNOWN -- also for "no leader" or a
+    timeout, which a client must not blindly retry here (a Lock with lease 0
+    that timed out after its put was applied holds a place in the queue)."""
     return EtcdError(grpc.StatusCode.UNKNOWN, err.message)
 
 

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar, Union
 import grpc
 
 from metastore.api.pb import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from metastore.keys import prefix_range_end
 
 Bytesish = Union[bytes, str]
 T = TypeVar("T")
@@ -77,17 +78,6 @@ def _b(value: Bytesish) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"expected bytes or str, not {type(value).__name__}")
-
-
-def prefix_range_end(prefix: bytes) -> bytes:
-    """etcd's range end for "every key starting with prefix"."""
-    end = bytearray(prefix)
-    while end and end[-1] == 0xFF:
-        end.pop()
-    if not end:
-        return b"\0"  # the empty prefix (or all 0xff): every key
-    end[-1] += 1
-    return bytes(end)
 
 
 def _endpoint(url: str) -> str:

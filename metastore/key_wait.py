@@ -11,19 +11,33 @@ revision so that no delete in between is missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import AsyncIterator, Awaitable
 
 from metastore import errors
 from metastore.api.pb import kv_pb2, rpc_pb2
-from metastore.client import prefix_range_end
+from metastore.keys import prefix_range_end
 from metastore.node import Node
 
 log = logging.getLogger("metastore.key_wait")
 
+# etcd's session TTL when a lock or election request names no lease
+# (clientv3/concurrency's default, which etcd's server uses for lease 0).
+DEFAULT_SESSION_TTL = 60
+
 # Tasks that outlive the request that started them (a waiter's clean-up
 # after its client went away); kept here so they are not garbage-collected.
 _detached: set[asyncio.Task] = set()
+
+
+async def session_lease(node: Node, lease: int) -> int:
+    """The request's lease, or for lease 0 a new one of DEFAULT_SESSION_TTL
+    that nobody keeps alive (etcd's server does the same)."""
+    if lease:
+        return lease
+    resp = await node.lease_grant(rpc_pb2.LeaseGrantRequest(TTL=DEFAULT_SESSION_TTL))
+    return resp.ID
 
 
 def first_created(prefix: bytes, max_create_revision: int = 0, last: bool = False) -> rpc_pb2.RangeRequest:
@@ -51,9 +65,10 @@ def created_at(key: bytes, revision: int) -> rpc_pb2.Compare:
 
 async def watch(node: Node, key: bytes, start_revision: int,
                 range_end: bytes = b"") -> AsyncIterator[rpc_pb2.WatchResponse]:
-    """The node's watch responses for `key` (or the range) from `start_revision`.
-    Ends when the watch is cancelled (its history was compacted away); raises
-    STOPPED when the member stops."""
+    """The node's watch responses with events for `key` (or the range) from
+    `start_revision`. Ends when the watch is cancelled (its history was
+    compacted away); raises STOPPED when the member stops. Iterate it inside
+    `contextlib.aclosing` so the watch ends as soon as the caller stops."""
     stream = node.watch_hub.open_stream(fill_header=node.fill_header_at)
     try:
         stream.create(rpc_pb2.WatchCreateRequest(key=key, range_end=range_end, start_revision=start_revision))
@@ -72,14 +87,16 @@ async def watch(node: Node, key: bytes, start_revision: int,
 async def wait_deleted(node: Node, key: bytes, revision: int) -> None:
     """Until `key` is deleted at or after `revision` (or the watch's history is
     compacted, after which the caller reads again)."""
-    async for resp in watch(node, key, revision):
-        if any(ev.type == kv_pb2.Event.DELETE for ev in resp.events):
-            return
+    async with contextlib.aclosing(watch(node, key, revision)) as responses:
+        async for resp in responses:
+            if any(ev.type == kv_pb2.Event.DELETE for ev in resp.events):
+                return
 
 
 async def wait_deletes(node: Node, prefix: bytes, max_create_revision: int) -> rpc_pb2.ResponseHeader:
     """Until no key under `prefix` created at or before `max_create_revision`
-    is left; the header of the read that found none."""
+    is left; the header of the read that found none. Waits on the newest of
+    them first: once it is gone, a read shows what else is left."""
     while True:
         resp = await node.range(first_created(prefix, max_create_revision, last=True))
         if not resp.kvs:

@@ -733,9 +733,10 @@ class Node:
         return h
 
     def fill_header_at(self, header: rpc_pb2.ResponseHeader, revision: int) -> None:
-        """A header as of `revision` (a watch response's)."""
+        """A header as of `revision` (a watch response's; 0 stays 0, as in
+        the compaction cancel of a watch)."""
+        self._fill_header(header, with_revision=False)
         header.revision = revision
-        self._fill_header(header)
 
     def _fill_header(self, header: rpc_pb2.ResponseHeader, term: int | None = None,
                      with_revision: bool = True) -> None:

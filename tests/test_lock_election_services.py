@@ -176,6 +176,18 @@ def test_campaigning_again_with_the_same_lease_keeps_the_leadership(cluster):
     assert election_stub(cluster, 2).Leader(epb.LeaderRequest(name=b"again"), timeout=5).kv.value == b"v2"
 
 
+def test_a_campaigner_that_gives_up_leaves_the_queue(cluster):
+    a, quitter = lease(cluster), lease(cluster)
+    won = election_stub(cluster, 0).Campaign(epb.CampaignRequest(name=b"quits", lease=a, value=b"a"), timeout=5)
+    code, _ = error_of(lambda: election_stub(cluster, 1).Campaign(
+        epb.CampaignRequest(name=b"quits", lease=quitter, value=b"q"), timeout=0.5))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while keys(cluster, b"quits/") != [won.leader.key]:
+        assert time.monotonic() < deadline, keys(cluster, b"quits/")
+        time.sleep(0.05)
+
+
 def _until_cancelled(stream):
     try:
         yield from stream
