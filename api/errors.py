@@ -7,6 +7,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
 
+from metastore.cluster import NOT_SUPPORTED_FOR_LEARNER
 from metastore.errors import EtcdError
 
 log = logging.getLogger("metastore.api")
@@ -38,7 +39,10 @@ def flatten_code(err: EtcdError) -> EtcdError:
     the KV API through an in-process client that keeps etcd's message but
     loses its code, so the client sees UNKNOWN -- also for "no leader" or a
     timeout, which a client must not blindly retry here (a Lock with lease 0
-    that timed out after its put was applied holds a place in the queue)."""
+    that timed out after its put was applied holds a place in the queue).
+    A learner's refusal keeps its code: etcd refuses before the service runs."""
+    if err == NOT_SUPPORTED_FOR_LEARNER:
+        return err
     return EtcdError(grpc.StatusCode.UNKNOWN, err.message)
 
 

@@ -13,7 +13,7 @@ import signal
 import grpc
 import pytest
 
-from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
+from metastore.api.pb import rpc_pb2, rpc_pb2_grpc, v3lock_pb2, v3lock_pb2_grpc
 from metastore.testing import LocalCluster, Member, wait_for
 from store_engines import ENGINES
 
@@ -76,7 +76,9 @@ def test_learner_replicates_without_voting_until_promoted(engine):
                      lambda: learner.kv().Range(rpc_pb2.RangeRequest(key=b"data/000"), timeout=5),
                      lambda: learner.cluster().MemberList(rpc_pb2.MemberListRequest(), timeout=5),
                      lambda: rpc_pb2_grpc.AuthStub(learner.channel()).UserList(rpc_pb2.AuthUserListRequest(),
-                                                                             timeout=5)):
+                                                                             timeout=5),
+                     lambda: v3lock_pb2_grpc.LockStub(learner.channel()).Lock(v3lock_pb2.LockRequest(name=b"l"),
+                                                                              timeout=5)):
             err = rpc_error(call)
             assert (err.code(), err.details()) == (grpc.StatusCode.UNAVAILABLE, NOT_FOR_LEARNER)
 
