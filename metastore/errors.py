@@ -62,6 +62,7 @@ TOO_MANY_REQUESTS = _e(StatusCode.RESOURCE_EXHAUSTED, "too many requests")
 STOPPED = _e(StatusCode.UNAVAILABLE, "server stopped")
 MEMBER_NOT_FOUND = _e(StatusCode.NOT_FOUND, "member not found")
 PEER_URL_EXISTS = _e(StatusCode.FAILED_PRECONDITION, "Peer URLs already exists")
+MEMBER_BAD_URLS = _e(StatusCode.INVALID_ARGUMENT, "given member URLs are invalid")
 MEMBERSHIP_CHANGE_IN_PROGRESS = _e(StatusCode.FAILED_PRECONDITION,
                                    "another membership change is in progress; retry when it is done")
 BAD_LEADER_TRANSFEREE = _e(StatusCode.FAILED_PRECONDITION, "bad leader transferee")

@@ -604,12 +604,14 @@ class Node:
         peer transport (pickle) must stay on loopback: every member would
         dial the new address and trust what answers."""
         if not urls:
-            raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: no peer URLs given")
+            raise errors.MEMBER_BAD_URLS
         for url in urls:
             try:
                 hostport(url)
             except ValueError as exc:
-                raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, f"etcdserver: {exc}") from None
+                if urlsplit(url).scheme == "https":  # valid for etcd: say what metastore lacks
+                    raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, f"etcdserver: {exc}") from None
+                raise errors.MEMBER_BAD_URLS from None
             if ":" in (urlsplit(url).hostname or ""):
                 raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, f"etcdserver: peer URL {url}: IPv6 "
                                 f"addresses are not supported for the Raft peer transport")
