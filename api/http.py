@@ -27,13 +27,14 @@ folded headers) with 400 and closes the connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import http
 import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from metastore import ETCD_COMPAT_VERSION, errors
@@ -103,6 +104,16 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
+@dataclass
+class StreamResponse:
+    """A response sent as it is produced (chunked): each item of `chunks` goes
+    out as soon as it is ready. It ends when `chunks` does, or when the client
+    goes away (then `chunks` is closed)."""
+    status: int
+    chunks: AsyncIterator[bytes]
+    content_type: str = "application/json"
+
+
 def json_response(status: int, body: Any, headers: Sequence[tuple[str, str]] = ()) -> Response:
     data = json.dumps(body, separators=(",", ":")).encode()
     return Response(status, data, "application/json", list(headers))
@@ -112,7 +123,7 @@ def error_response(status: int, message: str, headers: Sequence[tuple[str, str]]
     return json_response(status, {"error": message}, headers)
 
 
-Handler = Callable[[Request], Awaitable["Response | tuple[int, Any]"]]
+Handler = Callable[[Request], Awaitable["Response | StreamResponse | tuple[int, Any]"]]
 
 
 class Router:
@@ -252,7 +263,11 @@ class HTTPServer:
                     return  # the client closed, or stayed idle too long
                 resp, head = await self._dispatch(req)
                 keep_alive = req.keep_alive and not self._closing
-                await self._write(writer, resp, head=head, keep_alive=keep_alive, version=req.version)
+                if isinstance(resp, StreamResponse):
+                    keep_alive = await self._stream(reader, writer, resp, head=head, keep_alive=keep_alive,
+                                                    version=req.version)
+                else:
+                    await self._write(writer, resp, head=head, keep_alive=keep_alive, version=req.version)
                 if not keep_alive:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
@@ -264,7 +279,7 @@ class HTTPServer:
                 self._tasks.discard(task)
             writer.close()
 
-    async def _dispatch(self, req: Request) -> tuple[Response, bool]:
+    async def _dispatch(self, req: Request) -> tuple[Response | StreamResponse, bool]:
         head = False
         try:
             handler, req.params, head = self.router.match(req.method, req.path)
@@ -274,30 +289,61 @@ class HTTPServer:
         except Exception as exc:  # a bug in a handler: say so, keep serving
             log.exception("HTTP %s %s failed", req.method, req.target)
             return error_response(500, f"internal error: {exc}"), req.method == "HEAD"
-        if isinstance(result, Response):
+        if isinstance(result, (Response, StreamResponse)):
             return result, head
         status, body = result
         return json_response(status, body), head
 
     async def _write(self, writer: asyncio.StreamWriter, resp: Response, *, head: bool, keep_alive: bool,
                      version: str) -> None:
+        lines = [f"Content-Length: {len(resp.body)}"] + [f"{name}: {value}" for name, value in resp.headers]
+        self._write_head(writer, resp.status, resp.content_type, lines, keep_alive=keep_alive, version=version)
+        if not head:
+            writer.write(resp.body)
+        await writer.drain()
+
+    @staticmethod
+    def _write_head(writer: asyncio.StreamWriter, status: int, content_type: str, lines: list[str], *,
+                    keep_alive: bool, version: str) -> None:
         try:
-            reason = http.HTTPStatus(resp.status).phrase
+            reason = http.HTTPStatus(status).phrase
         except ValueError:
             reason = "Unknown"
-        lines = [f"HTTP/1.1 {resp.status} {reason}",
+        lines = [f"HTTP/1.1 {status} {reason}",
                  f"Date: {email.utils.formatdate(usegmt=True)}",
-                 f"Content-Type: {resp.content_type}",
-                 f"Content-Length: {len(resp.body)}"]
-        lines += [f"{name}: {value}" for name, value in resp.headers]
+                 f"Content-Type: {content_type}"] + lines
         if not keep_alive:
             lines.append("Connection: close")
         elif version == "HTTP/1.0":
             lines.append("Connection: keep-alive")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if not head:
-            writer.write(resp.body)
+
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, resp: StreamResponse, *,
+                      head: bool, keep_alive: bool, version: str) -> bool:
+        """Send a StreamResponse chunked (HTTP/1.0: until the connection
+        closes); whether the connection may carry another request. A client
+        that closes its side ends the stream: nothing else would tell, while
+        no chunk is due."""
+        chunked = version != "HTTP/1.0"
+        keep_alive = keep_alive and chunked and not head
+        self._write_head(writer, resp.status, resp.content_type,
+                         ["Transfer-Encoding: chunked"] if chunked else [], keep_alive=keep_alive, version=version)
         await writer.drain()
+        gone = asyncio.ensure_future(reader.read(1))  # EOF (or a byte nobody may send now)
+        try:
+            if not head:
+                async with contextlib.aclosing(resp.chunks) as chunks:
+                    async for chunk in _until(chunks, gone):
+                        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                        await writer.drain()
+            if gone.done():
+                return False
+            if chunked:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+            return keep_alive
+        finally:
+            gone.cancel()
 
     # -- parsing -------------------------------------------------------------
     async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Request | None:
@@ -440,6 +486,22 @@ class HTTPServer:
 
 # -- etcd's endpoints ------------------------------------------------------------
 HEALTH_TIMEOUT = 1.0  # etcd 3.4's /health read timeout
+
+
+async def _until(items: AsyncIterator[bytes], stop: asyncio.Future) -> AsyncIterator[bytes]:
+    """`items` until it ends or `stop` is done, whichever comes first."""
+    while not stop.done():
+        item = asyncio.ensure_future(items.__anext__())
+        await asyncio.wait([item, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not item.done():
+            item.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await item
+            return
+        try:
+            yield item.result()
+        except StopAsyncIteration:
+            return
 
 
 def add_member_routes(router: Router, node: Any, metrics: Any, *, health_timeout: float = HEALTH_TIMEOUT) -> None:

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from metastore.api.auth import AuthService
 from metastore.api.cluster import ClusterService
 from metastore.api.election import ElectionService
+from metastore.api.gateway import add_gateway_routes
 from metastore.api.http import HTTPServer, Router, add_member_routes
 from metastore.api.placement_http import add_placement_routes
 from metastore.api.kv import KVService
@@ -92,6 +93,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._http: HTTPServer | None = None
+        self._gateway: HTTPServer | None = None
         self._metrics_started = False
         self._grpc_started = False
 
@@ -107,6 +109,14 @@ class Server:
             # runs; it answers only once the node has started.
             self._http = HTTPServer(self.router, self.node.cfg.listen_metrics_urls, what="metrics")
             await self._http.bind()
+        if self.node.cfg.listen_client_http_urls:
+            router = Router()
+            add_gateway_routes(router, self.node)
+            # JSON carries bytes in base64: room for the largest request.
+            self._gateway = HTTPServer(router, self.node.cfg.listen_client_http_urls, what="client HTTP",
+                                       max_body_bytes=2 * self.node.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES,
+                                       idle_timeout=300.0)
+            await self._gateway.bind()
         await self.node.start()
         self.metrics.start()
         self._metrics_started = True
@@ -114,6 +124,8 @@ class Server:
         self._grpc_started = True
         if self._http is not None:
             await self._http.start()
+        if self._gateway is not None:
+            await self._gateway.start()
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._health is not None:
@@ -121,8 +133,9 @@ class Server:
         # End watch streams now rather than after the grace period: their
         # clients reconnect to another member at once.
         self.node.watch_hub.stop()
-        if self._http is not None:
-            await self._http.stop()
+        for listener in (self._http, self._gateway):
+            if listener is not None:
+                await listener.stop()
         if self._grpc is not None:
             if not self._grpc_started:
                 # grpc releases the ports it bound only when a started

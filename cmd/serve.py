@@ -45,6 +45,9 @@ def _optional_urls(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--listen-metrics-urls", default=None, callback=_optional_urls,
               help=f"Comma-separated URLs to serve /metrics, /health and /version on (HTTP); '' for none  "
                    f"[default: {DEFAULT_METRICS_URL} if --listen-client-urls is the default, else none]")
+@click.option("--listen-client-http-urls", default="", callback=_urls,
+              help="Comma-separated URLs to serve etcd's JSON gateway on (HTTP: POST /v3/kv/range, ...); "
+                   "none by default.")
 @click.option("--initial-cluster", default="",
               help="Every initial member as name=peer-url, comma-separated  [default: <name>=<advertised peer url>]")
 @click.option("--initial-cluster-token", default="metastore-cluster", show_default=True,
@@ -83,7 +86,7 @@ def _optional_urls(ctx: click.Context, param: click.Parameter, value: str | None
               help="text for people; json: one object per line (ts, level, member, logger, msg).")
 def serve(name: str, data_dir: str, listen_client_urls: list[str], advertise_client_urls: list[str],
           listen_peer_urls: list[str], initial_advertise_peer_urls: list[str],
-          listen_metrics_urls: list[str] | None, initial_cluster: str,
+          listen_metrics_urls: list[str] | None, listen_client_http_urls: list[str], initial_cluster: str,
           initial_cluster_token: str, initial_cluster_state: str, engine: str, peer_secret_file: str | None,
           heartbeat_interval: int, election_timeout: int, max_request_bytes: int, quota_backend_bytes: int,
           snapshot_count: int,
@@ -109,7 +112,7 @@ def serve(name: str, data_dir: str, listen_client_urls: list[str], advertise_cli
         name=name, data_dir=data_dir, listen_client_urls=listen_client_urls,
         advertise_client_urls=advertise_client_urls, listen_peer_urls=listen_peer_urls,
         initial_advertise_peer_urls=initial_advertise_peer_urls, listen_metrics_urls=listen_metrics_urls,
-        initial_cluster=initial_cluster,
+        listen_client_http_urls=listen_client_http_urls, initial_cluster=initial_cluster,
         initial_cluster_token=initial_cluster_token, initial_cluster_state=initial_cluster_state,
         engine=engine, peer_secret=secret, heartbeat_interval_ms=heartbeat_interval,
         election_timeout_ms=election_timeout, max_request_bytes=max_request_bytes,
@@ -144,6 +147,8 @@ async def _run(cfg: ServerConfig) -> None:
         gc.freeze()
         log.info("member %s (%x) serving clients on %s", cfg.name, server.node.member_id,
                  ",".join(cfg.listen_client_urls))
+        if cfg.listen_client_http_urls:
+            log.info("serving etcd's JSON gateway (/v3/...) on %s", ",".join(cfg.listen_client_http_urls))
         if cfg.listen_metrics_urls:
             log.info("serving /metrics, /health and /version on %s", ",".join(cfg.listen_metrics_urls))
         else:

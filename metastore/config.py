@@ -37,6 +37,9 @@ class ServerConfig:
     # default (DEFAULT_METRICS_URL when the client URLs are the default ones,
     # else none); []: no HTTP listener.
     listen_metrics_urls: list[str] | None = None
+    # Where etcd's JSON gateway (POST /v3/kv/range, ...: api/gateway.py) is
+    # served over plain HTTP; etcd 3.5's flag. [] (the default): nowhere.
+    listen_client_http_urls: list[str] = field(default_factory=list)
     initial_advertise_peer_urls: list[str] = field(default_factory=lambda: [DEFAULT_PEER_URL])
     initial_cluster: str = ""  # "" -> "<name>=<initial_advertise_peer_urls>"
     initial_cluster_token: str = "metastore-cluster"
@@ -102,7 +105,8 @@ class ServerConfig:
             raise ConfigError("--initial-cluster-state must be 'new' or 'existing'")
         try:
             for url in (self.listen_client_urls + self.advertise_client_urls + self.listen_peer_urls
-                        + self.initial_advertise_peer_urls + (self.listen_metrics_urls or [])):
+                        + self.initial_advertise_peer_urls + (self.listen_metrics_urls or [])
+                        + self.listen_client_http_urls):
                 cluster.hostport(url)
             members = self.initial_members()
         except ValueError as exc:
@@ -118,6 +122,11 @@ class ServerConfig:
             if cluster.hostport(url) in taken:
                 raise ConfigError(f"--listen-metrics-urls {url} is also in {taken[cluster.hostport(url)]}; "
                                   f"the metrics listener needs a port of its own")
+        taken.update({cluster.hostport(u): "--listen-metrics-urls" for u in self.listen_metrics_urls or []})
+        for url in self.listen_client_http_urls:
+            if cluster.hostport(url) in taken:
+                raise ConfigError(f"--listen-client-http-urls {url} is also in {taken[cluster.hostport(url)]}; "
+                                  f"the JSON gateway needs a port of its own")
         peer_urls = self.listen_peer_urls + self.initial_advertise_peer_urls + [
             u for urls in members.values() for u in urls]
         for url in peer_urls:

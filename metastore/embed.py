@@ -71,7 +71,7 @@ log = logging.getLogger("metastore.embed")
 
 DEFAULT_READY_TIMEOUT = 30.0
 _URL_FIELDS = ("listen_client_urls", "advertise_client_urls", "listen_peer_urls", "initial_advertise_peer_urls",
-               "listen_metrics_urls")
+               "listen_metrics_urls", "listen_client_http_urls")
 _FIELDS = {f.name for f in dataclasses.fields(ServerConfig)}
 
 

@@ -24,6 +24,8 @@ def test_defaults_are_a_single_loopback_member():
     (dict(initial_cluster="default"), "expected name=http://host:port"),
     (dict(listen_client_urls=["127.0.0.1:2379"]), "expected http://host:port"),
     (dict(engine="leveldb"), "--engine must be one of"),
+    (dict(listen_client_http_urls=["http://127.0.0.1:2379"]), "the JSON gateway needs a port of its own"),
+    (dict(listen_client_http_urls=["http://127.0.0.1:2381"]), "the JSON gateway needs a port of its own"),
     (dict(heartbeat_interval_ms=500, election_timeout_ms=1000), "at least 5x"),
     (dict(listen_peer_urls=["http://[::1]:2380"], initial_advertise_peer_urls=["http://[::1]:2380"]),
      "IPv6 addresses are not supported"),
