@@ -18,8 +18,9 @@ stream ends or the client goes away; an error mid-stream is sent as
 from __future__ import annotations
 
 import json
+import logging
 from http import HTTPStatus
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 from google.protobuf import json_format
@@ -28,7 +29,7 @@ from google.protobuf.message import Message
 from metastore.api.auth import AuthService
 from metastore.api.cluster import ClusterService
 from metastore.api.election import ElectionService
-from metastore.api.http import Request, Response, Router, StreamResponse, json_response
+from metastore.api.http import Handler, Request, Response, Router, StreamResponse, json_response
 from metastore.api.kv import KVService
 from metastore.api.lease import LeaseService
 from metastore.api.lock import LockService
@@ -36,6 +37,8 @@ from metastore.api.maintenance import MaintenanceService
 from metastore.api.pb import rpc_pb2, v3election_pb2, v3lock_pb2
 from metastore.api.watch import WatchService
 from metastore.node import Node
+
+log = logging.getLogger("metastore.api.gateway")
 
 # grpc-gateway's HTTP status for each gRPC code (what etcd's gateway answers).
 HTTP_STATUS = {
@@ -48,7 +51,7 @@ HTTP_STATUS = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 
-# path -> (service, method); the service names index `_services`.
+# path -> (gRPC service, method), as etcd 3.4's gateway maps them.
 ROUTES = {
     "/v3/kv/range": ("KV", "Range"),
     "/v3/kv/put": ("KV", "Put"),
@@ -115,9 +118,6 @@ class _Context:
     async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any) -> None:
         raise _Aborted(code, details)
 
-    def code(self) -> None:
-        return None
-
     def time_remaining(self) -> None:
         return None
 
@@ -135,18 +135,21 @@ def _to_json(msg: Message) -> dict[str, Any]:
 
 
 def _parse(body: bytes, message_type: type[Message]) -> list[Message]:
-    """Every JSON object in the body (a stream's requests follow each other;
-    an empty body is one empty request)."""
-    text = body.decode("utf-8") if body else ""
-    if not text.strip():
-        return [message_type()]
+    """Every JSON object in the body, in order (a stream's requests follow
+    each other); none for an empty body. ValueError for anything else."""
+    text = body.decode("utf-8")
     decoder, pos, found = json.JSONDecoder(), 0, []
     while True:
         while pos < len(text) and text[pos].isspace():
             pos += 1
         if pos == len(text):
             return found
-        value, pos = decoder.raw_decode(text, pos)
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except RecursionError:
+            raise ValueError("request body nests too deeply") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object, not {type(value).__name__}")
         found.append(json_format.ParseDict(value, message_type(), ignore_unknown_fields=True))
 
 
@@ -170,15 +173,16 @@ def add_gateway_routes(router: Router, node: Node) -> None:
         router.add("POST", path, _route(handler, request_type, desc.client_streaming, desc.server_streaming))
 
 
-def _route(handler: Any, request_type: type[Message], client_streaming: bool, server_streaming: bool) -> Any:
+def _route(handler: Callable[..., Any], request_type: type[Message], client_streaming: bool,
+           server_streaming: bool) -> Handler:
     async def serve(req: Request) -> Response | StreamResponse:
         try:
             requests = _parse(req.body, request_type)
-        except (UnicodeDecodeError, ValueError, json_format.ParseError) as exc:
+        except (ValueError, json_format.ParseError) as exc:  # UnicodeDecodeError is a ValueError
             return _bad_request(str(exc))
-        if not client_streaming and len(requests) != 1:
-            return _bad_request("expected one JSON object in the request body")
-        arg = _requests(requests) if client_streaming else requests[0]
+        # A unary call takes the first object (an empty body: an empty
+        # request), as etcd's gateway does.
+        arg = _requests(requests) if client_streaming else (requests or [request_type()])[0]
         if server_streaming:
             return StreamResponse(200, _stream(handler(arg, _Context())))
         try:
@@ -189,13 +193,21 @@ def _route(handler: Any, request_type: type[Message], client_streaming: bool, se
     return serve
 
 
+def _stream_error(code: grpc.StatusCode, message: str) -> bytes:
+    """grpc-gateway's error object for a stream that already answered 200."""
+    status = HTTP_STATUS.get(code, 500)
+    return json.dumps({"error": {"grpc_code": code.value[0], "http_code": status, "message": message,
+                                 "http_status": HTTPStatus(status).phrase}}, separators=(",", ":")).encode() + b"\n"
+
+
 async def _stream(responses: AsyncIterator[Message]) -> AsyncIterator[bytes]:
     try:
         async for resp in responses:
             yield json.dumps({"result": _to_json(resp)}, separators=(",", ":")).encode() + b"\n"
     except _Aborted as err:
-        status = HTTP_STATUS.get(err.code, 500)
-        yield json.dumps({"error": {"grpc_code": err.code.value[0], "http_code": status, "message": err.details,
-                                    "http_status": HTTPStatus(status).phrase}}).encode() + b"\n"
+        yield _stream_error(err.code, err.details)
+    except Exception as exc:  # a bug: say so in the stream, keep serving
+        log.exception("gateway stream failed")
+        yield _stream_error(grpc.StatusCode.INTERNAL, f"etcdserver: internal error: {exc}")
     finally:
         await responses.aclose()  # type: ignore[attr-defined]

@@ -1,4 +1,6 @@
-"""The member's HTTP listener (--listen-metrics-urls): /metrics, /health, /version.
+"""The member's HTTP listeners: /metrics, /health, /version and the placement
+API on --listen-metrics-urls, etcd's JSON gateway (api/gateway.py) on
+--listen-client-http-urls.
 
 A small HTTP/1.1 server on the node's asyncio event loop (`asyncio.start_server`,
 no thread, no dependency), so a route's handler is an ordinary coroutine that
@@ -12,8 +14,9 @@ can await the Node like the gRPC services do. Routes are (method, path pattern)
         body = req.json()                 # 400 with {"error": ...} if not JSON
         return 200, {"draining": member}  # JSON-encoded
 
-A handler returns (status, json-able body) or a `Response` (any bytes and
-content type), or raises `HTTPError(status, message)`. Every error is JSON
+A handler returns (status, json-able body), a `Response` (any bytes and
+content type) or a `StreamResponse` (chunks sent as they come), or raises
+`HTTPError(status, message)`. Every error is JSON
 `{"error": "..."}`: 400 for a malformed request, 404 for an unknown path, 405
 (with Allow) for a method the path does not take, 500 for a handler bug; the
 server keeps serving. HEAD is answered for every GET route.
@@ -34,7 +37,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from metastore import ETCD_COMPAT_VERSION, errors
@@ -52,6 +55,10 @@ _CHUNK_SIZE = re.compile(r"^[0-9A-Fa-f]{1,15}$")
 MAX_LINE_BYTES = 16 * 1024  # request line or one header line
 MAX_HEADER_BYTES = 64 * 1024  # all header lines of one request
 MAX_HEADERS = 100
+# How often a request still being answered checks whether its client left.
+DISCONNECT_POLL_SECONDS = 0.5
+
+T = TypeVar("T")
 
 
 class HTTPError(Exception):
@@ -261,7 +268,10 @@ class HTTPServer:
                     return
                 if req is None:
                     return  # the client closed, or stayed idle too long
-                resp, head = await self._dispatch(req)
+                answered = await self._unless_gone(reader, self._dispatch(req))
+                if answered is None:
+                    return  # the client went away before its answer
+                resp, head = answered
                 keep_alive = req.keep_alive and not self._closing
                 if isinstance(resp, StreamResponse):
                     keep_alive = await self._stream(reader, writer, resp, head=head, keep_alive=keep_alive,
@@ -278,6 +288,25 @@ class HTTPServer:
             if task is not None:
                 self._tasks.discard(task)
             writer.close()
+
+    @staticmethod
+    async def _unless_gone(reader: asyncio.StreamReader, work: Awaitable[T]) -> T | None:
+        """`work`'s result; None (and `work` cancelled) if the client closes
+        the connection first -- a Lock through the gateway must not be taken
+        for a client that gave up. Polls, since reading to find out would
+        take a byte of a pipelined next request."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=DISCONNECT_POLL_SECONDS)
+                if done:
+                    return task.result()
+                if reader.at_eof():
+                    return None
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _dispatch(self, req: Request) -> tuple[Response | StreamResponse, bool]:
         head = False
@@ -322,28 +351,39 @@ class HTTPServer:
                       head: bool, keep_alive: bool, version: str) -> bool:
         """Send a StreamResponse chunked (HTTP/1.0: until the connection
         closes); whether the connection may carry another request. A client
-        that closes its side ends the stream: nothing else would tell, while
-        no chunk is due."""
+        that closes its side ends the stream: nothing else would tell while
+        no chunk is due, so one task sends and another waits for EOF (no
+        client sends anything while it reads a stream)."""
         chunked = version != "HTTP/1.0"
         keep_alive = keep_alive and chunked and not head
         self._write_head(writer, resp.status, resp.content_type,
                          ["Transfer-Encoding: chunked"] if chunked else [], keep_alive=keep_alive, version=version)
         await writer.drain()
-        gone = asyncio.ensure_future(reader.read(1))  # EOF (or a byte nobody may send now)
-        try:
-            if not head:
-                async with contextlib.aclosing(resp.chunks) as chunks:
-                    async for chunk in _until(chunks, gone):
-                        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-                        await writer.drain()
-            if gone.done():
-                return False
+
+        async def send() -> None:
+            async with contextlib.aclosing(resp.chunks) as chunks:
+                if head:
+                    return
+                async for chunk in chunks:
+                    writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    await writer.drain()
             if chunked:
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
-            return keep_alive
+
+        sending = asyncio.ensure_future(send())
+        gone = asyncio.ensure_future(reader.read(1))
+        try:
+            await asyncio.wait([sending, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            gone.cancel()
+            for task in (sending, gone):
+                task.cancel()
+            await asyncio.gather(sending, gone, return_exceptions=True)
+        if gone.cancelled() is False or sending.cancelled():
+            return False  # the client went away (or sent what it may not)
+        if sending.exception() is not None:
+            raise sending.exception()  # type: ignore[misc]
+        return keep_alive
 
     # -- parsing -------------------------------------------------------------
     async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Request | None:
@@ -486,22 +526,6 @@ class HTTPServer:
 
 # -- etcd's endpoints ------------------------------------------------------------
 HEALTH_TIMEOUT = 1.0  # etcd 3.4's /health read timeout
-
-
-async def _until(items: AsyncIterator[bytes], stop: asyncio.Future) -> AsyncIterator[bytes]:
-    """`items` until it ends or `stop` is done, whichever comes first."""
-    while not stop.done():
-        item = asyncio.ensure_future(items.__anext__())
-        await asyncio.wait([item, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not item.done():
-            item.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await item
-            return
-        try:
-            yield item.result()
-        except StopAsyncIteration:
-            return
 
 
 def add_member_routes(router: Router, node: Any, metrics: Any, *, health_timeout: float = HEALTH_TIMEOUT) -> None:

@@ -102,6 +102,11 @@ class Server:
         """The HTTP listener once started (its `addresses` say where it is bound)."""
         return self._http
 
+    @property
+    def gateway(self) -> HTTPServer | None:
+        """The JSON gateway's listener once started (--listen-client-http-urls)."""
+        return self._gateway
+
     async def start(self) -> None:
         self._grpc, self._health = await build_server(self.node, self.metrics.interceptors)
         if self.node.cfg.listen_metrics_urls:
@@ -112,6 +117,9 @@ class Server:
         if self.node.cfg.listen_client_http_urls:
             router = Router()
             add_gateway_routes(router, self.node)
+            # etcd's client port answers these too; Patroni and APISIX ask
+            # for /version before anything else.
+            add_member_routes(router, self.node, self.metrics)
             # JSON carries bytes in base64: room for the largest request.
             self._gateway = HTTPServer(router, self.node.cfg.listen_client_http_urls, what="client HTTP",
                                        max_body_bytes=2 * self.node.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES,

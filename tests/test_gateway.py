@@ -11,6 +11,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 
 import pytest
 
@@ -124,6 +125,61 @@ def test_lock_and_election_through_the_gateway(gateway):
     assert post(port, "/v3/lock/unlock", {"key": held["key"]})[0] == 200
     assert post(port, "/v3/election/leader", {"name": b64("gwe")}) == \
         (500, {"error": "election: no leader", "message": "election: no leader", "code": 2})
+
+
+def test_version_and_health_beside_the_gateway_and_lenient_bodies(gateway):
+    """Patroni and APISIX ask for /version first; etcd's gateway takes the
+    first object of a unary body, and a keep-alive body with no request
+    gets no answer."""
+    _, port = gateway
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/version")
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["etcdserver"].startswith("3.4")
+    conn.request("GET", "/health")  # the same keep-alive connection
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["health"] == "true"
+    conn.close()
+    two = (json.dumps({"key": b64("gw/first"), "value": b64("1")}) +
+           json.dumps({"key": b64("gw/second"), "value": b64("2")})).encode()
+    assert post(port, "/v3/kv/put", two)[0] == 200
+    assert post(port, "/v3/kv/range", {"key": b64("gw/second")})[1].get("count") is None  # 0: left out
+    assert post(port, "/v3/kv/range", {"key": b64("gw/first")})[1]["count"] == "1"
+    for body in (b"[]", b"1", b"null", b"[" * 100000):
+        status, answer = post(port, "/v3/kv/range", body)
+        assert status == 400 and answer["code"] == 3, body[:10]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/v3/lease/keepalive", b"")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == b""
+    conn.close()
+
+
+def test_a_lock_waiter_that_hangs_up_leaves_the_queue(gateway):
+    cluster, port = gateway
+    owner = post(port, "/v3/lease/grant", {"TTL": 30})[1]["ID"]
+    quitter = post(port, "/v3/lease/grant", {"TTL": 30})[1]["ID"]
+    assert post(port, "/v3/lock/lock", {"name": b64("hang"), "lease": owner})[0] == 200
+    body = json.dumps({"name": b64("hang"), "lease": quitter}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /v3/lock/lock HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    waiting = b"hang/%x" % int(quitter)
+    deadline = time.monotonic() + 10
+    while waiting not in keys(port, b"hang/"):
+        assert time.monotonic() < deadline, "the waiter never queued"
+        time.sleep(0.05)
+    sock.close()
+    deadline = time.monotonic() + 10
+    while waiting in keys(port, b"hang/"):
+        assert time.monotonic() < deadline, "the waiter's key stayed after its client hung up"
+        time.sleep(0.05)
+
+
+def keys(port: int, prefix: bytes) -> list[bytes]:
+    end = prefix[:-1] + bytes([prefix[-1] + 1])
+    got = post(port, "/v3/kv/range", {"key": base64.b64encode(prefix).decode(),
+                                      "range_end": base64.b64encode(end).decode(), "keys_only": True})[1]
+    return [base64.b64decode(kv["key"]) for kv in got.get("kvs", [])]
 
 
 def test_a_stream_ends_when_its_client_goes_away():
