@@ -75,7 +75,8 @@ ROUTES = {
     "/v3/maintenance/alarm": ("Maintenance", "Alarm"),
     "/v3/maintenance/status": ("Maintenance", "Status"),
     "/v3/maintenance/defragment": ("Maintenance", "Defragment"),
-    "/v3/maintenance/hash": ("Maintenance", "Hash"),
+    "/v3/maintenance/hash": ("Maintenance", "Hash"),  # etcd maps HashKV here too; Hash answers
+    "/v3/maintenance/snapshot": ("Maintenance", "Snapshot"),
     "/v3/maintenance/transfer-leadership": ("Maintenance", "MoveLeader"),
     "/v3/auth/enable": ("Auth", "AuthEnable"),
     "/v3/auth/disable": ("Auth", "AuthDisable"),
