@@ -28,7 +28,12 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseKeepAlive(self, request_iterator: AsyncIterator[rpc_pb2.LeaseKeepAliveRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.LeaseKeepAliveResponse]:
         """One answer per request, in order. An error (no leader, server
-        stopping) ends the stream with etcd's code; the client reconnects."""
+        stopping) ends the stream with etcd's code; the client reconnects.
+        A learner refuses the stream, as etcd 3.4's refuses every stream."""
+        try:
+            self._node.refuse_on_learner()
+        except EtcdError as err:
+            await context.abort(err.code, err.message)
         async for req in request_iterator:
             try:
                 yield await self._node.lease_keepalive(req.ID)

@@ -1,5 +1,5 @@
 """etcdserverpb.Maintenance: Alarm, Status, Defragment, Hash, HashKV,
-Snapshot, MoveLeader.
+Snapshot, MoveLeader. A learner answers only Status, as etcd 3.4's does.
 
 The work is in `metastore.maintenance` (one member's side of each call) and
 `Node.move_leader`; this layer only maps requests and errors.
@@ -26,6 +26,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
     @etcd_errors
     async def Alarm(self, request: rpc_pb2.AlarmRequest,
                     context: grpc.aio.ServicerContext) -> rpc_pb2.AlarmResponse:
+        self._node.refuse_on_learner()
         return await self._node.maintenance.alarm(request)
 
     @etcd_errors
@@ -40,21 +41,25 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
     @etcd_errors
     async def Defragment(self, request: rpc_pb2.DefragmentRequest,
                          context: grpc.aio.ServicerContext) -> rpc_pb2.DefragmentResponse:
+        self._node.refuse_on_learner()
         return await self._node.maintenance.defragment()
 
     @etcd_errors
     async def Hash(self, request: rpc_pb2.HashRequest,
                    context: grpc.aio.ServicerContext) -> rpc_pb2.HashResponse:
+        self._node.refuse_on_learner()
         return await self._node.maintenance.hash()
 
     @etcd_errors
     async def HashKV(self, request: rpc_pb2.HashKVRequest,
                      context: grpc.aio.ServicerContext) -> rpc_pb2.HashKVResponse:
+        self._node.refuse_on_learner()
         return await self._node.hash_kv(request.revision)
 
     @etcd_errors
     async def MoveLeader(self, request: rpc_pb2.MoveLeaderRequest,
                          context: grpc.aio.ServicerContext) -> rpc_pb2.MoveLeaderResponse:
+        self._node.refuse_on_learner()
         # As in etcd, the hand-over may take as long as the client waits
         # (etcdctl: its --command-timeout), within the server's own limit.
         remaining = context.time_remaining()
@@ -66,6 +71,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         """A server stream, so errors are mapped here rather than by
         etcd_errors (which wraps unary handlers)."""
         try:
+            self._node.refuse_on_learner()
             async for resp in self._node.maintenance.snapshot():
                 yield resp
         except EtcdError as err:

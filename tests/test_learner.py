@@ -71,14 +71,22 @@ def test_learner_replicates_without_voting_until_promoted(engine):
         assert got.splitlines() == ["data/042", "v"]
         assert json.loads(cluster.etcdctl("endpoint", "status", "-w", "json",
                                           endpoints=[learner]).stdout)[0]["Status"]["isLearner"]
-        # etcd 3.4's learner refuses writes, linearizable reads and cluster calls.
+        # etcd 3.4's learner refuses writes, linearizable reads, cluster and
+        # maintenance calls but Status, and every stream.
         for call in (lambda: put(learner, b"nope"),
                      lambda: learner.kv().Range(rpc_pb2.RangeRequest(key=b"data/000"), timeout=5),
                      lambda: learner.cluster().MemberList(rpc_pb2.MemberListRequest(), timeout=5),
                      lambda: rpc_pb2_grpc.AuthStub(learner.channel()).UserList(rpc_pb2.AuthUserListRequest(),
                                                                              timeout=5),
                      lambda: v3lock_pb2_grpc.LockStub(learner.channel()).Lock(v3lock_pb2.LockRequest(name=b"l"),
-                                                                              timeout=5)):
+                                                                              timeout=5),
+                     lambda: learner.maintenance().Hash(rpc_pb2.HashRequest(), timeout=5),
+                     lambda: learner.maintenance().Alarm(rpc_pb2.AlarmRequest(), timeout=5),
+                     lambda: next(rpc_pb2_grpc.WatchStub(learner.channel()).Watch(
+                         iter([rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"k"))]),
+                         timeout=5)),
+                     lambda: next(rpc_pb2_grpc.LeaseStub(learner.channel()).LeaseKeepAlive(
+                         iter([rpc_pb2.LeaseKeepAliveRequest(ID=1)]), timeout=5))):
             err = rpc_error(call)
             assert (err.code(), err.details()) == (grpc.StatusCode.UNAVAILABLE, NOT_FOR_LEARNER)
 
