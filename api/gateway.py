@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Callable
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from metastore.api.auth import AuthService
@@ -127,31 +129,72 @@ def _error_body(code: grpc.StatusCode, message: str) -> dict[str, Any]:
     return {"error": message, "message": message, "code": code.value[0]}
 
 
-def _bad_request(message: str) -> Response:
-    return json_response(400, _error_body(grpc.StatusCode.INVALID_ARGUMENT, message))
-
-
 def _to_json(msg: Message) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
 
-def _parse(body: bytes, message_type: type[Message]) -> list[Message]:
-    """Every JSON object in the body, in order (a stream's requests follow
-    each other); none for an empty body. ValueError for anything else."""
-    text = body.decode("utf-8")
+class _BadBody(ValueError):
+    """A request body the gateway cannot turn into requests."""
+
+
+def _parse(body: bytes, message_type: type[Message], stream: bool) -> list[Message]:
+    """The requests in the body: its first JSON object for a unary call (what
+    follows it is ignored, as etcd's gateway does; an empty body is an empty
+    request), every object in order for a stream -- up to the first one that
+    is not a valid request, as long as one came before it."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadBody(str(exc)) from None
     decoder, pos, found = json.JSONDecoder(), 0, []
     while True:
         while pos < len(text) and text[pos].isspace():
             pos += 1
         if pos == len(text):
-            return found
+            return found if found or stream else [message_type()]
         try:
             value, pos = decoder.raw_decode(text, pos)
-        except RecursionError:
-            raise ValueError("request body nests too deeply") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a JSON object, not {type(value).__name__}")
-        found.append(json_format.ParseDict(value, message_type(), ignore_unknown_fields=True))
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a JSON object, not {type(value).__name__}")
+            _check_strictly(value, message_type.DESCRIPTOR)
+            found.append(json_format.ParseDict(value, message_type(), ignore_unknown_fields=True))
+        except (ValueError, json_format.ParseError, RecursionError) as exc:
+            if stream and found:
+                return found
+            raise _BadBody(str(exc) if not isinstance(exc, RecursionError) else "request body nests too deeply")
+        if not stream:
+            return found
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def _check_strictly(value: dict[str, Any], desc: Descriptor) -> None:
+    """What protobuf's JSON parser lets through but etcd's (Go) refuses:
+    bytes that are not standard, padded base64 (Python's parser drops bad
+    characters and takes the URL-safe alphabet, storing a key the client
+    never meant), and enum names the enum does not have (ignored fields
+    would make them the default: a typo in a txn compare would run as
+    VERSION EQUAL). Unknown field names stay ignored, as in etcd."""
+    fields = {f.name: f for f in desc.fields}
+    fields.update({f.json_name: f for f in desc.fields})
+    for name, item in value.items():
+        field = fields.get(name)
+        if field is None or item is None:
+            continue
+        items = item if isinstance(item, list) else [item]  # a list for a single field: ParseDict refuses it
+        for one in items:
+            if field.type == FieldDescriptor.TYPE_BYTES and isinstance(one, str):
+                text = one.replace("\r", "").replace("\n", "")
+                if len(text) % 4 or not _BASE64.fullmatch(text):
+                    bad = next((i for i, c in enumerate(text) if not (c.isalnum() or c in "+/=")),
+                               len(text) - len(text) % 4)  # Go's offset: where the short group starts
+                    raise ValueError(f"illegal base64 data at input byte {bad}")
+            elif field.type == FieldDescriptor.TYPE_ENUM and isinstance(one, str):
+                if field.enum_type.values_by_name.get(one) is None:
+                    raise ValueError(f'unknown value "{one}" for enum {field.enum_type.full_name}')
+            elif field.type == FieldDescriptor.TYPE_MESSAGE and isinstance(one, dict):
+                _check_strictly(one, field.message_type)
 
 
 async def _requests(items: list[Message]) -> AsyncIterator[Message]:
@@ -170,20 +213,23 @@ def add_gateway_routes(router: Router, node: Node) -> None:
         pb = files[service]
         desc = pb.DESCRIPTOR.services_by_name[service].methods_by_name[method]
         request_type = getattr(pb, desc.input_type.name)
-        handler = getattr(services[service], method)
-        router.add("POST", path, _route(handler, request_type, desc.client_streaming, desc.server_streaming))
+        route = _route(getattr(services[service], method), request_type, desc.client_streaming,
+                       desc.server_streaming)
+        router.add("POST", path, route)
+        # etcd 3.4 still answers 3.3's prefix, which older clients use.
+        router.add("POST", "/v3beta/" + path[len("/v3/"):], route)
 
 
 def _route(handler: Callable[..., Any], request_type: type[Message], client_streaming: bool,
            server_streaming: bool) -> Handler:
     async def serve(req: Request) -> Response | StreamResponse:
         try:
-            requests = _parse(req.body, request_type)
-        except (ValueError, json_format.ParseError) as exc:  # UnicodeDecodeError is a ValueError
-            return _bad_request(str(exc))
-        # A unary call takes the first object (an empty body: an empty
-        # request), as etcd's gateway does.
-        arg = _requests(requests) if client_streaming else (requests or [request_type()])[0]
+            requests = _parse(req.body, request_type, client_streaming)
+        except _BadBody as exc:
+            # etcd's gateway: 400 for a unary call, 500 (UNKNOWN) for a stream.
+            code = grpc.StatusCode.UNKNOWN if client_streaming else grpc.StatusCode.INVALID_ARGUMENT
+            return json_response(HTTP_STATUS[code], _error_body(code, str(exc)))
+        arg = _requests(requests) if client_streaming else requests[0]
         if server_streaming:
             return StreamResponse(200, _stream(handler(arg, _Context())))
         try:

@@ -219,12 +219,9 @@ class Maintenance:
                     if not chunk:
                         raise errors.EtcdError(StatusCode.INTERNAL, "etcdserver: snapshot file ended early")
                     sent += len(chunk)
-                    resp = rpc_pb2.SnapshotResponse(remaining_bytes=data_size - sent, blob=chunk)
-                    node._fill_header(resp.header)
-                    yield resp
-                resp = rpc_pb2.SnapshotResponse(remaining_bytes=0, blob=f.read(dbsnapshot.SHA_SIZE))
-                node._fill_header(resp.header)
-                yield resp
+                    # No header, as in etcd 3.4's chunks.
+                    yield rpc_pb2.SnapshotResponse(remaining_bytes=data_size - sent, blob=chunk)
+                yield rpc_pb2.SnapshotResponse(remaining_bytes=0, blob=f.read(dbsnapshot.SHA_SIZE))
             log.info("sent a snapshot of %d bytes", size)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -93,6 +93,34 @@ def test_malformed_requests_and_unknown_paths(gateway):
     conn.close()
 
 
+@pytest.mark.parametrize("body, fragment", [
+    ({"key": "!!!notb64", "value": b64("v")}, "illegal base64 data"),
+    ({"key": "-_8=", "value": b64("v")}, "illegal base64 data"),  # URL-safe alphabet
+    ({"key": "Zm9vYg", "value": b64("v")}, "illegal base64 data"),  # no padding
+    ({"key": b64("k"), "value": b64("v"), "lease": "abc"}, "lease"),
+])
+def test_a_put_etcd_would_refuse_writes_nothing(gateway, body, fragment):
+    """protobuf's own JSON parser would take these (dropping characters,
+    taking the URL-safe alphabet) and store a key nobody sent."""
+    _, port = gateway
+    before = post(port, "/v3/kv/range", {"key": b64("k")})[1]["header"]["revision"]
+    status, answer = post(port, "/v3/kv/put", body)
+    assert status == 400 and answer["code"] == 3 and fragment in answer["error"]
+    assert post(port, "/v3/kv/range", {"key": b64("k")})[1]["header"]["revision"] == before
+
+
+def test_unknown_enum_names_are_refused_not_defaulted(gateway):
+    _, port = gateway
+    status, answer = post(port, "/v3/kv/txn", {
+        "compare": [{"key": b64("k"), "target": "BOGUS", "result": "EQUAL", "version": "0"}],
+        "success": [{"request_put": {"key": b64("k"), "value": b64("v")}}]})
+    assert status == 400 and 'unknown value "BOGUS"' in answer["error"]
+    status, answer = post(port, "/v3/kv/range", {"key": b64("k"), "sort_order": "descend"})
+    assert status == 400 and answer["code"] == 3
+    # Numbers, etcd's /v3beta prefix, unknown fields and what follows the first object pass.
+    assert post(port, "/v3beta/kv/range", b'{"key": "aw==", "sort_order": 2, "no_such_field": 1} trailing')[0] == 200
+
+
 def test_watch_streams_result_lines_and_lease_keepalive_answers(gateway):
     _, port = gateway
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -112,9 +140,13 @@ def test_watch_streams_result_lines_and_lease_keepalive_answers(gateway):
     status, grant = post(port, "/v3/lease/grant", {"TTL": 30})
     assert status == 200 and grant["TTL"] == "30"
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("POST", "/v3/lease/keepalive", json.dumps({"ID": grant["ID"]}))
+    # Every request of the body up to a broken one is answered (etcd's gateway).
+    conn.request("POST", "/v3/lease/keepalive", json.dumps({"ID": grant["ID"]}) * 2 + "{broken")
     lines = conn.getresponse().read().splitlines()
-    assert [json.loads(line)["result"]["ID"] for line in lines] == [grant["ID"]]
+    assert [json.loads(line)["result"]["ID"] for line in lines] == [grant["ID"]] * 2
+    conn.request("POST", "/v3/lease/keepalive", b"{broken")
+    resp = conn.getresponse()
+    assert resp.status == 500 and json.loads(resp.read())["code"] == 2
     conn.close()
 
 
