@@ -367,9 +367,6 @@ class HTTPServer:
                 async for chunk in chunks:
                     writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
                     await writer.drain()
-            if chunked:
-                writer.write(b"0\r\n\r\n")
-                await writer.drain()
 
         sending = asyncio.ensure_future(send())
         gone = asyncio.ensure_future(reader.read(1))
@@ -383,6 +380,11 @@ class HTTPServer:
             return False  # the client went away (or sent what it may not)
         if sending.exception() is not None:
             raise sending.exception()  # type: ignore[misc]
+        # Only now, with nothing reading ahead, the end of the response: a
+        # client may send its next request the moment it has it.
+        if chunked and not head:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
         return keep_alive
 
     # -- parsing -------------------------------------------------------------

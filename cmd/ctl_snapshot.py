@@ -14,6 +14,7 @@ from typing import Any
 import click
 import grpc
 
+from metastore import dbsnapshot
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
 from metastore.cmd.ctl_common import (
     CtlError, Session, command, group, out, print_json, rpc_error_message, settings)
@@ -133,8 +134,10 @@ def snapshot_save(path: str) -> None:
                 pass
             raise
     if s.write_out == "json":
-        print_json({"path": path, "endpoint": ep.shown, "member_id": first.header.member_id,
-                    "revision": first.header.revision, "size": size, "sha256": trailer.tail.hex()})
+        # From the file's own header: the stream's chunks carry none (etcd 3.4's do not either).
+        header = dbsnapshot.verify(target)
+        print_json({"path": path, "endpoint": ep.shown, "member_id": int(header["member_id"], 16),
+                    "revision": header["revision"], "size": size, "sha256": trailer.tail.hex()})
     else:
         out(f"Snapshot saved at {path}\n")
 
