@@ -51,8 +51,10 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
+import traceback
 import weakref
 from typing import Any, Sequence
 
@@ -336,9 +338,32 @@ class Member:
             if thread is not None:
                 thread.join(timeout)
                 if thread.is_alive():
-                    log.warning("metastore member %s did not stop within %g s", self.name, timeout)
+                    log.warning("metastore member %s did not stop within %g s; where it is:\n%s",
+                                self.name, timeout, self._where(thread))
                     return
             _running.discard(self)
+
+    def _where(self, thread: threading.Thread) -> str:
+        """The member thread's stack and its event loop's unfinished tasks, for
+        a stop that does not end (best effort: read from another thread)."""
+        lines: list[str] = []
+        frame = sys._current_frames().get(thread.ident or 0)
+        if frame is not None:
+            lines += traceback.format_stack(frame)
+        loop = self._loop
+        if loop is not None:
+            try:
+                tasks = list(asyncio.all_tasks(loop))
+            except RuntimeError:  # the set changed while being read
+                tasks = []
+            for task in tasks:
+                stack = task.get_stack(limit=8)
+                if any(f.f_code.co_filename.endswith(".pyx.pxi") for f in stack):
+                    continue  # grpc's own waits for the next call
+                lines.append(f"task {task.get_name()}: " + " <- ".join(
+                    f"{f.f_code.co_name} ({os.path.basename(f.f_code.co_filename)}:{f.f_lineno})"
+                    for f in reversed(stack)) + "\n")
+        return "".join(lines)
 
     def _wake(self) -> None:
         loop, event = self._loop, self._stop_event
