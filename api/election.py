@@ -3,18 +3,14 @@ served by metastore/election.py."""
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import AsyncIterator
 
 import grpc
 
 from metastore import election
-from metastore.api.errors import flatten_code, recipe_errors
+from metastore.api.errors import recipe_errors, recipe_stream_errors
 from metastore.api.pb import v3election_pb2 as pb, v3election_pb2_grpc
-from metastore.errors import EtcdError
 from metastore.node import Node
-
-log = logging.getLogger("metastore.api.election")
 
 
 class ElectionService(v3election_pb2_grpc.ElectionServicer):
@@ -45,20 +41,12 @@ class ElectionService(v3election_pb2_grpc.ElectionServicer):
         self._node.refuse_on_learner()
         return await election.resign(self._node, request)
 
+    @recipe_stream_errors
     async def Observe(self, request: pb.LeaderRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LeaderResponse]:
         """Unlike the unary calls, a failure ends the stream with its status
         (etcd's stream just ends), so the client knows to observe again."""
-        try:
-            self._node.refuse_on_learner()
-            async with contextlib.aclosing(election.observe(self._node, request.name)) as responses:
-                async for resp in responses:
-                    yield resp
-        except EtcdError as err:
-            err = flatten_code(err)
-            await context.abort(err.code, err.message)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception as exc:  # a bug: say so, keep serving
-            log.exception("Observe failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"etcdserver: internal error: {exc}")
+        self._node.refuse_on_learner()
+        async with contextlib.aclosing(election.observe(self._node, request.name)) as responses:
+            async for resp in responses:
+                yield resp

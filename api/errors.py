@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Awaitable, Callable, TypeVar
+import contextlib
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
@@ -13,6 +14,7 @@ from metastore.errors import EtcdError
 log = logging.getLogger("metastore.api")
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+S = TypeVar("S", bound=Callable[..., AsyncIterator[Any]])
 
 
 def etcd_errors(handler: H) -> H:
@@ -24,6 +26,29 @@ def etcd_errors(handler: H) -> H:
         try:
             return await handler(self, request, context)
         except EtcdError as err:
+            await context.abort(err.code, err.message)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # a bug: say so, keep serving
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"etcdserver: internal error: {exc}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def etcd_stream_errors(handler: S, mapped: Callable[[EtcdError], EtcdError] = lambda err: err) -> S:
+    """etcd_errors for a handler that streams its answers: an EtcdError
+    (`mapped` first) ends the stream with etcd's code and message; anything
+    else is logged and ends it as INTERNAL; the server keeps serving."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async with contextlib.aclosing(handler(self, request, context)) as responses:
+                async for resp in responses:
+                    yield resp
+        except EtcdError as err:
+            err = mapped(err)
             await context.abort(err.code, err.message)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
@@ -57,3 +82,8 @@ def recipe_errors(handler: H) -> H:
             raise flatten_code(err) from None
 
     return etcd_errors(flattened)  # type: ignore[return-value]
+
+
+def recipe_stream_errors(handler: S) -> S:
+    """etcd_stream_errors for the election service's Observe (see flatten_code)."""
+    return etcd_stream_errors(handler, flatten_code)

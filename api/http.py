@@ -293,8 +293,9 @@ class HTTPServer:
     async def _unless_gone(reader: asyncio.StreamReader, work: Awaitable[T]) -> T | None:
         """`work`'s result; None (and `work` cancelled) if the client closes
         the connection first -- a Lock through the gateway must not be taken
-        for a client that gave up. Polls, since reading to find out would
-        take a byte of a pipelined next request."""
+        for a client that gave up, nor a watch stream kept for it. Polls,
+        since reading to find out would take a byte of the client's next
+        request (it may send one the moment it has the last answer)."""
         task = asyncio.ensure_future(work)
         try:
             while True:
@@ -351,41 +352,28 @@ class HTTPServer:
                       head: bool, keep_alive: bool, version: str) -> bool:
         """Send a StreamResponse chunked (HTTP/1.0: until the connection
         closes); whether the connection may carry another request. A client
-        that closes its side ends the stream: nothing else would tell while
-        no chunk is due, so one task sends and another waits for EOF (no
-        client sends anything while it reads a stream)."""
+        that closes its side ends the stream (see _unless_gone): nothing else
+        would tell while no chunk is due."""
         chunked = version != "HTTP/1.0"
         keep_alive = keep_alive and chunked and not head
         self._write_head(writer, resp.status, resp.content_type,
                          ["Transfer-Encoding: chunked"] if chunked else [], keep_alive=keep_alive, version=version)
         await writer.drain()
 
-        async def send() -> None:
+        async def send() -> bool:
             async with contextlib.aclosing(resp.chunks) as chunks:
                 if head:
-                    return
+                    return True
                 async for chunk in chunks:
                     writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
                     await writer.drain()
+            if chunked:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+            return True
 
-        sending = asyncio.ensure_future(send())
-        gone = asyncio.ensure_future(reader.read(1))
-        try:
-            await asyncio.wait([sending, gone], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sending, gone):
-                task.cancel()
-            await asyncio.gather(sending, gone, return_exceptions=True)
-        if gone.cancelled() is False or sending.cancelled():
-            return False  # the client went away (or sent what it may not)
-        if sending.exception() is not None:
-            raise sending.exception()  # type: ignore[misc]
-        # Only now, with nothing reading ahead, the end of the response: a
-        # client may send its next request the moment it has it.
-        if chunked and not head:
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-        return keep_alive
+        sent = await self._unless_gone(reader, send())
+        return keep_alive and sent is not None
 
     # -- parsing -------------------------------------------------------------
     async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Request | None:

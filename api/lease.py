@@ -5,9 +5,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from metastore.api.errors import etcd_errors
+from metastore.api.errors import etcd_errors, etcd_stream_errors
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
-from metastore.errors import EtcdError
 from metastore.node import Node
 
 
@@ -25,20 +24,15 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
                           context: grpc.aio.ServicerContext) -> rpc_pb2.LeaseRevokeResponse:
         return await self._node.lease_revoke(request)
 
+    @etcd_stream_errors
     async def LeaseKeepAlive(self, request_iterator: AsyncIterator[rpc_pb2.LeaseKeepAliveRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.LeaseKeepAliveResponse]:
         """One answer per request, in order. An error (no leader, server
         stopping) ends the stream with etcd's code; the client reconnects.
         A learner refuses the stream, as etcd 3.4's refuses every stream."""
-        try:
-            self._node.refuse_on_learner()
-        except EtcdError as err:
-            await context.abort(err.code, err.message)
+        self._node.refuse_on_learner()
         async for req in request_iterator:
-            try:
-                yield await self._node.lease_keepalive(req.ID)
-            except EtcdError as err:
-                await context.abort(err.code, err.message)
+            yield await self._node.lease_keepalive(req.ID)
 
     @etcd_errors
     async def LeaseTimeToLive(self, request: rpc_pb2.LeaseTimeToLiveRequest,

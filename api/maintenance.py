@@ -6,17 +6,13 @@ The work is in `metastore.maintenance` (one member's side of each call) and
 """
 from __future__ import annotations
 
-import logging
 from typing import AsyncIterator
 
 import grpc
 
-from metastore.api.errors import etcd_errors
+from metastore.api.errors import etcd_errors, etcd_stream_errors
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
-from metastore.errors import EtcdError
 from metastore.node import Node
-
-log = logging.getLogger("metastore.api")
 
 
 class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
@@ -66,18 +62,9 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         timeout = None if remaining is None else max(0.0, remaining - 0.05)
         return await self._node.move_leader(request.targetID, timeout)
 
+    @etcd_stream_errors
     async def Snapshot(self, request: rpc_pb2.SnapshotRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.SnapshotResponse]:
-        """A server stream, so errors are mapped here rather than by
-        etcd_errors (which wraps unary handlers)."""
-        try:
-            self._node.refuse_on_learner()
-            async for resp in self._node.maintenance.snapshot():
-                yield resp
-        except EtcdError as err:
-            await context.abort(err.code, err.message)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception as exc:  # a bug or a full disk: say so, keep serving
-            log.exception("Snapshot failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"etcdserver: snapshot failed: {exc}")
+        self._node.refuse_on_learner()
+        async for resp in self._node.maintenance.snapshot():
+            yield resp

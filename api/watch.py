@@ -14,7 +14,7 @@ from typing import AsyncIterable, AsyncIterator
 import grpc
 
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
-from metastore.errors import EtcdError
+from metastore.api.errors import etcd_stream_errors
 from metastore.node import Node
 from metastore.watch_hub import WatchStream
 
@@ -25,12 +25,10 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
     def __init__(self, node: Node) -> None:
         self._node = node
 
+    @etcd_stream_errors
     async def Watch(self, request_iterator: AsyncIterable[rpc_pb2.WatchRequest],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.WatchResponse]:
-        try:
-            self._node.refuse_on_learner()  # etcd 3.4's learner refuses every stream
-        except EtcdError as err:
-            await context.abort(err.code, err.message)
+        self._node.refuse_on_learner()  # etcd 3.4's learner refuses every stream
         stream = self._node.watch_hub.open_stream(
             max_response_bytes=self._node.cfg.max_request_bytes, fill_header=self._node.fill_header_at)
         reader = asyncio.ensure_future(self._read(request_iterator, stream))

@@ -13,10 +13,10 @@ import click
 import grpc
 
 from metastore.api.pb import kv_pb2, rpc_pb2, rpc_pb2_grpc
-from metastore.keys import prefix_range_end
 from metastore.cmd.ctl_common import (
     EXIT_BAD_FEATURE, EXIT_INTERRUPTED, BadArgs, CtlError, Session, command, flush, go_json, kv_text, out,
     print_json, rpc_error_message, settings)
+from metastore.keys import prefix_range_end
 
 _SORT_ORDERS = {"": rpc_pb2.RangeRequest.NONE, "ASCEND": rpc_pb2.RangeRequest.ASCEND,
                 "DESCEND": rpc_pb2.RangeRequest.DESCEND}

@@ -135,7 +135,8 @@ def snapshot_save(path: str) -> None:
             raise
     if s.write_out == "json":
         # From the file's own header: the stream's chunks carry none (etcd 3.4's do not either).
-        header = dbsnapshot.verify(target)
+        with open(target, "rb") as f:
+            header = dbsnapshot.read_header(f, target)
         print_json({"path": path, "endpoint": ep.shown, "member_id": int(header["member_id"], 16),
                     "revision": header["revision"], "size": size, "sha256": trailer.tail.hex()})
     else:

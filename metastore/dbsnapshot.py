@@ -128,15 +128,7 @@ def verify(path: str) -> dict:
                 f"{path} is damaged: sha256 checksum mismatch (the file says {expected.hex()}, its "
                 f"content hashes to {sha.hexdigest()}); nothing was restored")
         f.seek(0)
-        if f.read(len(MAGIC)) != MAGIC:
-            raise SnapshotError(
-                f"{path} has a valid checksum but is not a metastore snapshot (an etcd snapshot is a "
-                f"bbolt database: restore it with etcd's own tools)")
-        try:
-            (length,) = _LEN.unpack(f.read(_LEN.size))
-            header = json.loads(f.read(length))
-        except (struct.error, ValueError) as exc:
-            raise SnapshotError(f"{path}: unreadable snapshot header ({exc})") from None
+        header = read_header(f, path)
         if header.get("format_version") != FORMAT_VERSION:
             raise SnapshotError(f"{path}: snapshot format version {header.get('format_version')!r} is not "
                                 f"supported by this build (it reads version {FORMAT_VERSION})")
@@ -150,6 +142,20 @@ def verify(path: str) -> dict:
         if f.tell() > body_end or any(f.read(body_end - f.tell())):
             raise SnapshotError(f"{path}: unexpected bytes after the rows")
         return header
+
+
+def read_header(f: BinaryIO, path: str) -> dict:
+    """The header at the start of snapshot file `f` (only the header is read;
+    `verify` checks the whole file)."""
+    if f.read(len(MAGIC)) != MAGIC:
+        raise SnapshotError(
+            f"{path} has a valid checksum but is not a metastore snapshot (an etcd snapshot is a "
+            f"bbolt database: restore it with etcd's own tools)")
+    try:
+        (length,) = _LEN.unpack(f.read(_LEN.size))
+        return json.loads(f.read(length))
+    except (struct.error, ValueError) as exc:
+        raise SnapshotError(f"{path}: unreadable snapshot header ({exc})") from None
 
 
 def read_rows(path: str) -> Iterator[Row]:
