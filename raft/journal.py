@@ -18,7 +18,14 @@ same interface (pysyncobj.journal.Journal) but:
   most once a second, never in `sync()` -- which keeps a group commit at one
   fsync instead of three (log, meta file, directory);
 - every record carries a CRC, so a torn tail after a crash is detected and cut
-  off instead of being replayed.
+  off instead of being replayed;
+- the file is allocated ahead of the records, PREALLOCATE bytes at a time,
+  and synced with fdatasync (as etcd preallocates its WAL segments): an fsync
+  that also grows the file commits a metadata transaction in the
+  filesystem's journal every time, which on ext4 here made it take about
+  twice as long (~170 us against ~110 us) -- and a follower's fsync is on
+  every write's path. The space after the last record reads as zeros, which
+  the loader takes as the end of the log.
 
 File format (little-endian): records of
     u32 length-of-body | u32 crc32(body) | body = u64 index | u64 term | command
@@ -43,6 +50,13 @@ _HEADER = struct.Struct("<II")
 _ENTRY = struct.Struct("<QQ")
 _META = struct.Struct("<QQ")  # term, commit index; then votedFor as utf-8
 
+# Bytes allocated at a time ahead of the records (etcd's WAL segments: 64 MB).
+PREALLOCATE = 16 << 20
+
+# fdatasync where the platform has it: the data and what is needed to read
+# it back (the size), without the timestamps fsync would also write.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
 
 class DurableJournal(Journal):
     def __init__(self, path: str, *, fsync: bool = True) -> None:
@@ -56,7 +70,9 @@ class DurableJournal(Journal):
         self._entries: list[tuple[bytes, int, int]] = []
         self._offsets: list[int] = []  # file offset of each entry's record
         self._pending: list[bytes] = []
-        self._size = 0  # bytes of the file including pending ones
+        self._size = 0  # bytes of the records, including pending ones
+        self._written = 0  # bytes of the records written to the file
+        self._allocated = 0  # bytes the file is allocated (records, then zeros)
         self._durable_index = 0  # highest log index known to be on disk
         # Entries pysyncobj deleted from the tail but that are still in the
         # file: ((command, idx, term), offset, end offset). pysyncobj deletes
@@ -87,6 +103,7 @@ class DurableJournal(Journal):
     def _load(self) -> None:
         if not os.path.exists(self.path):
             with open(self.path, "wb") as f:
+                _preallocate(f.fileno(), PREALLOCATE)
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_parent(self.path)
@@ -102,15 +119,17 @@ class DurableJournal(Journal):
             self._entries.append((bytes(body[_ENTRY.size:]), idx, term))
             self._offsets.append(pos)
             pos += _HEADER.size + length
-        if pos != len(data):
+        self._fd = os.open(self.path, os.O_RDWR)
+        self._allocated = len(data)
+        torn = data[pos:].rstrip(b"\0")  # past the records: zeros, unless a write was torn
+        if torn:
             log.warning("Raft log %s: dropping %d bytes of incomplete tail after index %s", self.path,
-                        len(data) - pos, self._entries[-1][1] if self._entries else 0)
-            with open(self.path, "r+b") as f:
-                f.truncate(pos)
-                os.fsync(f.fileno())
-        self._size = pos
+                        len(torn), self._entries[-1][1] if self._entries else 0)
+            self._cut(pos)
+            os.fsync(self._fd)
+        del data, torn
+        self._size = self._written = pos
         self._durable_index = self._entries[-1][1] if self._entries else 0
-        self._file = open(self.path, "ab")
 
     # -- group commit --------------------------------------------------------
     def needs_sync(self) -> bool:
@@ -127,22 +146,32 @@ class DurableJournal(Journal):
             if self._detached:
                 # Deleted entries that were not re-added: gone for good.
                 self._detached.clear()
-                self._file.flush()
-                os.truncate(self.path, self._size - sum(len(r) for r in self._pending))
+                self._cut(self._size - sum(len(r) for r in self._pending))
                 if not self._pending:
-                    self._fsync(self._file.fileno())
+                    self._fsync(self._fd)
             if self._pending:
-                self._file.write(b"".join(self._pending))
+                data = b"".join(self._pending)
                 self._pending.clear()
-                self._file.flush()
-                self._fsync(self._file.fileno())
+                end = self._written + len(data)
+                if end > self._allocated:
+                    self._allocated = _preallocate(self._fd, end + PREALLOCATE)
+                _write_at(self._fd, data, self._written)
+                self._written = end
+                self._fsync(self._fd)
             self._durable_index = self._entries[-1][1] if self._entries else 0
+
+    def _cut(self, size: int) -> None:
+        """Drop the file's bytes from `size` on, keeping the space allocated
+        (it reads as zeros again, so nothing stale follows the records)."""
+        os.ftruncate(self._fd, size)
+        self._written = size
+        self._allocated = _preallocate(self._fd, max(self._allocated, size + PREALLOCATE))
 
     def _fsync(self, fd: int) -> None:
         if not self.fsync_enabled:
             return
         t0 = time.perf_counter()
-        os.fsync(fd)
+        _datasync(fd)
         elapsed = time.perf_counter() - t0
         self.fsync_seconds += elapsed
         self.fsync_count += 1
@@ -191,7 +220,7 @@ class DurableJournal(Journal):
         with self._lock:
             self._pending.clear()
             self._detached.clear()
-            self._file.close()
+            os.close(self._fd)
             tmp = self.path + ".tmp"
             offsets, pos = [], 0
             with open(tmp, "wb") as f:
@@ -202,15 +231,17 @@ class DurableJournal(Journal):
                     offsets.append(pos)
                     pos += len(record)
                 f.flush()
+                allocated = _preallocate(f.fileno(), pos + PREALLOCATE)
                 self._fsync(f.fileno())
             os.replace(tmp, self.path)
             if self.fsync_enabled:
                 _fsync_parent(self.path)
             self._entries = list(entries)
             self._offsets = offsets
-            self._size = pos
+            self._size = self._written = pos
+            self._allocated = allocated
             self._durable_index = entries[-1][1] if entries else 0
-            self._file = open(self.path, "ab")
+            self._fd = os.open(self.path, os.O_RDWR)
 
     def __getitem__(self, item: Any) -> Any:
         return self._entries[item]
@@ -225,7 +256,7 @@ class DurableJournal(Journal):
                 with self._lock:
                     self._store_meta()
         finally:
-            self._file.close()
+            os.close(self._fd)
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         if raftCommitIndex != self._commit:
@@ -267,6 +298,36 @@ class DurableJournal(Journal):
         if self.fsync_enabled:
             _fsync_parent(self.meta_path)
         self._meta_dirty = False
+
+
+def holds_entries(path: str) -> bool:
+    """Whether the journal file at `path` has a record (a member that has
+    run before), without loading it: a new one is empty or all zeros."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(_HEADER.size)
+    except FileNotFoundError:
+        return False
+    return len(header) == _HEADER.size and _HEADER.unpack(header)[0] > 0
+
+
+def _preallocate(fd: int, size: int) -> int:
+    """Allocate the file up to `size` bytes (zeros past its data); returns
+    the size it has. Where the filesystem cannot, the file just grows as
+    it is written."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except (AttributeError, OSError):
+        return os.fstat(fd).st_size
+    return max(size, os.fstat(fd).st_size)
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def _fsync_parent(path: str) -> None:

@@ -29,7 +29,7 @@ from metastore import errors
 from metastore.cluster import NOT_SUPPORTED_FOR_LEARNER, proposal_allowed_on_learner
 from metastore.fsutil import fsync_path
 from metastore.raft.applier import NOT_APPLIED, AppliedResult, Applier
-from metastore.raft.journal import DurableJournal
+from metastore.raft.journal import DurableJournal, holds_entries
 from metastore.raft.peer_wire import deflate_only_big_messages
 from metastore.raft.read_index import ReadDone, ReadIndex
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
@@ -504,8 +504,7 @@ class RaftNode(RaftStatusSource):
         state = self._load_role()
         if state is not None and state["role"] == "voter":
             return False, [p for p in state["peers"] if p != me]
-        fresh = (cfg.journal_file is None or not os.path.exists(cfg.journal_file)
-                 or os.path.getsize(cfg.journal_file) == 0)
+        fresh = cfg.journal_file is None or not holds_entries(cfg.journal_file)
         if state is None and not fresh:
             return False, list(cfg.partner_addresses)
         known = set(cfg.partner_addresses) | set(state["peers"] if state is not None else ())

@@ -7,6 +7,7 @@ acknowledgement a follower sends the leader is checked against its journal.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -15,7 +16,7 @@ import pytest
 import metastore.raft.node as raft_node
 from metastore.cluster import Membership
 from metastore.raft import RaftConfig, RaftNode
-from metastore.raft.journal import DurableJournal
+from metastore.raft.journal import PREALLOCATE, DurableJournal, holds_entries
 from metastore.testing import free_ports, wait_for
 
 
@@ -119,6 +120,42 @@ def test_journal_survives_reopen_and_cuts_a_torn_tail(tmp_path):
     assert j3.fsync_count == 0 and j3.durable_index == 5
 
 
+def records(path: str) -> bytes:
+    """The journal file's records: its bytes up to the preallocated zeros."""
+    with open(path, "rb") as f:
+        return f.read().rstrip(b"\0")
+
+
+def test_the_journal_is_preallocated_and_a_cut_leaves_nothing_stale(tmp_path, caplog):
+    """Records are written into space allocated ahead (zeros), which a reload
+    takes as the end of the log, silently. A cut tail must not come back:
+    a new record as long as the old one would otherwise be followed, on disk,
+    by the old records after it, intact."""
+    path = str(tmp_path / "raft.log")
+    j = DurableJournal(path)
+    assert os.path.getsize(path) >= PREALLOCATE and not holds_entries(path)
+    for i in range(1, 6):
+        j.add(b"cmd%d" % i, i, 1)
+    j.sync()
+    assert holds_entries(path) and os.path.getsize(path) >= PREALLOCATE
+    j.deleteEntriesFrom(2)          # drop indexes 3..5
+    j.add(b"new3", 3, 2)            # as long as cmd3's record
+    j.sync()
+    j._destroy()
+    with caplog.at_level(logging.WARNING, logger="metastore.raft.journal"):
+        reloaded = DurableJournal(path)
+    assert [(e[0], e[1], e[2]) for e in reloaded] == [(b"cmd1", 1, 1), (b"cmd2", 2, 1), (b"new3", 3, 2)]
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    # More than the allocation ahead: the file grows by another step.
+    big = b"x" * (PREALLOCATE // 4)
+    for i in range(4, 10):
+        reloaded.add(big, i, 2)
+    reloaded.sync()
+    reloaded._destroy()
+    assert [e[1] for e in DurableJournal(path)] == list(range(1, 10))
+    assert os.path.getsize(path) >= len(records(path)) + PREALLOCATE
+
+
 def test_identical_resent_entries_are_not_cut_from_disk(tmp_path):
     """pysyncobj deletes and re-adds entries a leader resends; identical ones
     must stay durable (no truncate, no re-write), diverging ones replace the tail."""
@@ -127,13 +164,13 @@ def test_identical_resent_entries_are_not_cut_from_disk(tmp_path):
     for i in range(1, 6):
         j.add(f"cmd{i}".encode(), i, 1)
     j.sync()
-    size, fsyncs = os.path.getsize(path), j.fsync_count
+    on_disk, fsyncs = records(path), j.fsync_count
     j.deleteEntriesFrom(2)          # drop indexes 3..5 ...
     for i in range(3, 6):           # ... and re-add them unchanged
         j.add(f"cmd{i}".encode(), i, 1)
-    assert os.path.getsize(path) == size and j.durable_index == 5
+    assert records(path) == on_disk and j.durable_index == 5
     j.sync()
-    assert os.path.getsize(path) == size and j.fsync_count == fsyncs
+    assert records(path) == on_disk and j.fsync_count == fsyncs
     j.deleteEntriesFrom(2)
     j.add(b"cmd3", 3, 1)
     j.add(b"other4", 4, 2)          # diverges: 4 and 5 are replaced
