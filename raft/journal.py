@@ -4,9 +4,13 @@ pysyncobj's own FileJournal writes into an mmap and never fsyncs, so an
 acknowledged write could vanish with a power cut. `DurableJournal` keeps the
 same interface (pysyncobj.journal.Journal) but:
 
-- appends go to an append-only file through a buffer, and `sync()` writes the
-  buffer and fsyncs once for everything appended since the last sync (group
+- appends are buffered in memory, and `sync()` writes them after the records
+  on disk and fsyncs once for everything appended since the last sync (group
   commit: one fsync per batch of entries, not per entry);
+- a write or fsync that fails leaves the journal failed: every later
+  `sync()` raises, so nothing appended after the failure is ever reported
+  durable (after a failed fsync the kernel may have dropped the pages, and
+  a second fsync can succeed without them: PostgreSQL's "fsyncgate");
 - the Raft adapter calls `sync()` before this member acknowledges entries to a
   leader and before the leader's own tick can count its entries toward commit
   (see raft/node.py), so an entry is committed only once a majority has it on
@@ -32,6 +36,7 @@ File format (little-endian): records of
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -82,6 +87,7 @@ class DurableJournal(Journal):
         # member already acknowledged). The file is cut only at the first
         # entry that really diverges, in the next sync.
         self._detached: list[tuple[tuple[bytes, int, int], int, int]] = []
+        self._failure: OSError | None = None  # the write or fsync that failed (see sync)
         self._term, self._commit, self._voted_for = self._load_meta()
         self._meta_dirty = False
         self._load()
@@ -101,6 +107,8 @@ class DurableJournal(Journal):
         return term, max(commit, 1), voted
 
     def _load(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path + ".tmp")  # a rewrite a crash interrupted: never in use
         if not os.path.exists(self.path):
             with open(self.path, "wb") as f:
                 _preallocate(f.fileno(), PREALLOCATE)
@@ -133,7 +141,7 @@ class DurableJournal(Journal):
 
     # -- group commit --------------------------------------------------------
     def needs_sync(self) -> bool:
-        return bool(self._pending) or bool(self._detached)
+        return bool(self._pending) or bool(self._detached) or self._failure is not None
 
     @property
     def durable_index(self) -> int:
@@ -141,24 +149,36 @@ class DurableJournal(Journal):
         return self._durable_index
 
     def sync(self) -> None:
-        """Write everything appended so far and fsync it, once."""
+        """Write everything appended so far and fsync it, once. Raises if
+        this or any earlier write or fsync failed (see the module docstring)."""
         with self._lock:
-            if self._detached:
-                # Deleted entries that were not re-added: gone for good.
-                self._detached.clear()
-                self._cut(self._size - sum(len(r) for r in self._pending))
-                if not self._pending:
-                    self._fsync(self._fd)
-            if self._pending:
-                data = b"".join(self._pending)
-                self._pending.clear()
-                end = self._written + len(data)
-                if end > self._allocated:
-                    self._allocated = _preallocate(self._fd, end + PREALLOCATE)
-                _write_at(self._fd, data, self._written)
-                self._written = end
-                self._fsync(self._fd)
+            if self._failure is not None:
+                raise OSError(f"Raft log {self.path} failed earlier: {self._failure}") from self._failure
+            try:
+                self._write_and_sync()
+            except OSError as exc:
+                self._failure = exc
+                log.critical("Raft log %s: write or fsync failed (%s); this member acknowledges no more "
+                             "entries until it is restarted", self.path, exc)
+                raise
             self._durable_index = self._entries[-1][1] if self._entries else 0
+
+    def _write_and_sync(self) -> None:
+        if self._detached:
+            # Deleted entries that were not re-added: gone for good.
+            self._detached.clear()
+            self._cut(self._size - sum(len(r) for r in self._pending))
+            if not self._pending:
+                self._fsync(self._fd)
+        if self._pending:
+            data = b"".join(self._pending)
+            end = self._written + len(data)
+            if end > self._allocated:
+                self._allocated = _preallocate(self._fd, end + PREALLOCATE)
+            _write_at(self._fd, data, self._written)
+            self._pending.clear()
+            self._written = end
+            self._fsync(self._fd)
 
     def _cut(self, size: int) -> None:
         """Drop the file's bytes from `size` on, keeping the space allocated
@@ -218,9 +238,8 @@ class DurableJournal(Journal):
     def _rewrite(self, entries: list[tuple[bytes, int, int]]) -> None:
         """Replace the file with exactly `entries`, atomically and durably."""
         with self._lock:
-            self._pending.clear()
-            self._detached.clear()
-            os.close(self._fd)
+            if self._failure is not None:
+                raise OSError(f"Raft log {self.path} failed earlier: {self._failure}") from self._failure
             tmp = self.path + ".tmp"
             offsets, pos = [], 0
             with open(tmp, "wb") as f:
@@ -234,14 +253,23 @@ class DurableJournal(Journal):
                 allocated = _preallocate(f.fileno(), pos + PREALLOCATE)
                 self._fsync(f.fileno())
             os.replace(tmp, self.path)
-            if self.fsync_enabled:
-                _fsync_parent(self.path)
+            try:
+                if self.fsync_enabled:
+                    _fsync_parent(self.path)
+                old_fd, self._fd = self._fd, os.open(self.path, os.O_RDWR)
+            except OSError as exc:  # the new file is in place, this journal no longer matches it
+                self._failure = exc
+                raise
+            os.close(old_fd)
+            # Only now: had the new file failed, the old one and what is
+            # pending still had to be written as they were.
+            self._pending.clear()
+            self._detached.clear()
             self._entries = list(entries)
             self._offsets = offsets
             self._size = self._written = pos
             self._allocated = allocated
             self._durable_index = entries[-1][1] if entries else 0
-            self._fd = os.open(self.path, os.O_RDWR)
 
     def __getitem__(self, item: Any) -> Any:
         return self._entries[item]
@@ -256,7 +284,9 @@ class DurableJournal(Journal):
                 with self._lock:
                     self._store_meta()
         finally:
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         if raftCommitIndex != self._commit:
@@ -313,13 +343,16 @@ def holds_entries(path: str) -> bool:
 
 def _preallocate(fd: int, size: int) -> int:
     """Allocate the file up to `size` bytes (zeros past its data); returns
-    the size it has. Where the filesystem cannot, the file just grows as
-    it is written."""
+    the size it has. Where the filesystem cannot (or the disk is full), the
+    file just grows as it is written."""
+    have = os.fstat(fd).st_size
+    if size <= have:
+        return have
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, have, size - have)
     except (AttributeError, OSError):
-        return os.fstat(fd).st_size
-    return max(size, os.fstat(fd).st_size)
+        return have
+    return size
 
 
 def _write_at(fd: int, data: bytes, offset: int) -> None:

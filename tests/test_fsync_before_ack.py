@@ -7,6 +7,7 @@ acknowledgement a follower sends the leader is checked against its journal.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -215,3 +216,30 @@ def test_acknowledgements_do_not_make_the_leader_resend(trio, monkeypatch):
     last = max(applied[nodes.index(leader)])
     wait_for(lambda: all(applied[i] and max(applied[i]) >= last for i in range(3)), 15, "every member to apply")
     assert cuts == [], f"followers cut their logs {len(cuts)} times: {cuts[:5]}"
+
+
+def test_a_failed_write_leaves_the_journal_failed(tmp_path, monkeypatch):
+    """After a write (or fsync) fails, nothing appended may ever be reported
+    durable: a retry could skip the lost records and write later ones in
+    their place, or fsync pages the kernel already dropped."""
+    path = str(tmp_path / "raft.log")
+    j = DurableJournal(path)
+    for i in (1, 2):
+        j.add(b"cmd%d" % i, i, 1)
+    j.sync()
+    for i in (3, 4):
+        j.add(b"cmd%d" % i, i, 1)
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", full)
+        with pytest.raises(OSError):
+            j.sync()
+    j.add(b"cmd5", 5, 1)
+    assert j.needs_sync()
+    with pytest.raises(OSError, match="failed earlier"):
+        j.sync()
+    assert j.durable_index == 2
+    assert [e[1] for e in DurableJournal(path)] == [1, 2]
