@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 from metastore import errors, liveness, scheduler
 from metastore.api.pb import raft_entry_pb2
 from metastore.errors import EtcdError
+from metastore.event_loop import wait_event
 from metastore.liveness import Liveness
 from metastore.scheduler import ClusterView, Move
 from metastore.workloads import ASSIGNED
@@ -58,10 +59,7 @@ class Coordinator:
     async def run(self) -> None:
         period = self.placement.cfg.period
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), period)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wake, period)
             self._wake.clear()
             if not self.node.raft.is_leader():
                 if self.active:

@@ -31,3 +31,19 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run(main), on the loop loop_factory() names."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set or `timeout` s have passed; True if it is set.
+
+    For loops that a stop cancels. asyncio.wait_for(event.wait(), timeout)
+    on Python 3.11 and older returns normally when the cancellation lands
+    just after the event was set (CPython gh-86296): the loop goes round
+    again and the task that stops it waits forever (an embedded member that
+    never stopped). Here a cancellation always ends the wait."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return event.is_set()

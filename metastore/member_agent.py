@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from metastore import liveness, workloads
 from metastore.api.pb import raft_entry_pb2, rpc_pb2
 from metastore.errors import EtcdError
+from metastore.event_loop import wait_event
 from metastore.workloads import ASSIGNED, RUNNING, Workload
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,10 +127,7 @@ class MemberAgent:
     async def _follow_assignments(self) -> None:
         period = self.placement.cfg.period
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), period * 5)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wake, period * 5)
             self._wake.clear()
             try:
                 self._reconcile()
