@@ -357,12 +357,12 @@ class Member:
             except RuntimeError:  # the set changed while being read
                 tasks = []
             for task in tasks:
-                stack = task.get_stack(limit=8)
-                if any(f.f_code.co_filename.endswith(".pyx.pxi") for f in stack):
+                frames = _awaiting(task.get_coro())
+                if not frames or any(f.f_code.co_filename.endswith(".pyx.pxi") for f in frames):
                     continue  # grpc's own waits for the next call
-                lines.append(f"task {task.get_name()}: " + " <- ".join(
+                lines.append(f"task {task.get_name()}: " + " -> ".join(
                     f"{f.f_code.co_name} ({os.path.basename(f.f_code.co_filename)}:{f.f_lineno})"
-                    for f in reversed(stack)) + "\n")
+                    for f in frames) + "\n")
         return "".join(lines)
 
     def _wake(self) -> None:
@@ -422,6 +422,20 @@ class Member:
         finally:
             await server.stop(self._grace)
             log.info("member %s stopped", self.name)
+
+
+def _awaiting(coro: Any, depth: int = 24) -> list[Any]:
+    """The frames of a suspended coroutine and of what it awaits, outermost
+    first (a task's own stack stops at its outermost coroutine, which hides
+    where it waits)."""
+    frames = []
+    while coro is not None and depth > 0:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        depth -= 1
+    return frames
 
 
 def start(config: ServerConfig | None = None, /, *, wait: bool = True, timeout: float = DEFAULT_READY_TIMEOUT,

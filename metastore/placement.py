@@ -106,11 +106,13 @@ class Placement:
 
     async def stop(self, end_session: bool = False) -> None:
         for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             # Cancelled again until it ends: a cancellation can be lost in a
             # wait (see metastore.event_loop.wait_event).
             while not task.done():
-                task.cancel()
                 await asyncio.wait({task}, timeout=0.5)
+                task.cancel()
             if not task.cancelled() and task.exception() is not None:
                 log.error("placement task %s failed", task.get_name(), exc_info=task.exception())
         self._tasks = []
