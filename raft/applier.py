@@ -88,6 +88,12 @@ class Applier:
     def enqueue(self, payload: bytes, index: int) -> AppliedResult:
         result = AppliedResult()
         with self._cond:
+            if not self._backlog:
+                # Nothing queued: every entry before this one is applied, by
+                # this thread or by pysyncobj itself (a leader's no-op, a
+                # configuration change). Without this a member whose first
+                # entries since its start are still queued reported 0 applied.
+                self._last_index = max(self._last_index, index - 1)
             self._queue.append((index, payload, result))
             self._backlog += 1
             self._cond.notify()
@@ -117,7 +123,8 @@ class Applier:
 
     @property
     def last_index(self) -> int:
-        """Raft index of the last entry applied (0: none since the start)."""
+        """Raft index of the last entry applied: by this thread, or by
+        pysyncobj before the entries queued now (0: none since the start)."""
         return self._last_index
 
     @property

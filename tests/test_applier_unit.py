@@ -63,3 +63,30 @@ def test_long_applies_are_reported_and_stop_answers_what_it_drops():
     dropped.when_applied(answers.append)
     assert answers == [1, NOT_APPLIED]
     assert len(long_applies) == 1 and long_applies[0] >= 0.15
+
+
+def test_applied_index_counts_what_came_before_the_queue():
+    """Entries pysyncobj applies itself (a leader's no-op, configuration
+    changes) never reach the applier; while the first entries it does get
+    are still queued, what came before them counts as applied (etcdctl
+    endpoint status showed raftAppliedIndex 0 on a member just started)."""
+    gate = threading.Event()
+
+    def apply(payload: bytes, index: int) -> str:
+        assert gate.wait(10)
+        return "ok"
+
+    applier = Applier(apply, lambda seconds: None)
+    try:
+        applier.enqueue(b"x", 10)
+        applier.enqueue(b"x", 11)
+        assert applier.backlog == 2 and applier.last_index == 9
+        gate.set()
+        applier.drain()
+        assert applier.last_index == 11
+        applier.enqueue(b"x", 15)  # 12-14 applied by pysyncobj meanwhile
+        applier.drain()
+        assert applier.last_index == 15
+    finally:
+        gate.set()
+        applier.stop()
