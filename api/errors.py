@@ -1,9 +1,9 @@
 """Turning metastore's errors into what a gRPC client sees."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import contextlib
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
@@ -15,9 +15,25 @@ log = logging.getLogger("metastore.api")
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 S = TypeVar("S", bound=Callable[..., AsyncIterator[Any]])
+Mapping = Callable[[EtcdError], EtcdError]
 
 
-def etcd_errors(handler: H) -> H:
+def _unchanged(err: EtcdError) -> EtcdError:
+    return err
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, name: str, mapped: Mapping) -> None:
+    """End the call for `exc`: etcd's code and message for an EtcdError
+    (`mapped` first); anything else is a bug, logged and reported as INTERNAL."""
+    if isinstance(exc, EtcdError):
+        err = mapped(exc)
+        await context.abort(err.code, err.message)
+    else:  # a bug: say so, keep serving
+        log.error("%s failed", name, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"etcdserver: internal error: {exc}")
+
+
+def etcd_errors(handler: H, mapped: Mapping = _unchanged) -> H:
     """Decorate a unary handler: an EtcdError becomes etcd's (code, message);
     anything else is logged and reported as INTERNAL, and the server keeps serving."""
 
@@ -25,21 +41,17 @@ def etcd_errors(handler: H) -> H:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await handler(self, request, context)
-        except EtcdError as err:
-            await context.abort(err.code, err.message)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
-        except Exception as exc:  # a bug: say so, keep serving
-            log.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"etcdserver: internal error: {exc}")
+        except Exception as exc:
+            await _abort(context, exc, handler.__name__, mapped)
 
     return wrapper  # type: ignore[return-value]
 
 
-def etcd_stream_errors(handler: S, mapped: Callable[[EtcdError], EtcdError] = lambda err: err) -> S:
-    """etcd_errors for a handler that streams its answers: an EtcdError
-    (`mapped` first) ends the stream with etcd's code and message; anything
-    else is logged and ends it as INTERNAL; the server keeps serving."""
+def etcd_stream_errors(handler: S, mapped: Mapping = _unchanged) -> S:
+    """etcd_errors for a handler that streams its answers: the error ends
+    the stream."""
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -47,14 +59,10 @@ def etcd_stream_errors(handler: S, mapped: Callable[[EtcdError], EtcdError] = la
             async with contextlib.aclosing(handler(self, request, context)) as responses:
                 async for resp in responses:
                     yield resp
-        except EtcdError as err:
-            err = mapped(err)
-            await context.abort(err.code, err.message)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
-        except Exception as exc:  # a bug: say so, keep serving
-            log.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"etcdserver: internal error: {exc}")
+        except Exception as exc:
+            await _abort(context, exc, handler.__name__, mapped)
 
     return wrapper  # type: ignore[return-value]
 
@@ -73,15 +81,7 @@ def flatten_code(err: EtcdError) -> EtcdError:
 
 def recipe_errors(handler: H) -> H:
     """etcd_errors for the lock and election services' unary calls (see flatten_code)."""
-
-    @functools.wraps(handler)
-    async def flattened(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await handler(self, request, context)
-        except EtcdError as err:
-            raise flatten_code(err) from None
-
-    return etcd_errors(flattened)  # type: ignore[return-value]
+    return etcd_errors(handler, flatten_code)
 
 
 def recipe_stream_errors(handler: S) -> S:
