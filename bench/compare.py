@@ -8,7 +8,7 @@
 For each metastore engine it starts a fresh 3-member cluster on loopback
 (metastore.testing.LocalCluster, durable: fsync on), and, when Debian's
 `etcd` binary (package etcd-server) is installed, a fresh 3-member etcd
-cluster the same way (bench/etcd_cluster.py); without it the etcd columns
+cluster the same way (metastore/testing_etcd.py); without it the etcd columns
 are left out. Against each it runs, in order:
 
   0. idle: no client for a few seconds (the servers' own CPU floor)
@@ -41,8 +41,8 @@ from typing import Awaitable, Callable, Iterator
 
 import put_bench
 import workloads
-from etcd_cluster import EtcdCluster, etcd_binary, etcd_version
 from metastore.testing import LocalCluster
+from metastore.testing_etcd import EtcdCluster, etcd_binary, etcd_version
 
 ENGINES = ("memory", "rocksdb")
 PERF_LOADS = ("s", "m", "l", "xl")

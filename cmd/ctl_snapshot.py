@@ -135,9 +135,10 @@ def snapshot_save(path: str) -> None:
             raise
     if s.write_out == "json":
         # From the file's own header: the stream's chunks carry none (etcd 3.4's do not either).
-        with open(target, "rb") as f:
-            header = dbsnapshot.read_header(f, target)
-        print_json({"path": path, "endpoint": ep.shown, "member_id": int(header["member_id"], 16),
+        header = dbsnapshot.header(target)
+        # An etcd member's snapshot does not say which member took it.
+        member = {"member_id": int(header["member_id"], 16)} if "member_id" in header else {}
+        print_json({"path": path, "endpoint": ep.shown, **member,
                     "revision": header["revision"], "size": size, "sha256": trailer.tail.hex()})
     else:
         out(f"Snapshot saved at {path}\n")

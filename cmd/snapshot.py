@@ -27,8 +27,8 @@ def _urls(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
 def snapshot() -> None:
     """Restore snapshots taken with `etcdctl snapshot save`.
 
-    The saved file is metastore's own format (not etcd's bbolt database), so
-    `etcdctl snapshot status` cannot read it; `metastore snapshot restore` can.
+    A snapshot saved from metastore is an etcd database (etcd's tools read it
+    too); one saved from etcd restores into metastore.
     """
 
 
@@ -45,9 +45,12 @@ def snapshot() -> None:
               help="Peer URL of the member being restored.")
 @click.option("--engine", type=click.Choice(list(ENGINES)), default="memory", show_default=True,
               help="Storage engine the member will run (`metastore serve --engine`).")
+@click.option("--skip-hash-check", is_flag=True,
+              help="Accept a database without the sha256 `snapshot save` appends (e.g. etcd's member/snap/db).")
 def restore(file: str, data_dir: str, name: str, initial_cluster: str, initial_cluster_token: str,
-            initial_advertise_peer_urls: list[str], engine: str) -> None:
-    """Create a member's data dir for a new cluster from snapshot FILE.
+            initial_advertise_peer_urls: list[str], engine: str, skip_hash_check: bool) -> None:
+    """Create a member's data dir for a new cluster from snapshot FILE,
+    saved from metastore or from etcd 3.4/3.5.
 
     The file's sha256 is checked first; a damaged or foreign file is refused
     and nothing is written. The target data dir must not exist or be empty.
@@ -58,7 +61,7 @@ def restore(file: str, data_dir: str, name: str, initial_cluster: str, initial_c
                        initial_cluster_token=initial_cluster_token,
                        initial_advertise_peer_urls=initial_advertise_peer_urls, engine=engine)
     try:
-        header = dbsnapshot.restore(file, cfg)
+        header = dbsnapshot.restore(file, cfg, skip_hash_check)
     except dbsnapshot.SnapshotError as exc:
         click.echo(f"metastore: snapshot restore failed: {exc}", err=True)
         sys.exit(1)

@@ -1,28 +1,25 @@
 """Client snapshots: what `etcdctl snapshot save` receives, and restoring one.
 
-`Maintenance.Snapshot` streams a consistent copy of one member's store.
-etcdctl 3.4 saves whatever bytes arrive but accepts the stream only if its
-length is a multiple of 512 plus 32 (etcd sends a bbolt file, whose size is a
-multiple of its page size, followed by the sha256 of that file; etcdctl's
-`hasChecksum` checks exactly `size % 512 == 32`). metastore's store is not a
-bbolt file, so the payload is metastore's own format, shaped the same way:
+`Maintenance.Snapshot` streams a consistent copy of one member's store as
+etcd does: a bbolt database in etcd's schema (metastore.etcd_snapshot, written
+by metastore.bbolt), followed by the sha256 of that database (32 bytes).
+etcdctl 3.4 accepts a stream whose length is a multiple of 512 plus 32 (its
+`hasChecksum` check); a bbolt file is whole pages of 4096 bytes. So etcd's
+tools take a metastore snapshot for one of etcd's: `etcdctl snapshot status`
+reads its hash, revision and key count, `etcdctl snapshot restore` makes an
+etcd member of it.
 
-    MAGIC | u32 header length | JSON header
-    | rows: (u8 table | u32 key length | u32 value length | key | value)* | 0xFF
-    | zero padding up to a multiple of 512
-    | sha256 of everything before it (32 bytes)
-
-(lengths little-endian; tables numbered as in `metastore.backend.TABLES`,
-like `metastore.snapshot`'s row format). Every backend row is included --
-keys, history, leases, alarms, revision and compaction marks -- so a store
-rebuilt from it answers every read the source member answered at that point.
-`etcdctl snapshot status` opens the file as a bbolt database and therefore
-fails on it; `metastore snapshot restore` is the tool that reads it.
-
-`restore` builds a fresh data dir from such a file, as `etcdctl snapshot
-restore` does for etcd: the keys, their revisions and history are kept, the
-cluster is new (its identity comes from the restore flags) and its Raft log
-starts empty.
+`restore` builds a fresh metastore data dir from a snapshot, as `etcdctl
+snapshot restore` does for etcd: the keys, their revisions and history are
+kept, the cluster is new (its identity comes from the restore flags) and its
+Raft log starts empty. It reads:
+- snapshots saved from metastore (everything metastore keeps comes back:
+  leases, liveness, drain, alarms, compaction marks);
+- snapshots saved from etcd 3.4 or 3.5 (keys, history, leases and
+  compaction marks; etcd's members, alarms and auth are not carried over);
+- snapshots saved from metastore before it wrote etcd's format: its own
+  row format, shaped the same way (MAGIC | u32 header length | JSON header |
+  rows (metastore.rows) | zero padding to a multiple of 512 | sha256).
 """
 from __future__ import annotations
 
@@ -35,16 +32,17 @@ import struct
 import tempfile
 import time
 from types import SimpleNamespace
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Iterator
 
+from metastore import bbolt, etcd_snapshot
 from metastore import snapshot as raft_snapshot
 from metastore.cluster import Membership
 from metastore.config import ConfigError, ServerConfig
 from metastore.fsutil import fsync_path, fsync_tree
 from metastore.mvcc_layout import META_APPLIED, META_REVISION, unpack_u64
-from metastore.rows import Row, RowFormatError, check_rows, read_rows as read_row_stream, write_rows
+from metastore.rows import Row, RowFormatError, check_rows, read_rows as read_row_stream
 
-MAGIC = b"METASTORE-DB-SNAPSHOT-1\n"
+MAGIC = b"METASTORE-DB-SNAPSHOT-1\n"  # the row format, read only
 FORMAT_VERSION = 1
 BLOCK = 512
 SHA_SIZE = hashlib.sha256().digest_size  # 32
@@ -53,104 +51,115 @@ _LEN = struct.Struct("<I")
 _READ_CHUNK = 1 << 20
 
 
-
 class SnapshotError(Exception):
     """A snapshot file that cannot be restored; the message says why."""
 
 
 # -- writing ---------------------------------------------------------------------
-class _HashingWriter:
-    """Writes to a file while hashing and counting what was written."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self._f.write(data)
-        self.sha.update(data)
-        self.size += len(data)
+def write(path: str, header: dict, src: etcd_snapshot.RowSource) -> int:
+    """Write a snapshot of the rows `src` holds to `path`: an etcd database
+    and its sha256. Returns the file's size (a multiple of 4096, plus 32)."""
+    size = bbolt.write(path, etcd_snapshot.buckets(src, header))
+    sha = hashlib.sha256()
+    with open(path, "r+b") as f:
+        while chunk := f.read(_READ_CHUNK):
+            sha.update(chunk)
+        f.write(sha.digest())
+    return size + SHA_SIZE
 
 
-def write(path: str, header: dict, rows: Iterable[Row]) -> int:
-    """Write a snapshot of `rows` to `path`; returns its size in bytes
-    (a multiple of 512, plus the 32-byte sha256)."""
-    head = json.dumps(dict(header, format_version=FORMAT_VERSION), sort_keys=True).encode()
-    with open(path, "wb") as f:
-        w = _HashingWriter(f)
-        w.write(MAGIC)
-        w.write(_LEN.pack(len(head)))
-        w.write(head)
-        write_rows(w.write, rows)
-        pad = -w.size % BLOCK
-        if pad:
-            w.write(bytes(pad))
-        f.write(w.sha.digest())
-        return w.size + SHA_SIZE
-
-
-def revision_of(rows: Iterable[Row]) -> int:
-    """The store revision recorded in a copy's rows (1 for an empty store)."""
-    for table, key, value in rows:
-        if table == "meta" and key == META_REVISION:
-            return unpack_u64(value, 1)
-    return 1
+def revision_of(src: etcd_snapshot.RowSource) -> int:
+    """The store revision `src` holds (1 for an empty store)."""
+    return unpack_u64(src.get("meta", META_REVISION), 1)
 
 
 # -- reading ---------------------------------------------------------------------
-def verify(path: str) -> dict:
-    """Check that `path` is an intact metastore snapshot and return its
-    header. Raises SnapshotError, with a message a person can act on, for a
-    damaged file (sha256 mismatch) or a file that is not one (an etcd bbolt
-    snapshot, anything else)."""
+def _check_sha(path: str, f: BinaryIO, size: int) -> None:
+    sha = hashlib.sha256()
+    left = size - SHA_SIZE
+    while left:
+        chunk = f.read(min(left, _READ_CHUNK))
+        if not chunk:
+            raise SnapshotError(f"{path} was truncated while being read")
+        sha.update(chunk)
+        left -= len(chunk)
+    expected = f.read(SHA_SIZE)
+    if sha.digest() != expected:
+        raise SnapshotError(
+            f"{path} is damaged: sha256 checksum mismatch (the file says {expected.hex()}, its "
+            f"content hashes to {sha.hexdigest()}); nothing was restored")
+
+
+def verify(path: str, skip_hash_check: bool = False) -> dict:
+    """Check that `path` is an intact snapshot and return its header (for
+    an etcd snapshot, one made up from the file: its revision). Raises
+    SnapshotError, with a message a person can act on, for a damaged file
+    (sha256 mismatch, broken pages) or a file that is not one.
+
+    `skip_hash_check` (etcdctl's flag of that name) accepts a database
+    without the sha256 after it, such as etcd's `member/snap/db` copied
+    from a data dir."""
     try:
         size = os.path.getsize(path)
         f = open(path, "rb")
     except OSError as exc:
         raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror or exc}") from None
     with f:
-        if size < BLOCK + SHA_SIZE or size % BLOCK != SHA_SIZE:
+        has_sha = size % BLOCK == SHA_SIZE and size > SHA_SIZE
+        if not has_sha and not skip_hash_check:
             raise SnapshotError(
-                f"{path} is not a snapshot saved by `etcdctl snapshot save` from metastore: its size "
-                f"({size} bytes) is not a multiple of {BLOCK} followed by a {SHA_SIZE}-byte sha256")
-        sha = hashlib.sha256()
-        left = size - SHA_SIZE
-        while left:
-            chunk = f.read(min(left, _READ_CHUNK))
-            if not chunk:
-                raise SnapshotError(f"{path} was truncated while being read")
-            sha.update(chunk)
-            left -= len(chunk)
-        expected = f.read(SHA_SIZE)
-        if sha.digest() != expected:
-            raise SnapshotError(
-                f"{path} is damaged: sha256 checksum mismatch (the file says {expected.hex()}, its "
-                f"content hashes to {sha.hexdigest()}); nothing was restored")
+                f"{path} is not a snapshot saved by `etcdctl snapshot save`: its size ({size} bytes) is not "
+                f"a multiple of {BLOCK} followed by a {SHA_SIZE}-byte sha256 (a database copied from a data "
+                f"dir has none: pass --skip-hash-check)")
+        if has_sha and not skip_hash_check:
+            _check_sha(path, f, size)
         f.seek(0)
-        header = read_header(f, path)
-        if header.get("format_version") != FORMAT_VERSION:
-            raise SnapshotError(f"{path}: snapshot format version {header.get('format_version')!r} is not "
-                                f"supported by this build (it reads version {FORMAT_VERSION})")
-        # Walk the rows by their lengths (no data kept) to the end mark, so a
-        # well-hashed but malformed body is refused before anything is written.
-        body_end = size - SHA_SIZE
-        try:
-            check_rows(f, body_end)
-        except RowFormatError as exc:
-            raise SnapshotError(f"{path}: {exc}") from None
-        if f.tell() > body_end or any(f.read(body_end - f.tell())):
-            raise SnapshotError(f"{path}: unexpected bytes after the rows")
-        return header
+        if f.read(len(MAGIC)) == MAGIC:
+            return _verify_rows(path, f, size)
+    if not bbolt.is_bbolt(path):
+        raise SnapshotError(f"{path} has a valid checksum but is not a snapshot (neither an etcd database "
+                            f"nor metastore's own format)" if has_sha and not skip_hash_check
+                            else f"{path} is not a snapshot (neither an etcd database nor metastore's own format)")
+    try:
+        with bbolt.Reader(path, size - SHA_SIZE if has_sha else size) as db:
+            header = etcd_snapshot.header_of(db.items) or {"source": "etcd"}
+            header["revision"] = etcd_snapshot.revision_of(db.items)
+            # Every page and every row once, nothing kept: a database that
+            # is damaged or does not convert is refused before anything is
+            # written.
+            for name in db.buckets():
+                for _item in db.items(name):
+                    pass
+            for _row in etcd_snapshot.rows(db.items):
+                pass
+    except (bbolt.BoltError, etcd_snapshot.SchemaError) as exc:
+        raise SnapshotError(f"{path}: {exc}") from None
+    return header
+
+
+def _verify_rows(path: str, f: BinaryIO, size: int) -> dict:
+    """The rest of verify() for a file in metastore's old row format."""
+    f.seek(0)
+    header = read_header(f, path)
+    if header.get("format_version") != FORMAT_VERSION:
+        raise SnapshotError(f"{path}: snapshot format version {header.get('format_version')!r} is not "
+                            f"supported by this build (it reads version {FORMAT_VERSION})")
+    # Walk the rows by their lengths (no data kept) to the end mark, so a
+    # well-hashed but malformed body is refused before anything is written.
+    body_end = size - SHA_SIZE
+    try:
+        check_rows(f, body_end)
+    except RowFormatError as exc:
+        raise SnapshotError(f"{path}: {exc}") from None
+    if f.tell() > body_end or any(f.read(body_end - f.tell())):
+        raise SnapshotError(f"{path}: unexpected bytes after the rows")
+    return header
 
 
 def read_header(f: BinaryIO, path: str) -> dict:
-    """The header at the start of snapshot file `f` (only the header is read;
-    `verify` checks the whole file)."""
+    """The header at the start of an old-format snapshot file `f`."""
     if f.read(len(MAGIC)) != MAGIC:
-        raise SnapshotError(
-            f"{path} has a valid checksum but is not a metastore snapshot (an etcd snapshot is a "
-            f"bbolt database: restore it with etcd's own tools)")
+        raise SnapshotError(f"{path} is not a metastore snapshot in the row format")
     try:
         (length,) = _LEN.unpack(f.read(_LEN.size))
         return json.loads(f.read(length))
@@ -158,13 +167,35 @@ def read_header(f: BinaryIO, path: str) -> dict:
         raise SnapshotError(f"{path}: unreadable snapshot header ({exc})") from None
 
 
+def header(path: str) -> dict:
+    """A saved snapshot's header, read without checking the whole file:
+    who took it and at which revision (an etcd snapshot has only its
+    revision)."""
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) == MAGIC:
+            f.seek(0)
+            return read_header(f, path)
+    size = os.path.getsize(path)
+    try:
+        with bbolt.Reader(path, size - SHA_SIZE if size % BLOCK == SHA_SIZE else size) as db:
+            found = etcd_snapshot.header_of(db.items) or {"source": "etcd"}
+            found["revision"] = etcd_snapshot.revision_of(db.items)
+            return found
+    except (bbolt.BoltError, etcd_snapshot.SchemaError) as exc:
+        raise SnapshotError(f"{path}: {exc}") from None
+
+
 def read_rows(path: str) -> Iterator[Row]:
     """The rows of a snapshot `verify` accepted, streamed from the file."""
     with open(path, "rb") as f:
-        f.seek(len(MAGIC))
-        (length,) = _LEN.unpack(f.read(_LEN.size))
-        f.seek(length, os.SEEK_CUR)
-        yield from read_row_stream(f)
+        if f.read(len(MAGIC)) == MAGIC:
+            (length,) = _LEN.unpack(f.read(_LEN.size))
+            f.seek(length, os.SEEK_CUR)
+            yield from read_row_stream(f)
+            return
+    size = os.path.getsize(path)
+    with bbolt.Reader(path, size - SHA_SIZE if size % BLOCK == SHA_SIZE else size) as db:
+        yield from etcd_snapshot.rows(db.items)
 
 
 # -- restore ---------------------------------------------------------------------
@@ -182,7 +213,7 @@ def _initial_raft_data(membership: Membership) -> tuple:
     return ((noop, 2, 0), (noop, 1, 0), nodes)
 
 
-def restore(path: str, cfg: ServerConfig) -> dict:
+def restore(path: str, cfg: ServerConfig, skip_hash_check: bool = False) -> dict:
     """Build `cfg.data_dir` from the snapshot at `path` for a new cluster
     (`cfg`: name, initial cluster, token, advertised peer URLs, engine), from
     which `metastore serve` with the same flags starts holding the snapshot's
@@ -208,7 +239,7 @@ def restore(path: str, cfg: ServerConfig) -> dict:
         cfg = cfg.resolved()
     except ConfigError as exc:
         raise SnapshotError(str(exc)) from None
-    header = verify(path)
+    header = verify(path, skip_hash_check)
     target = os.path.abspath(cfg.data_dir)
     if os.path.lexists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise SnapshotError(f"data dir {cfg.data_dir} already exists and is not empty; restore into a new "
@@ -246,6 +277,8 @@ def restore(path: str, cfg: ServerConfig) -> dict:
 
 def describe(header: dict) -> str:
     """One line about a snapshot, for the restore command's output."""
+    if "member_id" not in header:
+        return f"revision {header.get('revision', '?')}, saved from etcd"
     when = header.get("created")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when)) + " UTC" if when else "unknown time"
     return (f"revision {header.get('revision', '?')}, taken from member {header.get('member_id', '?')} "

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from grpc import StatusCode
 
-from metastore import alarms, dbsnapshot, errors
+from metastore import alarms, dbsnapshot, errors, etcd_snapshot
 from metastore.api.pb import raft_entry_pb2, rpc_pb2
 from metastore.mvcc_layout import META_APPLIED
 
@@ -200,9 +200,9 @@ class Maintenance:
 
     # -- snapshot ---------------------------------------------------------------------
     async def snapshot(self) -> AsyncIterator[rpc_pb2.SnapshotResponse]:
-        """etcd's Snapshot stream: a consistent copy of this member's store in
-        `metastore.dbsnapshot`'s format, then its sha256 as the last message
-        (remaining_bytes counts the data still to come, as etcd's does).
+        """etcd's Snapshot stream: a consistent copy of this member's store as
+        a bbolt database in etcd's schema (`metastore.dbsnapshot`), then its
+        sha256 as the last message (remaining_bytes counts the data still to come, as etcd's does).
         The copy is taken and written to a scratch file off the event loop;
         the scratch is removed when the stream ends, however it ends."""
         node = self._node
@@ -236,20 +236,18 @@ class Maintenance:
         path = os.path.join(staging, "snapshot.db")
         if rows is not None:
             try:
-                header["revision"] = dbsnapshot.revision_of(rows)
-                return path, dbsnapshot.write(path, header, rows)
+                src = rows if hasattr(rows, "get") else etcd_snapshot.RowsView(rows)
+                header["revision"] = dbsnapshot.revision_of(src)
+                return path, dbsnapshot.write(path, header, src)
             finally:
                 close = getattr(rows, "close", None)
                 if close is not None:
                     close()  # the memory engine keeps old rows until then
-        from metastore.backend import TABLES
         from metastore.engines.rocksdb import RocksDBBackend
 
         backend = RocksDBBackend(checkpoint_dir)
         try:
-            header["revision"] = dbsnapshot.revision_of(
-                (("meta", k, v) for k, v in backend.scan("meta", b"", None)))
-            items = ((table, k, v) for table in TABLES for k, v in backend.scan(table, b"", None))
-            return path, dbsnapshot.write(path, header, items)
+            header["revision"] = dbsnapshot.revision_of(backend)
+            return path, dbsnapshot.write(path, header, backend)
         finally:
             backend.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import http.client
 import json
 import socket
@@ -15,6 +16,7 @@ import time
 
 import pytest
 
+from metastore import bbolt
 from metastore.api.http import HTTPServer, Router, StreamResponse
 from metastore.api.pb import rpc_pb2
 from metastore.embed import free_ports
@@ -150,7 +152,7 @@ def test_watch_streams_result_lines_and_lease_keepalive_answers(gateway):
     conn.close()
 
 
-def test_snapshot_streams_the_file_grpc_would(gateway):
+def test_snapshot_streams_the_file_grpc_would(gateway, tmp_path):
     cluster, port = gateway
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("POST", "/v3/maintenance/snapshot", b"{}")
@@ -160,9 +162,14 @@ def test_snapshot_streams_the_file_grpc_would(gateway):
     assert "remaining_bytes" not in chunks[-1]  # 0 on the last chunk: left out
     grpc_blob = b"".join(r.blob for r in cluster.members[0].maintenance().Snapshot(
         rpc_pb2.SnapshotRequest(), timeout=30))
-    # Same format (its first line names it); the bytes differ by when each was taken.
-    assert blob.split(b"\n", 1)[0] == grpc_blob.split(b"\n", 1)[0] == b"METASTORE-DB-SNAPSHOT-1"
-    assert abs(len(blob) - len(grpc_blob)) < 64
+    # Both are etcd databases followed by their sha256; the bytes differ by
+    # when each was taken (the header's time).
+    for data in (blob, grpc_blob):
+        assert hashlib.sha256(data[:-32]).digest() == data[-32:]
+        path = tmp_path / "snapshot.db"
+        path.write_bytes(data)
+        assert bbolt.is_bbolt(str(path))
+    assert abs(len(blob) - len(grpc_blob)) <= 4096  # a page at most
 
 
 def test_lock_and_election_through_the_gateway(gateway):

@@ -1,16 +1,23 @@
 """`etcdctl snapshot save` against metastore, and `metastore snapshot restore`
-into a new cluster on either engine: same keys, same revisions, new cluster."""
+into a new cluster on either engine: same keys, same revisions, new cluster.
+The file is an etcd database: etcd's tools read and restore it, and
+metastore restores what etcd saved (both with the real etcd 3.4)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import grpc
 import pytest
 
-from metastore.api.pb import rpc_pb2
+from metastore import bbolt
+from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
 from metastore.testing import LocalCluster, wait_for
+from metastore.testing_etcd import EtcdCluster
 from store_engines import ENGINES
 
 pytestmark = pytest.mark.usefixtures("etcdctl_installed")
@@ -71,8 +78,7 @@ def saved(request, tmp_path_factory):
 def test_saved_file_has_etcds_shape(saved):
     size = os.path.getsize(saved["path"])
     assert size % 512 == 32, "etcdctl requires a multiple of 512 plus a sha256"
-    with open(saved["path"], "rb") as f:
-        assert f.read(10) == b"METASTORE-"
+    assert bbolt.is_bbolt(saved["path"])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -153,10 +159,135 @@ def test_damaged_or_foreign_files_are_refused(saved, tmp_path):
     assert os.listdir(m.data_dir) == ["keep"]
 
 
-def test_snapshot_status_cannot_read_it(saved):
-    """Documented limitation: `etcdctl snapshot status` opens the file as a
-    bbolt database, which a metastore snapshot is not; it must fail rather
-    than report something made up."""
-    proc = subprocess.run(["etcdctl", "snapshot", "status", saved["path"]], capture_output=True, text=True,
-                          timeout=30, env=dict(os.environ, ETCDCTL_API="3"))
-    assert proc.returncode != 0
+def etcdctl_offline(*args: str) -> subprocess.CompletedProcess:
+    """etcdctl's commands that work on files, not on a cluster."""
+    return subprocess.run(["etcdctl", *args], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, ETCDCTL_API="3"))
+
+
+def test_etcdctl_snapshot_status_reads_it(saved):
+    proc = etcdctl_offline("snapshot", "status", saved["path"], "-w", "json")
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["revision"] == saved["current"].header.revision
+    assert status["totalSize"] == os.path.getsize(saved["path"]) - 32
+    assert status["totalKey"] > len(saved["current"].kvs)  # history, leases, meta rows too
+
+
+def test_etcd_restores_it(saved, etcd_installed, tmp_path):
+    """`etcdctl snapshot restore` of a metastore snapshot makes an etcd member
+    that holds the same keys at the same revisions, with their history
+    above the compaction, the lease, and the revision counting on."""
+    with EtcdCluster(1, exe=etcd_installed, base_dir=str(tmp_path)) as etcd:
+        m = etcd.members[0]
+        etcd.stop()
+        shutil.rmtree(m.data_dir)
+        proc = etcdctl_offline("snapshot", "restore", saved["path"], "--data-dir", m.data_dir, "--name", m.name,
+                               "--initial-cluster", f"{m.name}={m.peer_url}",
+                               "--initial-cluster-token", etcd.token, "--initial-advertise-peer-urls", m.peer_url)
+        assert proc.returncode == 0, proc.stderr
+        etcd.start()
+        with grpc.insecure_channel(m.endpoint) as ch:
+            kv = rpc_pb2_grpc.KVStub(ch)
+            resp = kv.Range(ALL, timeout=5)
+            assert kv_tuples(resp) == kv_tuples(saved["current"])
+            assert resp.header.revision == saved["current"].header.revision
+            old = kv.Range(rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0", revision=saved["old_revision"]),
+                           timeout=5)
+            assert kv_tuples(old) == kv_tuples(saved["old"])
+            with pytest.raises(grpc.RpcError) as info:
+                kv.Range(rpc_pb2.RangeRequest(key=b"key/0", revision=saved["compacted"] - 1), timeout=5)
+            assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+            leases = rpc_pb2_grpc.LeaseStub(ch).LeaseTimeToLive(
+                rpc_pb2.LeaseTimeToLiveRequest(ID=saved["lease"], keys=True), timeout=5)
+            assert leases.keys == [b"leased"] and leases.grantedTTL == 600
+            put = kv.Put(rpc_pb2.PutRequest(key=b"after-restore", value=b"1"), timeout=5)
+            assert put.header.revision == saved["current"].header.revision + 1
+
+
+@pytest.fixture(scope="module")
+def etcd_saved(etcd_installed, tmp_path_factory):
+    """A snapshot etcd 3.4 took (etcdctl snapshot save), its raw database
+    file, and what a client read from etcd at that point."""
+    base = tmp_path_factory.mktemp("etcd-source")
+    with EtcdCluster(1, exe=etcd_installed, base_dir=str(base)) as etcd:
+        m = etcd.members[0]
+        with grpc.insecure_channel(m.endpoint) as ch:
+            kv = rpc_pb2_grpc.KVStub(ch)
+            lease = rpc_pb2_grpc.LeaseStub(ch).LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=900), timeout=5).ID
+            for i in range(40):
+                kv.Put(rpc_pb2.PutRequest(key=b"k/%d" % (i % 6), value=b"v%d" % i), timeout=5)
+            kv.Put(rpc_pb2.PutRequest(key=b"big", value=os.urandom(20_000)), timeout=5)  # overflow pages
+            kv.Put(rpc_pb2.PutRequest(key=b"leased", value=b"x", lease=lease), timeout=5)
+            kv.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"k/5"), timeout=5)
+            old_revision = kv.Put(rpc_pb2.PutRequest(key=b"k/0", value=b"latest"), timeout=5).header.revision
+            kv.Compact(rpc_pb2.CompactionRequest(revision=old_revision - 8, physical=True), timeout=5)
+            kv.Txn(rpc_pb2.TxnRequest(success=[
+                rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"t/1", value=b"a")),
+                rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=b"k/4"))]), timeout=5)
+            current = kv.Range(ALL, timeout=5)
+            old = kv.Range(rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0", revision=old_revision), timeout=5)
+        path = str(base / "etcd.db")
+        proc = etcdctl_offline("--endpoints", m.endpoint, "snapshot", "save", path)
+        assert proc.returncode == 0, proc.stderr
+    raw = str(base / "raw.db")  # etcd's database file itself: no sha256 after it
+    shutil.copyfile(os.path.join(m.data_dir, "member", "snap", "db"), raw)
+    return {"path": path, "raw": raw, "current": current, "old": old, "old_revision": old_revision,
+            "compacted": old_revision - 8, "lease": lease}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_restore_a_snapshot_etcd_took(etcd_saved, engine, tmp_path):
+    """Moving from etcd: every key, its revisions and history above the
+    compaction, and the lease with its key come over."""
+    restored = LocalCluster(1, engine=engine, base_dir=str(tmp_path), token="from-etcd")
+    m = restored.members[0]
+    out = restore(etcd_saved["path"], m, restored, engine).stdout
+    assert f"revision {etcd_saved['current'].header.revision}, saved from etcd" in out
+    with restored:
+        resp = m.kv().Range(ALL, timeout=5)
+        assert kv_tuples(resp) == kv_tuples(etcd_saved["current"])
+        assert resp.header.revision == etcd_saved["current"].header.revision
+        old = m.kv().Range(rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0",
+                                                revision=etcd_saved["old_revision"]), timeout=5)
+        assert kv_tuples(old) == kv_tuples(etcd_saved["old"])
+        with pytest.raises(grpc.RpcError) as info:
+            m.kv().Range(rpc_pb2.RangeRequest(key=b"k/0", revision=etcd_saved["compacted"] - 1), timeout=5)
+        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        ttl = restored.etcdctl("lease", "timetolive", f"{etcd_saved['lease']:x}", "--keys").stdout
+        assert "granted with TTL(900s)" in ttl and "attached keys([leased])" in ttl, ttl
+        put = m.kv().Put(rpc_pb2.PutRequest(key=b"after-restore", value=b"1"), timeout=5)
+        assert put.header.revision == etcd_saved["current"].header.revision + 1
+
+
+def test_etcds_raw_database_needs_skip_hash_check(etcd_saved, tmp_path):
+    restored = LocalCluster(1, base_dir=str(tmp_path), token="raw")
+    m = restored.members[0]
+    proc = restore(etcd_saved["raw"], m, restored, "memory", check=False)
+    assert proc.returncode == 1 and "--skip-hash-check" in proc.stderr, proc.stderr
+    assert not os.path.exists(m.data_dir)
+    initial = f"{m.name}={m.peer_url}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "metastore", "snapshot", "restore", etcd_saved["raw"], "--skip-hash-check",
+         "--data-dir", m.data_dir, "--name", m.name, "--initial-cluster", initial,
+         "--initial-cluster-token", restored.token, "--initial-advertise-peer-urls", m.peer_url],
+        capture_output=True, text=True, timeout=60, cwd=restored.base_dir)
+    assert proc.returncode == 0, proc.stderr
+    with restored:
+        assert kv_tuples(m.kv().Range(ALL, timeout=5)) == kv_tuples(etcd_saved["current"])
+
+
+def test_a_database_with_broken_pages_is_refused(saved, tmp_path):
+    """A file whose sha256 matches but whose pages do not make a database
+    (damaged before it was hashed) is refused, and nothing is written."""
+    data = bytearray(open(saved["path"], "rb").read()[:-32])
+    page = 4096
+    data[2 * page + 8:2 * page + 10] = b"\x40\x00"  # page 2: neither branch nor leaf
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(bytes(data) + hashlib.sha256(data).digest())
+    restored = LocalCluster(1, base_dir=str(tmp_path), token="never")
+    m = restored.members[0]
+    proc = restore(str(broken), m, restored, "memory", check=False)
+    assert proc.returncode == 1 and "neither a branch nor a leaf" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(m.data_dir)

@@ -8,6 +8,7 @@ same backend object (that is what "restart" means for this engine).
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from itertools import repeat
 from typing import Iterator
 
@@ -127,6 +128,28 @@ class FrozenRows:
                     values = [kept[k] if k in kept else v for k, v in zip(chunk, values)]
                 assert None not in values  # every key existed when frozen
                 yield from zip(repeat(name), chunk, values)
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        """A row as it was when frozen (None: there was none)."""
+        if self._backend is None:
+            raise RuntimeError("frozen rows read after close()")
+        kept = self._pre[table]
+        if key in kept:
+            return kept[key]
+        return self._backend.get(table, key)
+
+    def scan(self, table: str, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        """The rows of one table with start <= key < end, as when frozen."""
+        for name, _live, keys in self._tables:
+            if name == table:
+                lo = bisect_left(keys, start)
+                hi = len(keys) if end is None else bisect_left(keys, end)
+                for key in keys[lo:hi]:
+                    value = self.get(table, key)
+                    assert value is not None  # every key existed when frozen
+                    yield key, value
+                return
+        raise KeyError(table)
 
     def close(self) -> None:
         """Stop keeping old rows for this copy (writes go back to full speed)."""

@@ -1,4 +1,6 @@
-"""A real etcd 3.4 cluster on loopback, as the baseline bench/compare.py measures against.
+"""A real etcd 3.4 cluster on loopback: the baseline bench/compare.py measures
+against, and the other side of the tests that move data between etcd and
+metastore (tests/test_etcd_snapshots.py).
 
 Mirrors metastore.testing.LocalCluster (free ports, its own temporary data
 dirs, separate processes, everything killed and removed on stop) so both
@@ -69,7 +71,7 @@ class EtcdCluster:
         """With `base_dir` the members' data and logs go there and are kept
         after stop (for a post-mortem); by default a temp dir, removed on stop."""
         self.exe = exe
-        self.token = f"bench-{uuid.uuid4().hex[:12]}"
+        self.token = f"etcd-{uuid.uuid4().hex[:12]}"
         self._own_dir = base_dir is None
         if base_dir is not None:
             os.makedirs(base_dir, exist_ok=True)
