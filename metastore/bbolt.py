@@ -261,8 +261,12 @@ class Reader:
         there is no such bucket."""
         for bucket, header in self._walk(self._root, None, buckets=True):
             if bucket == name:
+                if len(header) < _BUCKET.size:
+                    raise BoltError(f"bucket {name!r} has a damaged header")
                 root, _seq = _BUCKET.unpack_from(header)
                 if root == 0:  # inline: the bucket's leaf follows its header
+                    if len(header) < _BUCKET.size + _PAGE_HEADER.size:
+                        raise BoltError(f"bucket {name!r} has a damaged inline page")
                     yield from self._walk(0, header[_BUCKET.size:], buckets=False)
                 else:
                     yield from self._walk(root, None, buckets=False)
@@ -281,47 +285,69 @@ class Reader:
         return self._map[start:end]
 
     def _walk(self, page_id: int, inline: bytes | None, *, buckets: bool) -> Iterator[tuple[bytes, bytes]]:
-        """Every leaf element under a page, depth first (so in key order);
-        `buckets`: the elements must be buckets (True) or must not be."""
-        stack = [inline if inline is not None else self._page(page_id)]
-        seen = 0
+        """Every leaf element under a page, depth first, checked to be in
+        strictly ascending key order; `buckets`: the elements must be
+        buckets (True) or must not be. A page reached twice (a cycle, or
+        pages shared between branches) is refused, as bbolt's check does."""
+        seen: set[int] = set()
+        stack: list[int | bytes] = [inline if inline is not None else page_id]
+        last: bytes | None = None
         while stack:
-            page = stack.pop()
-            _id, flags, count, _overflow = _PAGE_HEADER.unpack_from(page)
+            item = stack.pop()
+            if isinstance(item, int):
+                if item in seen:
+                    raise BoltError(f"page {item} is referenced twice")
+                seen.add(item)
+                page = self._page(item)
+            else:
+                page = item
+            pid, flags, count, _overflow = _PAGE_HEADER.unpack_from(page)
+            if _PAGE_HEADER.size + count * _ELEMENT_SIZE > len(page):
+                raise BoltError(f"page {pid} claims {count} elements, more than it can hold")
             if flags & _BRANCH:
-                children = []
-                for i in range(count):
-                    at = _PAGE_HEADER.size + i * _ELEMENT_SIZE
-                    _pos, _ksize, child = _BRANCH_ELEMENT.unpack_from(page, at)
-                    children.append(child)
-                seen += 1
-                if seen > self.pages:
-                    raise BoltError("the page tree has a cycle")
-                stack.extend(self._page(child) for child in reversed(children))
+                children = [_BRANCH_ELEMENT.unpack_from(page, _PAGE_HEADER.size + i * _ELEMENT_SIZE)[2]
+                            for i in range(count)]
+                stack.extend(reversed(children))
             elif flags & _LEAF:
                 for i in range(count):
                     at = _PAGE_HEADER.size + i * _ELEMENT_SIZE
                     eflags, pos, ksize, vsize = _LEAF_ELEMENT.unpack_from(page, at)
                     if bool(eflags & _BUCKET_ELEMENT) != buckets:
                         kind = "a bucket" if buckets else "a key"
-                        raise BoltError(f"expected {kind} in page {_id} (etcd's schema has no nested buckets)")
+                        raise BoltError(f"expected {kind} in page {pid} (etcd's schema has no nested buckets)")
                     start = at + pos
                     if start + ksize + vsize > len(page):
-                        raise BoltError(f"an element of page {_id} runs past the page")
-                    yield page[start:start + ksize], page[start + ksize:start + ksize + vsize]
+                        raise BoltError(f"an element of page {pid} runs past the page")
+                    key = page[start:start + ksize]
+                    if last is not None and key <= last:
+                        raise BoltError(f"page {pid}: keys out of order")
+                    last = key
+                    yield key, page[start + ksize:start + ksize + vsize]
             else:
-                raise BoltError(f"page {_id} is neither a branch nor a leaf (flags {flags:#x})")
+                raise BoltError(f"page {pid} is neither a branch nor a leaf (flags {flags:#x})")
 
 
 def is_bbolt(path: str) -> bool:
-    """Whether `path` starts with a valid bbolt meta page."""
+    """Whether `path` starts with a valid bbolt meta page (either of the two:
+    bbolt opens a file whose first meta page was torn)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(_PAGE_HEADER.size + _META_FIELDS.size + _CHECKSUM.size)
+            head = f.read(2 * _MAX_PAGE_SIZE)
     except OSError:
         return False
-    if len(head) < _PAGE_HEADER.size + _META_FIELDS.size + _CHECKSUM.size:
+    offsets = [0] + [size for size in (4096, 8192, 16384, 32768, 65536, 1024, 2048, 512)]
+    return any(_valid_meta(head, offset) for offset in offsets)
+
+
+_MAX_PAGE_SIZE = 65536
+
+
+def _valid_meta(head: bytes, offset: int) -> bool:
+    start = offset + _PAGE_HEADER.size
+    end = start + _META_FIELDS.size
+    if end + _CHECKSUM.size > len(head):
         return False
-    fields = head[_PAGE_HEADER.size:_PAGE_HEADER.size + _META_FIELDS.size]
-    (checksum,) = _CHECKSUM.unpack_from(head, _PAGE_HEADER.size + _META_FIELDS.size)
-    return _META_FIELDS.unpack(fields)[0] == MAGIC and checksum == fnv64a(fields)
+    fields = head[start:end]
+    (checksum,) = _CHECKSUM.unpack_from(head, end)
+    magic, version = _META_FIELDS.unpack(fields)[:2]
+    return magic == MAGIC and version == VERSION and checksum == fnv64a(fields)

@@ -122,18 +122,21 @@ def verify(path: str, skip_hash_check: bool = False) -> dict:
                             else f"{path} is not a snapshot (neither an etcd database nor metastore's own format)")
     try:
         with bbolt.Reader(path, size - SHA_SIZE if has_sha else size) as db:
-            header = etcd_snapshot.header_of(db.items) or {"source": "etcd"}
-            header["revision"] = etcd_snapshot.revision_of(db.items)
-            # Every page and every row once, nothing kept: a database that
-            # is damaged or does not convert is refused before anything is
-            # written.
+            # Every page and every record once: a database that is damaged
+            # or does not convert is refused before anything is written.
             for name in db.buckets():
                 for _item in db.items(name):
                     pass
-            for _row in etcd_snapshot.rows(db.items):
-                pass
+            return _header(etcd_snapshot.Database(db.items))
     except (bbolt.BoltError, etcd_snapshot.SchemaError) as exc:
         raise SnapshotError(f"{path}: {exc}") from None
+
+
+def _header(db: etcd_snapshot.Database) -> dict:
+    """The header of an etcd-format snapshot: metastore's, or for one etcd
+    took (or wrote to since), one that says so."""
+    header = dict(db.header) if db.header is not None else {"source": "etcd"}
+    header["revision"] = db.revision
     return header
 
 
@@ -178,9 +181,7 @@ def header(path: str) -> dict:
     size = os.path.getsize(path)
     try:
         with bbolt.Reader(path, size - SHA_SIZE if size % BLOCK == SHA_SIZE else size) as db:
-            found = etcd_snapshot.header_of(db.items) or {"source": "etcd"}
-            found["revision"] = etcd_snapshot.revision_of(db.items)
-            return found
+            return _header(etcd_snapshot.Database(db.items))
     except (bbolt.BoltError, etcd_snapshot.SchemaError) as exc:
         raise SnapshotError(f"{path}: {exc}") from None
 
@@ -195,7 +196,7 @@ def read_rows(path: str) -> Iterator[Row]:
             return
     size = os.path.getsize(path)
     with bbolt.Reader(path, size - SHA_SIZE if size % BLOCK == SHA_SIZE else size) as db:
-        yield from etcd_snapshot.rows(db.items)
+        yield from etcd_snapshot.Database(db.items).rows()
 
 
 # -- restore ---------------------------------------------------------------------

@@ -17,10 +17,14 @@ etcd's buckets, as metastore writes and reads them:
 - ``cluster`` (``clusterVersion``), and ``members``, ``members_removed``,
   ``alarm``: empty, since a restore builds a new cluster.
 - ``metastore``: what etcd's schema has no place for: ``header`` (JSON: who
-  took the snapshot, when, at which revision) and ``meta/`` + each row of
-  metastore's own `meta` table (revision, compaction marks, member liveness,
-  drain, alarms). etcd ignores the bucket; a restore by metastore takes
-  its rows over, so nothing is lost in a metastore-to-metastore round trip.
+  took the snapshot, when, at which revision), ``meta/`` + each row of
+  metastore's own `meta` table (member liveness, drain, alarms, ...), and a
+  ``fingerprint`` of the ``key`` and ``meta`` buckets it was written with.
+  etcd ignores the bucket (and keeps it); a restore by metastore takes its
+  rows over only while the fingerprint still matches, so nothing is lost in
+  a metastore-to-metastore round trip, and a file etcd has since written to
+  is read as etcd's. The revision and the compaction marks always come from
+  etcd's buckets.
 
 Rows in metastore's tables (metastore.mvcc_layout) are derived from the
 ``key`` bucket: a key's newest revision is its current record (or, for a
@@ -29,6 +33,7 @@ every revision since the last finished compaction is listed in `rev`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from bisect import bisect_left
 import struct
@@ -47,6 +52,7 @@ META = b"meta"
 LEASE = b"lease"
 METASTORE = b"metastore"
 HEADER = b"header"
+FINGERPRINT = b"fingerprint"
 META_PREFIX = b"meta/"
 EMPTY_BUCKETS = (b"alarm", b"members", b"members_removed")
 CLUSTER_VERSION = b"3.4.0"
@@ -104,9 +110,35 @@ def parse_revision_key(raw: bytes) -> tuple[int, int, bool]:
 
 
 # -- metastore rows -> etcd buckets ----------------------------------------------------
+class _Fingerprint:
+    """What a ``key`` and a ``meta`` bucket hold, in brief: the number of
+    revisions, the last one, the compaction marks. Written into metastore's
+    bucket, it tells a reader whether etcd's buckets are still those the
+    bucket was written with (etcd keeps a bucket it does not know; a
+    snapshot restored into etcd and saved again after etcd wrote to it must
+    be read as etcd's)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._last = b""
+
+    def count(self, items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+        for key, value in items:
+            self._count += 1
+            self._last = key
+            yield key, value
+
+    def digest(self, etcd_meta: dict[bytes, bytes]) -> bytes:
+        h = hashlib.sha256(_U64.pack(self._count) + self._last)
+        for name in (_FINISHED, _SCHEDULED):
+            h.update(b"|" + etcd_meta.get(name, b""))
+        return h.hexdigest().encode()
+
+
 def buckets(src: RowSource, header: dict) -> list[tuple[bytes, Iterable[tuple[bytes, bytes]]]]:
     """The buckets of an etcd database holding `src`, each with its items in
-    key order, produced as they are written (pass to bbolt.write)."""
+    key order, produced as they are written, in name order (pass them to
+    bbolt.write in this order: metastore's bucket is made last)."""
     meta = dict(src.scan("meta", b"", None))
     compacted = unpack_u64(meta.get(META_COMPACT_REVISION), 0)
     finished = unpack_u64(meta.get(META_COMPACT_FINISHED), 0)
@@ -116,17 +148,24 @@ def buckets(src: RowSource, header: dict) -> list[tuple[bytes, Iterable[tuple[by
         etcd_meta[_FINISHED] = revision_key(finished, 0)
     if compacted:
         etcd_meta[_SCHEDULED] = revision_key(compacted, 0)
-    own = {HEADER: json.dumps(header, sort_keys=True).encode()}
-    own.update((META_PREFIX + k, v) for k, v in meta.items() if k != META_APPLIED)
+    fingerprint = _Fingerprint()
+
+    def own() -> Iterator[tuple[bytes, bytes]]:  # after the key bucket was written
+        rows = {FINGERPRINT: fingerprint.digest(etcd_meta), HEADER: json.dumps(header, sort_keys=True).encode()}
+        rows.update((META_PREFIX + k, v) for k, v in meta.items() if k != META_APPLIED)
+        yield from sorted(rows.items())
+
     out: list[tuple[bytes, Iterable[tuple[bytes, bytes]]]] = [
         (b"cluster", [(b"clusterVersion", CLUSTER_VERSION)]),
-        (KEY, _key_bucket(src)),
+        (KEY, fingerprint.count(_key_bucket(src, compacted))),
         (LEASE, _lease_bucket(src)),
         (META, sorted(etcd_meta.items())),
-        (METASTORE, sorted(own.items())),
+        (METASTORE, own()),
     ]
     out += [(name, []) for name in EMPTY_BUCKETS]
-    return sorted(out, key=lambda bucket: bucket[0])
+    out.sort(key=lambda bucket: bucket[0])
+    assert [name for name, _ in out].index(METASTORE) > [name for name, _ in out].index(KEY)
+    return out
 
 
 def _key_value(key: bytes, record: bytes) -> bytes:
@@ -139,14 +178,21 @@ def _deleted(key: bytes) -> bytes:
     return kv_pb2.KeyValue(key=key).SerializeToString()
 
 
-def _key_bucket(src: RowSource) -> Iterator[tuple[bytes, bytes]]:
+def _key_bucket(src: RowSource, compacted: int) -> Iterator[tuple[bytes, bytes]]:
     """Every revision in the history, in revision order.
 
     The `rev` table lists every change from some revision on, in order:
     compaction removes its rows from the oldest up. What is older survived
     compactions (a key's newest version at the compacted revision) and has
-    no `rev` row; those few are found by scanning the current records and the
-    history, and sorted."""
+    no `rev` row; those are found by scanning the current records and the
+    history, and sorted (after a compaction at the current revision, that is
+    one small tuple per key).
+
+    A `rev` row may outlive its record: compaction reclaims a key's whole
+    history up to the compacted revision at once, while the `rev` rows go
+    batch by batch, and those at the compacted revision stay. Below the
+    compacted revision such a row is dropped history; at it, it is a delete
+    (a put there is the version the compaction keeps)."""
     first = next(iter(src.scan("rev", b"", None)), None)
     listed_from = first[0] if first else None
 
@@ -181,7 +227,11 @@ def _key_bucket(src: RowSource) -> Iterator[tuple[bytes, bytes]]:
             continue
         record = src.get("hist", hist_key(key, main, sub))
         if record is None:
-            raise SchemaError(f"revision {main}.{sub} of key {key!r} is listed but not stored")
+            if main < compacted:
+                continue
+            if main > compacted:
+                raise SchemaError(f"revision {main}.{sub} of key {key!r} is listed but not stored")
+            record = TOMBSTONE
         if record == TOMBSTONE:
             yield revision_key(main, sub, True), _deleted(key)
         else:
@@ -197,88 +247,112 @@ def _lease_bucket(src: RowSource) -> Iterator[tuple[bytes, bytes]]:
 
 # -- etcd buckets -> metastore rows ----------------------------------------------------
 Items = Callable[[bytes], Iterator[tuple[bytes, bytes]]]
+_U32_MAX = 0xFFFFFFFF
+_OWN_U64_ROWS = (META_REVISION, META_COMPACT_REVISION, META_COMPACT_FINISHED)
 
 
-def header_of(items: Items) -> dict | None:
-    """The header metastore wrote into a snapshot; None for etcd's own."""
-    for k, v in items(METASTORE):
-        if k == HEADER:
-            return json.loads(v)
-    return None
+class Database:
+    """An etcd database read as metastore's rows.
+
+    Made with a function that lists a bucket's items (bbolt.Reader.items);
+    reads the ``key`` bucket once to learn each key's newest revision and
+    to check every record, so that a file that does not convert fails here,
+    with a SchemaError, before anything is written. `rows()` reads it again.
+    Holds each key's newest revision in memory."""
+
+    def __init__(self, items: Items) -> None:
+        self._items = items
+        etcd_meta = dict(items(META))
+        self.finished = self._mark(etcd_meta, _FINISHED)
+        self.compacted = self._mark(etcd_meta, _SCHEDULED) or self.finished
+        self._newest: dict[bytes, bytes] = {}
+        fingerprint = _Fingerprint()
+        newest_main = 1
+        for raw, value in fingerprint.count(items(KEY)):
+            main, _sub, _delete, kv = _record(raw, value)
+            self._newest[kv.key] = raw
+            newest_main = max(newest_main, main)
+        # etcd's own rule for the revision a restored member starts at.
+        self.revision = max(newest_main, self.compacted)
+        self.leases: dict[int, int] = {}
+        for raw, value in items(LEASE):
+            try:
+                lease = lease_pb2.Lease.FromString(value)
+            except Exception as exc:  # protobuf's DecodeError
+                raise SchemaError(f"lease {raw.hex()}: not a leasepb.Lease ({exc})") from None
+            self.leases[lease.ID] = lease.TTL
+        own = dict(items(METASTORE))
+        self.header: dict | None = None
+        self._own_meta: dict[bytes, bytes] = {}
+        if own.get(FINGERPRINT) == fingerprint.digest(etcd_meta):
+            self.header = _json_object(own.get(HEADER, b"{}"))
+            self._own_meta = {k[len(META_PREFIX):]: v for k, v in own.items() if k.startswith(META_PREFIX)}
+            self._own_meta.pop(META_APPLIED, None)
+            for name in _OWN_U64_ROWS:
+                if name in self._own_meta and len(self._own_meta[name]) != 8:
+                    raise SchemaError(f"metastore's {name.decode()} row is damaged")
+
+    @staticmethod
+    def _mark(etcd_meta: dict[bytes, bytes], name: bytes) -> int:
+        if name not in etcd_meta:
+            return 0
+        return parse_revision_key(etcd_meta[name])[0]
+
+    def rows(self) -> Iterator[Row]:
+        """metastore's backend rows for this database."""
+        for lease, ttl in self.leases.items():
+            yield "lease", lease_key(lease), pack_ttl(ttl)
+        finished = self.finished
+        for raw, value in self._items(KEY):
+            main, sub, delete, kv = _record(raw, value)
+            newest = self._newest[kv.key] == raw
+            if main >= finished:  # compaction leaves no `rev` row below its revision
+                yield "rev", pack_rev(main, sub), kv.key
+            if delete:
+                if main > finished:  # a finished compaction drops deletes up to its revision
+                    yield "hist", hist_key(kv.key, main, sub), TOMBSTONE
+                continue
+            record = encode_record(kv.create_revision, kv.mod_revision, sub, kv.version, kv.lease, kv.value)
+            if not newest:
+                yield "hist", hist_key(kv.key, main, sub), record
+                continue
+            yield "kv", kv.key, record
+            if kv.lease and kv.lease in self.leases:
+                yield "lease", attach_key(kv.lease, kv.key), b""
+        if self._own_meta:
+            for k, v in self._own_meta.items():
+                if k not in _OWN_U64_ROWS:  # those come from etcd's buckets, below
+                    yield "meta", k, v
+        else:
+            yield "meta", META_LAYOUT, LAYOUT_VERSION
+        yield "meta", META_REVISION, pack_u64(self.revision)
+        if self.compacted:
+            yield "meta", META_COMPACT_REVISION, pack_u64(self.compacted)
+        if self.finished:
+            yield "meta", META_COMPACT_FINISHED, pack_u64(self.finished)
 
 
-def revision_of(items: Items) -> int:
-    """The store revision a database holds (1 for an empty one), as etcd
-    counts it: its newest revision, or the compacted one if that is newer."""
-    own = dict(items(METASTORE)).get(META_PREFIX + META_REVISION)
-    if own is not None:
-        return unpack_u64(own, 1)
-    newest = 1
-    for k, _v in items(KEY):
-        newest = max(newest, parse_revision_key(k)[0])
-    meta = dict(items(META))
-    for name in (_FINISHED, _SCHEDULED):
-        if name in meta:
-            newest = max(newest, parse_revision_key(meta[name])[0])
-    return newest
-
-
-def rows(items: Items) -> Iterator[Row]:
-    """metastore's backend rows for the database whose buckets `items` reads
-    (called once per bucket and pass). Holds each key's newest revision in
-    memory (one pass finds them, the second writes the rows)."""
-    etcd_meta = dict(items(META))
-    finished = parse_revision_key(etcd_meta[_FINISHED])[0] if _FINISHED in etcd_meta else 0
-    scheduled = parse_revision_key(etcd_meta[_SCHEDULED])[0] if _SCHEDULED in etcd_meta else finished
-    own = {k[len(META_PREFIX):]: v for k, v in items(METASTORE) if k.startswith(META_PREFIX)}
-    own.pop(META_APPLIED, None)
-    if own:
-        finished = unpack_u64(own.get(META_COMPACT_FINISHED), 0)
-
-    newest: dict[bytes, bytes] = {}
-    last = 1
-    for raw, value in items(KEY):
-        main, sub, _delete = parse_revision_key(raw)
-        key = _decode(value, raw).key
-        newest[key] = raw
-        last = max(last, main)
-    leases = {}
-    for raw, value in items(LEASE):
-        lease = lease_pb2.Lease.FromString(value)
-        leases[lease.ID] = lease.TTL
-        yield "lease", lease_key(lease.ID), pack_ttl(lease.TTL)
-
-    for raw, value in items(KEY):
-        main, sub, delete = parse_revision_key(raw)
-        kv = _decode(value, raw)
-        if main >= finished:
-            yield "rev", pack_rev(main, sub), kv.key
-        if delete:
-            yield "hist", hist_key(kv.key, main, sub), TOMBSTONE
-            continue
-        record = encode_record(kv.create_revision, kv.mod_revision, sub, kv.version, kv.lease, kv.value)
-        if newest[kv.key] != raw:
-            yield "hist", hist_key(kv.key, main, sub), record
-            continue
-        yield "kv", kv.key, record
-        if kv.lease and kv.lease in leases:
-            yield "lease", attach_key(kv.lease, kv.key), b""
-
-    if own:
-        for k, v in own.items():
-            yield "meta", k, v
-        return
-    yield "meta", META_LAYOUT, LAYOUT_VERSION
-    yield "meta", META_REVISION, pack_u64(max(last, scheduled))
-    if scheduled:
-        yield "meta", META_COMPACT_REVISION, pack_u64(scheduled)
-    if finished:
-        yield "meta", META_COMPACT_FINISHED, pack_u64(finished)
-
-
-def _decode(value: bytes, raw: bytes) -> kv_pb2.KeyValue:
+def _record(raw: bytes, value: bytes) -> tuple[int, int, bool, kv_pb2.KeyValue]:
+    """(main, sub, is a delete, record) of one ``key`` bucket item, checked."""
+    main, sub, delete = parse_revision_key(raw)
     try:
-        return kv_pb2.KeyValue.FromString(value)
+        kv = kv_pb2.KeyValue.FromString(value)
     except Exception as exc:  # protobuf's DecodeError, and anything else a damaged value raises
-        raise SchemaError(f"revision {raw.hex()}: not an mvccpb.KeyValue ({exc})") from None
+        raise SchemaError(f"revision {main}.{sub}: not an mvccpb.KeyValue ({exc})") from None
+    if not kv.key:
+        raise SchemaError(f"revision {main}.{sub}: a record without a key")
+    if sub > _U32_MAX:
+        raise SchemaError(f"revision {main}.{sub}: sub-revision out of range")
+    if not delete and kv.mod_revision != main:
+        raise SchemaError(f"revision {main}.{sub}: its record says it was written at {kv.mod_revision}")
+    return main, sub, delete, kv
 
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise SchemaError(f"metastore's snapshot header is damaged ({exc})") from None
+    if not isinstance(value, dict):
+        raise SchemaError("metastore's snapshot header is damaged (not an object)")
+    return value

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 from pathlib import Path
 
 import pytest
 
 from metastore import bbolt, etcd_snapshot
-from metastore.api.pb import rpc_pb2 as pb
+from metastore.api.pb import kv_pb2, rpc_pb2 as pb
+from metastore.backend import WriteBatch
 from metastore.mvcc import MVCCStore
-from metastore.mvcc_layout import META_APPLIED
+from metastore.mvcc_compact import next_compaction_batch
+from metastore.mvcc_layout import META_APPLIED, META_COMPACT_REVISION, pack_u64
 from store_engines import FACTORIES
-from store_fixtures import engine, make_store, store  # noqa: F401  (fixtures)
+from store_fixtures import engine, make_store  # noqa: F401  (fixtures)
 
 
 def test_round_trip_with_overflow_pages_and_several_branch_levels(tmp_path: Path) -> None:
@@ -69,6 +72,52 @@ def test_damaged_files_are_refused(tmp_path: Path) -> None:
         list(db.items(b"a"))
 
 
+def _page_header(data: bytearray, page: int, page_size: int = bbolt.PAGE_SIZE) -> tuple[int, int, int, int]:
+    return struct.unpack_from("<QHHI", data, page * page_size)
+
+
+def test_malformed_pages_are_refused_not_followed(tmp_path: Path) -> None:
+    """What a damaged or hostile file can do to the reader: claim more
+    elements than a page holds, point two branches at one page (a cycle, or
+    a fan-out that would copy one page thousands of times), list keys out
+    of order. Each is refused with a BoltError."""
+    path = tmp_path / "t.db"
+    items = [(b"k%04d" % i, b"v" * 50) for i in range(300)]
+    bbolt.write(str(path), [(b"a", items)], page_size=512)
+    good = bytearray(path.read_bytes())
+    pages = len(good) // 512
+    branch = next(p for p in range(2, pages) if _page_header(good, p, 512)[1] == 0x01)
+    leaf = next(p for p in range(2, pages) if _page_header(good, p, 512)[1] == 0x02 and _page_header(good, p, 512)[2] > 1)
+
+    def damaged(change) -> str:
+        data = bytearray(good)
+        change(data)
+        path.write_bytes(bytes(data))
+        with bbolt.Reader(str(path)) as db, pytest.raises(bbolt.BoltError) as info:
+            list(db.items(b"a"))
+        return str(info.value)
+
+    # Element count beyond the page.
+    assert "more than it can hold" in damaged(lambda d: struct.pack_into("<H", d, leaf * 512 + 10, 0xFFFF))
+    # The branch's second child made the same page as its first.
+
+    def same_child(d: bytearray) -> None:
+        first = struct.unpack_from("<Q", d, branch * 512 + 16 + 8)[0]
+        struct.pack_into("<Q", d, branch * 512 + 32 + 8, first)
+    assert "referenced twice" in damaged(same_child)
+
+    # A leaf's first two keys swapped (both three-letter keys of equal size).
+    def swap(d: bytearray) -> None:
+        base = leaf * 512 + 16
+        _f, pos0, ksize, _v = struct.unpack_from("<IIII", d, base)
+        _f, pos1, _k, _v = struct.unpack_from("<IIII", d, base + 16)
+        k0 = bytes(d[base + pos0:base + pos0 + ksize])
+        k1 = bytes(d[base + 16 + pos1:base + 16 + pos1 + ksize])
+        d[base + pos0:base + pos0 + ksize] = k1
+        d[base + 16 + pos1:base + 16 + pos1 + ksize] = k0
+    assert "out of order" in damaged(swap)
+
+
 def _fill(store: MVCCStore) -> None:
     """Overwrites, deletes, a multi-write txn, a lease, binary keys, a compaction."""
     lease = store.lease_grant(pb.LeaseGrantRequest(ID=77, TTL=600))
@@ -92,17 +141,42 @@ def _rows(store: MVCCStore) -> list[tuple[str, bytes, bytes]]:
     return sorted(row for row in store.export_items() if row[:2] != ("meta", META_APPLIED))
 
 
+def _save(store: MVCCStore, path: str, header: dict, own_bucket: bool = True) -> None:
+    """What Maintenance.Snapshot writes (without metastore's bucket: what
+    etcd itself would have written for the same history)."""
+    view = etcd_snapshot.RowsView(store.export_items())
+    bbolt.write(path, [(name, items) for name, items in etcd_snapshot.buckets(view, header)
+                       if own_bucket or name != etcd_snapshot.METASTORE])
+
+
+def _load(path: str, target: MVCCStore) -> etcd_snapshot.Database:
+    with bbolt.Reader(path) as db:
+        contents = etcd_snapshot.Database(db.items)
+        target.import_items(contents.rows())
+    return contents
+
+
+def _same_answers(target: MVCCStore, source: MVCCStore) -> None:
+    """Every read a client can make: the keyspace at each revision still
+    readable, the leases and their keys, the revision and compaction."""
+    assert (target.revision, target.compact_revision) == (source.revision, source.compact_revision)
+    for rev in range(max(source.compact_revision, 1), source.revision + 1):
+        at = pb.RangeRequest(key=b"\0", range_end=b"\0", revision=rev)
+        assert target.range(at) == source.range(at), f"at revision {rev}"
+    assert target.leases() == source.leases()
+    for lease in source.leases():
+        assert target.lease_keys(lease) == source.lease_keys(lease)
+
+
 def test_a_store_survives_the_round_trip_through_etcds_schema(make_store, tmp_path: Path) -> None:  # noqa: F811
     source, _ = make_store()
     _fill(source)
     path = str(tmp_path / "snap.db")
-    view = etcd_snapshot.RowsView(source.export_items())
-    bbolt.write(path, etcd_snapshot.buckets(view, {"member_id": "1"}))
-    with bbolt.Reader(path) as db:
-        assert etcd_snapshot.header_of(db.items) == {"member_id": "1"}
-        assert etcd_snapshot.revision_of(db.items) == source.revision
-        target, _ = make_store()
-        target.import_items(etcd_snapshot.rows(db.items))
+    _save(source, path, {"member_id": "1"})
+    target, _ = make_store()
+    contents = _load(path, target)
+    assert contents.header == {"member_id": "1"}
+    assert contents.revision == source.revision
     assert _rows(target) == _rows(source)
 
 
@@ -112,24 +186,119 @@ def test_etcds_schema_alone_gives_the_same_keys_history_and_leases(make_store, t
     source, _ = make_store()
     _fill(source)
     path = str(tmp_path / "snap.db")
-    view = etcd_snapshot.RowsView(source.export_items())
-    bbolt.write(path, [(name, items) for name, items in etcd_snapshot.buckets(view, {})
-                       if name != etcd_snapshot.METASTORE])
-    with bbolt.Reader(path) as db:
-        assert etcd_snapshot.header_of(db.items) is None
-        assert etcd_snapshot.revision_of(db.items) == source.revision
-        target, _ = make_store()
-        target.import_items(etcd_snapshot.rows(db.items))
-    assert target.revision == source.revision
-    assert target.compact_revision == source.compact_revision
-    for rev in (0, 30, 35, source.revision - 1):  # 0: the current revision
-        at = pb.RangeRequest(key=b"\0", range_end=b"\0", revision=rev)
-        assert target.range(at) == source.range(at)
-    assert target.leases() == source.leases()
-    assert target.lease_keys(77) == source.lease_keys(77) == [b"leased"]
+    _save(source, path, {}, own_bucket=False)
+    target, _ = make_store()
+    contents = _load(path, target)
+    assert contents.header is None and contents.revision == source.revision
+    _same_answers(target, source)
+    assert target.lease_keys(77) == [b"leased"]
     # This store has no liveness, drain or alarm rows (which only metastore's
     # bucket carries), so every row comes back, made from etcd's buckets.
     assert _rows(target) == _rows(source)
+
+
+def _random_history(rng: random.Random, store: MVCCStore, steps: int) -> None:
+    keys = [b"a", b"b", b"c", b"a\x00", b"d"]
+    for _ in range(steps):
+        roll, key = rng.random(), rng.choice(keys)
+        if roll < 0.5:
+            store.put(pb.PutRequest(key=key, value=b"%d" % rng.randrange(1000), lease=77 if roll < 0.1 else 0))
+        elif roll < 0.7:
+            store.delete_range(pb.DeleteRangeRequest(key=key))
+        elif roll < 0.8:
+            store.delete_range(pb.DeleteRangeRequest(key=b"a", range_end=b"c"))
+        else:
+            put, delete, put2 = rng.sample(keys, 3)
+            store.txn(pb.TxnRequest(success=[
+                pb.RequestOp(request_put=pb.PutRequest(key=put, value=b"t")),
+                pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=delete)),
+                pb.RequestOp(request_put=pb.PutRequest(key=put2, value=b"u"))]))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_any_history_and_compaction_survives_the_round_trip(seed: int, tmp_path: Path) -> None:
+    """Random puts, deletes and txns, compactions at any revision (a delete's
+    included) and one left half done: the snapshot holds what a client
+    could read, both with metastore's bucket and from etcd's alone."""
+    rng = random.Random(seed)
+    source = FACTORIES["memory"].open(tmp_path)
+    source.lease_grant(pb.LeaseGrantRequest(ID=77, TTL=600))
+    _random_history(rng, source, rng.randrange(5, 60))
+    first = rng.randrange(1, source.revision + 1)
+    if first > 1:
+        source.compact(pb.CompactionRequest(revision=first))
+        assert source.wait_compacted(first, timeout=10)
+    _random_history(rng, source, rng.randrange(0, 30))
+    second = rng.randrange(first, source.revision + 1)
+    if second > first:
+        # Recorded, and only some of its batches done (as a snapshot taken
+        # while a long compaction runs finds it).
+        batch = WriteBatch()
+        batch.put("meta", META_COMPACT_REVISION, pack_u64(second))
+        source.backend.write(batch)
+        start = b""
+        for _ in range(rng.randrange(0, 4)):
+            step = next_compaction_batch(source.backend, second, chunk=rng.randrange(1, 4), start=start)
+            if step is None:
+                break
+            source.backend.write(step[0])
+            start = step[1]
+        source = MVCCStore(source.backend, node_id=source.node_id)  # reads the marks again
+    for own in (True, False):
+        path = str(tmp_path / f"snap-{own}.db")
+        _save(source, path, {}, own_bucket=own)
+        target = FACTORIES["memory"].open(tmp_path)
+        _load(path, target)
+        _same_answers(target, source)
+
+
+def test_a_file_etcd_wrote_to_is_read_as_etcds(tmp_path: Path) -> None:
+    """etcd keeps metastore's bucket through its restore; once it has
+    written to the database, the bucket no longer describes it and the
+    revision and compaction come from etcd's buckets."""
+    source = FACTORIES["memory"].open(tmp_path)
+    _fill(source)
+    path = str(tmp_path / "snap.db")
+    _save(source, path, {"member_id": "1"})
+    with bbolt.Reader(path) as db:
+        contents = {name: list(db.items(name)) for name in db.buckets()}
+    later = source.revision + 5
+    contents[etcd_snapshot.KEY].append(
+        (etcd_snapshot.revision_key(later, 0),
+         kv_pb2.KeyValue(key=b"from-etcd", value=b"1", create_revision=later, mod_revision=later,
+                         version=1).SerializeToString()))
+    bbolt.write(path, sorted(contents.items()))
+    target = FACTORIES["memory"].open(tmp_path)
+    loaded = _load(path, target)
+    assert loaded.header is None and target.revision == later
+    assert target.range(pb.RangeRequest(key=b"from-etcd")).kvs[0].mod_revision == later
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("lease", "not a leasepb.Lease"),
+    ("record", "not an mvccpb.KeyValue"),
+    ("revision", "not a revision"),
+    ("mod", "says it was written at"),
+])
+def test_records_that_do_not_convert_are_refused(damage: str, message: str, tmp_path: Path) -> None:
+    source = FACTORIES["memory"].open(tmp_path)
+    _fill(source)
+    path = str(tmp_path / "snap.db")
+    _save(source, path, {}, own_bucket=False)
+    with bbolt.Reader(path) as db:
+        contents = {name: list(db.items(name)) for name in db.buckets()}
+    keys = contents[etcd_snapshot.KEY]
+    if damage == "lease":
+        contents[etcd_snapshot.LEASE][0] = (contents[etcd_snapshot.LEASE][0][0], b"\xff\xff")
+    elif damage == "record":
+        keys[3] = (keys[3][0], b"\x0a\xff")
+    elif damage == "revision":
+        keys.append((b"\xff" * 3, b""))
+    else:
+        keys[3] = (keys[3][0], kv_pb2.KeyValue(key=b"x", mod_revision=999).SerializeToString())
+    bbolt.write(path, sorted(contents.items()))
+    with bbolt.Reader(path) as db, pytest.raises(etcd_snapshot.SchemaError, match=message):
+        etcd_snapshot.Database(db.items)
 
 
 def test_a_frozen_memory_copy_reads_as_it_was(tmp_path: Path) -> None:

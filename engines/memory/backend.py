@@ -133,10 +133,11 @@ class FrozenRows:
         """A row as it was when frozen (None: there was none)."""
         if self._backend is None:
             raise RuntimeError("frozen rows read after close()")
+        # Live first, then the kept rows, as in __iter__: a writer keeps the
+        # old row before it changes the live one.
+        live = self._backend.get(table, key)
         kept = self._pre[table]
-        if key in kept:
-            return kept[key]
-        return self._backend.get(table, key)
+        return kept[key] if key in kept else live
 
     def scan(self, table: str, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes]]:
         """The rows of one table with start <= key < end, as when frozen."""
