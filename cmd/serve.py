@@ -153,11 +153,17 @@ async def _run(cfg: ServerConfig) -> None:
             log.info("serving /metrics, /health and /version on %s", ",".join(cfg.listen_metrics_urls))
         else:
             log.info("no metrics listener (set --listen-metrics-urls to serve /metrics and /health)")
-        removed = asyncio.ensure_future(server.node.removed.wait())
-        await asyncio.wait([asyncio.ensure_future(stop.wait()), removed], return_when=asyncio.FIRST_COMPLETED)
-        log.info("shutting down" if not removed.done() else "shutting down: removed from the cluster")
+        node = server.node
+        removed = asyncio.ensure_future(node.removed.wait())
+        failed = asyncio.ensure_future(node.failed.wait())
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), removed, failed],
+                           return_when=asyncio.FIRST_COMPLETED)
+        log.info("shutting down" + (": removed from the cluster" if removed.done() else
+                                    f": {node.failure}" if failed.done() else ""))
     finally:
         # Also after a failed start: release the ports, the Raft node and
         # the database LOCK before the process reports the error.
         await server.stop()
     log.info("stopped")
+    if server.node.failed.is_set():
+        raise RuntimeError(server.node.failure)  # exit status 1, as etcd's after a failed WAL write

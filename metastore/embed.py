@@ -413,12 +413,15 @@ class Member:
         self._started.set()
         try:
             removed = asyncio.ensure_future(server.node.removed.wait())
+            failed = asyncio.ensure_future(server.node.failed.wait())
             stop = asyncio.ensure_future(self._stop_event.wait())
-            await asyncio.wait([stop, removed], return_when=asyncio.FIRST_COMPLETED)
-            for waiter in (stop, removed):
+            await asyncio.wait([stop, removed, failed], return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (stop, removed, failed):
                 waiter.cancel()
             if server.node.removed.is_set():
                 log.error("member %s was removed from the cluster: stopping it", self.name)
+            if server.node.failed.is_set():
+                log.error("member %s stops: %s", self.name, server.node.failure)
         finally:
             await server.stop(self._grace)
             log.info("member %s stopped", self.name)

@@ -107,8 +107,13 @@ class Node:
         self._membership_tasks: set[asyncio.Task] = set()
         # Set once this member has been removed from the cluster.
         self.removed = asyncio.Event()
+        # Set once this member cannot go on (its Raft log failed); `failure`
+        # says why. Whoever runs the member stops it (cmd.serve exits 1).
+        self.failed = asyncio.Event()
+        self.failure = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self.state_machine.on_member_removed = self._member_removed
+        self.raft.on_log_failure = self._log_failed
 
     def _prepare_data_dir(self) -> None:
         """Create the data dir, or check an existing one belongs to this member
@@ -699,6 +704,26 @@ class Node:
                 return await getattr(rpc_pb2_grpc.ClusterStub(channel), method)(req, timeout=self.cfg.request_timeout)
             except grpc.aio.AioRpcError as err:
                 raise EtcdError(err.code(), err.details() or "") from None
+
+    def _log_failed(self, exc: OSError) -> None:  # tick thread
+        """The Raft log could not be written or synced. Like etcd on a failed
+        WAL write, the member stops rather than go on without a log it can
+        trust: it would acknowledge nothing more, hold its peers' messages
+        and keep failing every tick. Restarted, it reloads what is on disk
+        (the journal cuts a torn tail) and catches up from its peers."""
+        if self._loop is None:
+            return
+
+        def fail() -> None:
+            if not self.failed.is_set():
+                self.failure = f"the Raft log failed: {exc}"
+                log.critical("this member (%x) stops: %s", self.member_id, self.failure)
+                self.failed.set()
+
+        try:
+            self._loop.call_soon_threadsafe(fail)
+        except RuntimeError:
+            pass  # the loop is closed: the member is already stopping
 
     def _member_removed(self, mid: int) -> None:  # apply thread
         if mid != self.member_id or self._loop is None:

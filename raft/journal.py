@@ -10,7 +10,8 @@ same interface (pysyncobj.journal.Journal) but:
 - a write or fsync that fails leaves the journal failed: every later
   `sync()` raises, so nothing appended after the failure is ever reported
   durable (after a failed fsync the kernel may have dropped the pages, and
-  a second fsync can succeed without them: PostgreSQL's "fsyncgate");
+  a second fsync can succeed without them: PostgreSQL's "fsyncgate"), and
+  `on_failure` is told, once, so that the member stops;
 - the Raft adapter calls `sync()` before this member acknowledges entries to a
   leader and before the leader's own tick can count its entries toward commit
   (see raft/node.py), so an entry is committed only once a majority has it on
@@ -88,6 +89,9 @@ class DurableJournal(Journal):
         # entry that really diverges, in the next sync.
         self._detached: list[tuple[tuple[bytes, int, int], int, int]] = []
         self._failure: OSError | None = None  # the write or fsync that failed (see sync)
+        # Told once, from the thread that hit it, when a write or fsync fails
+        # (the member then stops: raft.node, metastore.node).
+        self.on_failure: Callable[[OSError], None] | None = None
         self._term, self._commit, self._voted_for = self._load_meta()
         self._meta_dirty = False
         self._load()
@@ -144,6 +148,11 @@ class DurableJournal(Journal):
         return bool(self._pending) or bool(self._detached) or self._failure is not None
 
     @property
+    def failed(self) -> bool:
+        """A write or fsync failed: nothing appended since will ever be durable."""
+        return self._failure is not None
+
+    @property
     def durable_index(self) -> int:
         """Highest index written and fsynced (only what a peer may be told)."""
         return self._durable_index
@@ -157,9 +166,7 @@ class DurableJournal(Journal):
             try:
                 self._write_and_sync()
             except OSError as exc:
-                self._failure = exc
-                log.critical("Raft log %s: write or fsync failed (%s); this member acknowledges no more "
-                             "entries until it is restarted", self.path, exc)
+                self._fail(exc)
                 raise
             self._durable_index = self._entries[-1][1] if self._entries else 0
 
@@ -235,6 +242,13 @@ class DurableJournal(Journal):
         """Drop entries at positions < entryTo (covered by a snapshot)."""
         self._rewrite(self._entries[entryTo:])
 
+    def _fail(self, exc: OSError) -> None:
+        self._failure = exc
+        log.critical("Raft log %s: write or fsync failed (%s); this member acknowledges no more "
+                     "entries", self.path, exc)
+        if self.on_failure is not None:
+            self.on_failure(exc)
+
     def _rewrite(self, entries: list[tuple[bytes, int, int]]) -> None:
         """Replace the file with exactly `entries`, atomically and durably."""
         with self._lock:
@@ -258,7 +272,7 @@ class DurableJournal(Journal):
                     _fsync_parent(self.path)
                 old_fd, self._fd = self._fd, os.open(self.path, os.O_RDWR)
             except OSError as exc:  # the new file is in place, this journal no longer matches it
-                self._failure = exc
+                self._fail(exc)
                 raise
             os.close(old_fd)
             # Only now: had the new file failed, the old one and what is
@@ -279,6 +293,8 @@ class DurableJournal(Journal):
 
     def _destroy(self) -> None:  # noqa: D401 - pysyncobj's name
         try:
+            if self.failed:
+                return  # nothing more can be made durable; what is on disk stays as it is
             self.sync()
             if self._meta_dirty:
                 with self._lock:

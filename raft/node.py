@@ -258,6 +258,14 @@ class _ReplicatedLog(SyncObj):
         return time.monotonic() < self.refuse_forwarded_until
 
     def _onTick(self, timeToWait: float = 0.0) -> None:
+        if self._durable_journal is not None and self._durable_journal.failed:
+            # The log failed and the member is stopping (RaftNode.on_log_failure).
+            # No more ticks: a leader counts its own entries toward commit
+            # whether or not they reached its disk, so one more tick could
+            # commit, and acknowledge, an entry that is on no disk at all
+            # (alone) or on one fewer than a majority.
+            time.sleep(timeToWait)
+            return
         # Acknowledgements of the entries the last poll took in: one fsync.
         self._SyncObj__transport.send_held_acks()
         # Reads asked for since the last tick join a round sent in this one.
@@ -364,6 +372,9 @@ class RaftNode(RaftStatusSource):
         self._snapshot_retry_at = 0.0
         self._snapshot_job: _SnapshotJob | None = None
         self.journal: DurableJournal | None = None
+        # Called once (from the thread that hit it) when the Raft log can no
+        # longer be written: the member must stop (metastore.node).
+        self.on_log_failure: Callable[[OSError], None] | None = None
         self._role = RaftRole.FOLLOWER
         self._role_listeners: list[Callable[[RaftRole], None]] = []
         self._long_apply_listeners: list[Callable[[float], None]] = []
@@ -404,6 +415,7 @@ class RaftNode(RaftStatusSource):
         deflate_only_big_messages()  # raft.peer_wire: deflating every peer message costs more than it saves
         if cfg.journal_file is not None:
             self.journal = DurableJournal(cfg.journal_file, fsync=cfg.fsync)
+            self.journal.on_failure = self._log_failed
         snapshots = cfg.snapshot_file is not None and self._save_snapshot is not None
         conf = SyncObjConf(
             bindAddress=cfg.bind_address,
@@ -731,6 +743,10 @@ class RaftNode(RaftStatusSource):
         if keep:
             with self._transfers_lock:
                 self._transfers[:0] = keep
+
+    def _log_failed(self, exc: OSError) -> None:
+        if self.on_log_failure is not None:
+            self.on_log_failure(exc)
 
     def _sync_journal(self) -> None:
         if self.journal.needs_sync():

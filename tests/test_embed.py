@@ -7,6 +7,7 @@ one interpreter.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import subprocess
@@ -341,3 +342,32 @@ def rpc_compact(m: embed.Member, revision: int) -> int:
     with grpc.insecure_channel(m.endpoints[0]) as channel:
         rpc_pb2_grpc.KVStub(channel).Compact(rpc_pb2.CompactionRequest(revision=revision), timeout=10)
     return revision
+
+
+def test_a_member_whose_raft_log_fails_stops(no_leaked_threads, tmp_path, caplog):
+    """A Raft log that can no longer be written (the disk fails) stops the
+    member, as a failed WAL write stops etcd, instead of leaving it serving
+    and failing every tick; restarted, it has every acknowledged write."""
+    data_dir = str(tmp_path / "data")
+    with embed.start(name="solo", data_dir=data_dir, **FAST) as m:
+        c = m.client(timeout=5)
+        acked = c.put("before", "1").revision
+        journal = m.node.raft.journal
+        # The disk goes bad: the journal's descriptor now refuses writes.
+        read_only = os.open(journal.path, os.O_RDONLY)
+        try:
+            os.dup2(read_only, journal._fd)
+        finally:
+            os.close(read_only)
+        with pytest.raises(EtcdClientError):
+            c.put("after", "2")
+        wait_for(lambda: not m.running, 10, "the member to stop")
+    failures = [r for r in caplog.records if "the Raft log failed" in r.getMessage()]
+    assert failures and failures[0].levelname == "CRITICAL"
+    # One report, not one per tick until the member stopped.
+    assert len([r for r in caplog.records if "failed _onTick" in r.getMessage()]) <= 1
+    with embed.start(name="solo", data_dir=data_dir, **FAST) as again:
+        c = again.client(timeout=5)
+        value, meta = c.get("before")
+        assert value == b"1" and meta.mod_revision == acked
+        assert c.put("later", "3").revision > acked

@@ -224,6 +224,8 @@ def test_a_failed_write_leaves_the_journal_failed(tmp_path, monkeypatch):
     their place, or fsync pages the kernel already dropped."""
     path = str(tmp_path / "raft.log")
     j = DurableJournal(path)
+    told: list[OSError] = []
+    j.on_failure = told.append  # the member stops on it (test_embed: a member whose log fails)
     for i in (1, 2):
         j.add(b"cmd%d" % i, i, 1)
     j.sync()
@@ -237,9 +239,12 @@ def test_a_failed_write_leaves_the_journal_failed(tmp_path, monkeypatch):
         m.setattr(os, "pwrite", full)
         with pytest.raises(OSError):
             j.sync()
+    assert j.failed and [e.errno for e in told] == [errno.ENOSPC]
     j.add(b"cmd5", 5, 1)
     assert j.needs_sync()
     with pytest.raises(OSError, match="failed earlier"):
         j.sync()
+    assert len(told) == 1  # told once, not at every later attempt
     assert j.durable_index == 2
+    j._destroy()  # pysyncobj's close: quietly, writing nothing more
     assert [e[1] for e in DurableJournal(path)] == [1, 2]

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import grpc
 import pytest
 
 from metastore.api.pb import rpc_pb2
@@ -101,3 +102,43 @@ def test_json_logs_name_the_member_and_leadership():
         elected = [e for e in entries if "elected leader" in e["msg"]]
         assert elected and elected[0]["term"] >= 1
         assert any(e["msg"] == "stopped" for e in entries)
+
+
+def test_a_full_disk_stops_the_member_with_exit_status_1(tmp_path):
+    """The Raft log's disk fills up: the member stops, as etcd does on a
+    failed WAL write, and exits 1 with the reason; given room again, it
+    restarts with every write it acknowledged."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.strip()}")
+    try:
+        filler = disk / "filler"
+        filler.write_bytes(bytes(14 << 20))  # leaves ~26 MiB for the member
+        (tmp_path / "cluster").mkdir()
+        cluster = LocalCluster(1, base_dir=str(tmp_path / "cluster"))
+        m = cluster.members[0]
+        m.data_dir = str(disk / "m1.data")  # only the data; the log stays where it can be written
+        with cluster:
+            acked: dict[bytes, bytes] = {}
+            for i in range(60):
+                key, value = b"k%02d" % i, os.urandom(1 << 20)
+                try:
+                    m.kv().Put(rpc_pb2.PutRequest(key=key, value=value), timeout=5)
+                except grpc.RpcError:
+                    break
+                acked[key] = value
+            else:
+                pytest.fail("the disk never filled up")
+            assert m.proc.wait(timeout=30) == 1, m.log()
+            log = m.log()
+            assert "the Raft log failed" in log and "No space left on device" in log, log
+            assert log.count("failed _onTick") <= 1, "one report, not one per tick"
+            filler.unlink()
+            cluster.restart(m)
+            for key, value in acked.items():
+                assert [kv.value for kv in m.kv().Range(rpc_pb2.RangeRequest(key=key), timeout=10).kvs] == [value]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
