@@ -154,8 +154,9 @@ class Node:
 
     async def stop(self) -> None:
         # End this member's session first, so the coordinator moves its
-        # workloads now rather than when the session would expire.
-        await self.placement.stop(end_session=True)
+        # workloads now rather than when the session would expire. (Not
+        # when the Raft log failed: nothing this member proposes commits.)
+        await self.placement.stop(end_session=True, revoke_session=not self.raft.log_failed())
         if self.raft.is_leader() and len(self.membership.members()) > 1:
             # Hand leadership over first, so a rolling restart costs the
             # cluster no election timeout.

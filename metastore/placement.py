@@ -104,7 +104,10 @@ class Placement:
         self.signal.bind(loop)
         self._tasks = [loop.create_task(self.coordinator.run()), loop.create_task(self.agent.run())]
 
-    async def stop(self, end_session: bool = False) -> None:
+    async def stop(self, end_session: bool = False, revoke_session: bool = True) -> None:
+        """Stop placing; with `end_session`, release every workload held here
+        and (unless `revoke_session` is False: nothing this member proposes
+        can commit) revoke the session so they move at once."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -118,7 +121,7 @@ class Placement:
         self._tasks = []
         if end_session:
             self.agent.release_all()
-        if end_session and self.agent.session:
+        if end_session and revoke_session and self.agent.session:
             try:
                 revoke = rpc_pb2.LeaseRevokeRequest(ID=self.agent.session)
                 await asyncio.wait_for(self.node.lease_revoke(revoke, from_client=False), 1.0)

@@ -7,7 +7,8 @@ same interface (pysyncobj.journal.Journal) but:
 - appends are buffered in memory, and `sync()` writes them after the records
   on disk and fsyncs once for everything appended since the last sync (group
   commit: one fsync per batch of entries, not per entry);
-- a write or fsync that fails leaves the journal failed: every later
+- a write or fsync that fails (appending, rewriting the file for a log
+  compaction, storing term and vote) leaves the journal failed: every later
   `sync()` raises, so nothing appended after the failure is ever reported
   durable (after a failed fsync the kernel may have dropped the pages, and
   a second fsync can succeed without them: PostgreSQL's "fsyncgate"), and
@@ -89,6 +90,7 @@ class DurableJournal(Journal):
         # entry that really diverges, in the next sync.
         self._detached: list[tuple[tuple[bytes, int, int], int, int]] = []
         self._failure: OSError | None = None  # the write or fsync that failed (see sync)
+        self._reported = False  # on_failure was told
         # Told once, from the thread that hit it, when a write or fsync fails
         # (the member then stops: raft.node, metastore.node).
         self.on_failure: Callable[[OSError], None] | None = None
@@ -160,15 +162,18 @@ class DurableJournal(Journal):
     def sync(self) -> None:
         """Write everything appended so far and fsync it, once. Raises if
         this or any earlier write or fsync failed (see the module docstring)."""
-        with self._lock:
-            if self._failure is not None:
-                raise OSError(f"Raft log {self.path} failed earlier: {self._failure}") from self._failure
-            try:
-                self._write_and_sync()
-            except OSError as exc:
-                self._fail(exc)
-                raise
-            self._durable_index = self._entries[-1][1] if self._entries else 0
+        try:
+            with self._lock:
+                if self._failure is not None:
+                    raise OSError(f"Raft log {self.path} failed earlier: {self._failure}") from self._failure
+                try:
+                    self._write_and_sync()
+                except OSError as exc:
+                    self._fail(exc)
+                    raise
+                self._durable_index = self._entries[-1][1] if self._entries else 0
+        finally:
+            self._report_failure()
 
     def _write_and_sync(self) -> None:
         if self._detached:
@@ -243,19 +248,43 @@ class DurableJournal(Journal):
         self._rewrite(self._entries[entryTo:])
 
     def _fail(self, exc: OSError) -> None:
-        self._failure = exc
-        log.critical("Raft log %s: write or fsync failed (%s); this member acknowledges no more "
-                     "entries", self.path, exc)
-        if self.on_failure is not None:
-            self.on_failure(exc)
+        """Record a failed write (lock held); _report_failure tells
+        on_failure once the lock is released."""
+        if self._failure is None:
+            self._failure = exc
+            log.critical("Raft log %s: a write or fsync failed (%s); this member acknowledges no more "
+                         "entries", self.path, exc)
+
+    def _report_failure(self) -> None:
+        """Tell on_failure, once, about a failure _fail recorded (lock not
+        held: the callback may do anything but wait for this thread)."""
+        if self._failure is not None and not self._reported:
+            self._reported = True
+            if self.on_failure is not None:
+                self.on_failure(self._failure)
 
     def _rewrite(self, entries: list[tuple[bytes, int, int]]) -> None:
-        """Replace the file with exactly `entries`, atomically and durably."""
-        with self._lock:
-            if self._failure is not None:
-                raise OSError(f"Raft log {self.path} failed earlier: {self._failure}") from self._failure
-            tmp = self.path + ".tmp"
-            offsets, pos = [], 0
+        """Replace the file with exactly `entries`, atomically and durably.
+        Any failure is the journal's failure (as etcd takes a failed WAL
+        cut): pysyncobj calls this in the middle of a tick, between
+        appending entries and syncing them, so a failure that let ticks go
+        on could have a leader count entries that were never written."""
+        try:
+            with self._lock:
+                try:
+                    self._rewrite_locked(entries)
+                except OSError as exc:
+                    self._fail(exc)
+                    raise
+        finally:
+            self._report_failure()
+
+    def _rewrite_locked(self, entries: list[tuple[bytes, int, int]]) -> None:
+        if self._failure is not None:
+            raise OSError(f"Raft log {self.path} failed earlier: {self._failure}") from self._failure
+        tmp = self.path + ".tmp"
+        offsets, pos = [], 0
+        try:
             with open(tmp, "wb") as f:
                 for command, idx, term in entries:
                     body = _ENTRY.pack(idx, term) + command
@@ -266,24 +295,23 @@ class DurableJournal(Journal):
                 f.flush()
                 allocated = _preallocate(f.fileno(), pos + PREALLOCATE)
                 self._fsync(f.fileno())
-            os.replace(tmp, self.path)
-            try:
-                if self.fsync_enabled:
-                    _fsync_parent(self.path)
-                old_fd, self._fd = self._fd, os.open(self.path, os.O_RDWR)
-            except OSError as exc:  # the new file is in place, this journal no longer matches it
-                self._fail(exc)
-                raise
-            os.close(old_fd)
-            # Only now: had the new file failed, the old one and what is
-            # pending still had to be written as they were.
-            self._pending.clear()
-            self._detached.clear()
-            self._entries = list(entries)
-            self._offsets = offsets
-            self._size = self._written = pos
-            self._allocated = allocated
-            self._durable_index = entries[-1][1] if entries else 0
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # on a full disk it holds a copy of the whole log
+            raise
+        os.replace(tmp, self.path)
+        if self.fsync_enabled:
+            _fsync_parent(self.path)
+        old_fd, self._fd = self._fd, os.open(self.path, os.O_RDWR)
+        os.close(old_fd)
+        # Only now: until the new file is open for writing, the old one is the log.
+        self._pending.clear()
+        self._detached.clear()
+        self._entries = list(entries)
+        self._offsets = offsets
+        self._size = self._written = pos
+        self._allocated = allocated
+        self._durable_index = entries[-1][1] if entries else 0
 
     def __getitem__(self, item: Any) -> Any:
         return self._entries[item]
@@ -317,8 +345,11 @@ class DurableJournal(Journal):
         # pysyncobj sends it right after this returns: store synchronously.
         self._term = term
         self._voted_for = votedForNodeId
-        with self._lock:
-            self._store_meta()
+        try:
+            with self._lock:
+                self._store_meta()
+        finally:
+            self._report_failure()
 
     def getCurrentTerm(self) -> int:
         return self._term
@@ -328,10 +359,23 @@ class DurableJournal(Journal):
 
     def onOneSecondTimer(self) -> None:
         if self._meta_dirty:
-            with self._lock:
-                self._store_meta()
+            try:
+                with self._lock:
+                    self._store_meta()
+            finally:
+                self._report_failure()
 
     def _store_meta(self) -> None:
+        """Write term, vote and commit index durably (lock held). A failure
+        is the journal's: a member that cannot record its term and vote
+        cannot take part in elections, and the disk is failing or full."""
+        try:
+            self._write_meta()
+        except OSError as exc:
+            self._fail(exc)
+            raise
+
+    def _write_meta(self) -> None:
         # The commit index stored never exceeds what is durable in the log.
         commit = min(self._commit, max(self._durable_index, 1))
         body = _META.pack(self._term, commit) + (self._voted_for or "").encode()

@@ -268,6 +268,12 @@ class _ReplicatedLog(SyncObj):
             return
         # Acknowledgements of the entries the last poll took in: one fsync.
         self._SyncObj__transport.send_held_acks()
+        # Before the tick counts this leader's own entries toward commit,
+        # they are on disk. Normally the last tick's callbacks synced them;
+        # this catches what a tick that ended early (an exception) left.
+        journal = self._durable_journal
+        if journal is not None and journal.needs_sync():
+            journal.sync()
         # Reads asked for since the last tick join a round sent in this one.
         self.read_index.before_tick()
         super()._onTick(timeToWait)
@@ -993,7 +999,11 @@ class RaftNode(RaftStatusSource):
         return obj.raftCurrentTerm if obj is not None else 0
 
     def is_leader(self) -> bool:
-        return self._role is RaftRole.LEADER
+        """Leading, and able to: a node whose log failed ticks no more."""
+        return self._role is RaftRole.LEADER and not self.log_failed()
+
+    def log_failed(self) -> bool:
+        return self.journal is not None and self.journal.failed
 
     def applying_for(self) -> float:
         """Seconds the entry being applied right now has taken so far (0

@@ -248,3 +248,104 @@ def test_a_failed_write_leaves_the_journal_failed(tmp_path, monkeypatch):
     assert j.durable_index == 2
     j._destroy()  # pysyncobj's close: quietly, writing nothing more
     assert [e[1] for e in DurableJournal(path)] == [1, 2]
+
+
+def test_a_failed_rewrite_or_meta_write_fails_the_journal(tmp_path, monkeypatch):
+    """Log compaction (a rewrite of the file) and the term/vote record fail
+    the journal like an append: pysyncobj rewrites in the middle of a tick,
+    after appending entries and before they are synced."""
+    path = str(tmp_path / "raft.log")
+    j = DurableJournal(path)
+    told: list[OSError] = []
+    j.on_failure = told.append
+    for i in (1, 2, 3):
+        j.add(b"cmd%d" % i, i, 1)
+    j.sync()
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(j, "_fsync", full)  # syncing the new copy of the log fails
+        with pytest.raises(OSError):
+            j.deleteEntriesTo(1)  # pysyncobj's compaction: drop the first entry
+    assert j.failed and len(told) == 1
+    assert not os.path.exists(path + ".tmp"), "a copy of the log left on a full disk"
+    assert [e[1] for e in DurableJournal(path)] == [1, 2, 3]  # the old file, whole
+
+    meta = DurableJournal(str(tmp_path / "other.log"))
+    meta_told: list[OSError] = []
+    meta.on_failure = meta_told.append
+    with monkeypatch.context() as m:
+        m.setattr(meta, "_fsync", full)
+        with pytest.raises(OSError):
+            meta.setCurrentTerm(5, "n2")
+    assert meta.failed and len(meta_told) == 1
+
+
+def test_a_leader_whose_compaction_fails_acknowledges_nothing_more(tmp_path, monkeypatch):
+    """One member (it alone makes a majority), its log compaction failing
+    on a full disk and every write after it too: no entry may be applied
+    (which is what answers a client) unless it is on disk."""
+    from metastore.raft import journal as journal_module
+
+    disk_full = threading.Event()
+    real_rewrite = journal_module.DurableJournal._rewrite_locked
+    real_write = journal_module.DurableJournal._write_and_sync
+
+    def rewrite(self, entries):
+        if entries:
+            disk_full.set()
+        if disk_full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_rewrite(self, entries)
+
+    def write(self):
+        if disk_full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self)
+
+    monkeypatch.setattr(journal_module.DurableJournal, "_rewrite_locked", rewrite)
+    monkeypatch.setattr(journal_module.DurableJournal, "_write_and_sync", write)
+    address = f"127.0.0.1:{free_ports(1)[0]}"
+    membership = Membership("t", {"n0": [f"http://{address}"]})
+    applied: list[int] = []
+
+    def apply(payload: bytes, index: int) -> int:
+        applied.append(index)
+        return index
+
+    class Frozen:
+        def write(self, path: str) -> None:
+            with open(path, "wb") as f:
+                f.write(b"state")
+
+    cfg = RaftConfig(self_address=address, partner_addresses=[], bind_address=address,
+                     journal_file=str(tmp_path / "raft.log"), snapshot_file=str(tmp_path / "raft.snapshot"),
+                     snapshot_requests=50, heartbeat_interval=0.05, election_timeout=0.3)
+    node = RaftNode(cfg, 1, membership.id_of_address, apply, lambda _raft: Frozen(), lambda _path: None)
+    failures: list[OSError] = []
+    node.on_log_failure = failures.append
+    node.start()
+    try:
+        wait_for(node.is_leader, 10, "the member to lead")
+        answered: list[int] = []
+        slots = threading.Semaphore(32)
+
+        def done(result, error):
+            if error is None:
+                answered.append(result)
+            slots.release()
+
+        for n in range(2000):
+            if failures or not slots.acquire(timeout=5):
+                break
+            node.submit(b"x%d" % n, done)
+        wait_for(lambda: failures, 10, "the log failure to be reported")
+    finally:
+        node.stop()
+    assert disk_full.is_set(), "the compaction never ran"
+    on_disk = DurableJournal(str(tmp_path / "raft.log"))
+    last = on_disk[-1][1] if len(on_disk) else 0
+    assert answered and not [i for i in answered if i > last], (
+        f"acknowledged beyond the last index on disk ({last}): {[i for i in answered if i > last][:5]}")

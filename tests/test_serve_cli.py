@@ -120,7 +120,9 @@ def test_a_full_disk_stops_the_member_with_exit_status_1(tmp_path):
         (tmp_path / "cluster").mkdir()
         cluster = LocalCluster(1, base_dir=str(tmp_path / "cluster"))
         m = cluster.members[0]
-        m.data_dir = str(disk / "m1.data")  # only the data; the log stays where it can be written
+        # Only the data dir (the Raft log with it) is on the small disk; the
+        # process output stays where it can still be written.
+        m.data_dir = str(disk / "m1.data")
         with cluster:
             acked: dict[bytes, bytes] = {}
             for i in range(60):
