@@ -44,6 +44,21 @@ def restore(snapshot: str, member, cluster: LocalCluster, engine: str, check: bo
     return proc
 
 
+def assert_same_history(kv, saved: dict, compacted_key: bytes) -> rpc_pb2.RangeResponse:
+    """What `kv` (a KV stub on the restored member) serves is what was read
+    from the source when it was saved: every key at the current revision,
+    the history above the compaction, etcd's error below it."""
+    resp = kv.Range(ALL, timeout=5)
+    assert kv_tuples(resp) == kv_tuples(saved["current"])
+    assert resp.header.revision == saved["current"].header.revision
+    old = kv.Range(rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0", revision=saved["old_revision"]), timeout=5)
+    assert kv_tuples(old) == kv_tuples(saved["old"])
+    with pytest.raises(grpc.RpcError) as info:
+        kv.Range(rpc_pb2.RangeRequest(key=compacted_key, revision=saved["compacted"] - 1), timeout=5)
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    return resp
+
+
 @pytest.fixture(scope="module", params=ENGINES)
 def saved(request, tmp_path_factory):
     """A snapshot saved with etcdctl from one member of a 3-member cluster of
@@ -88,17 +103,8 @@ def test_restore_into_a_new_cluster(saved, engine, tmp_path):
     out = restore(saved["path"], m, restored, engine).stdout
     assert f"revision {saved['current'].header.revision}" in out
     with restored:
-        resp = m.kv().Range(ALL, timeout=5)
-        assert kv_tuples(resp) == kv_tuples(saved["current"])
-        assert resp.header.revision == saved["current"].header.revision
+        resp = assert_same_history(m.kv(), saved, b"key/0")
         assert resp.header.cluster_id != saved["cluster_id"], "a restored cluster is a new cluster"
-        # History above the compaction came along; below it, etcd's error.
-        old = m.kv().Range(rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0", revision=saved["old_revision"]),
-                           timeout=5)
-        assert kv_tuples(old) == kv_tuples(saved["old"])
-        with pytest.raises(grpc.RpcError) as info:
-            m.kv().Range(rpc_pb2.RangeRequest(key=b"key/0", revision=saved["compacted"] - 1), timeout=5)
-        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
         # The lease exists, and writes continue the revision sequence.
         leases = restored.etcdctl("lease", "list").stdout
         assert f"{saved['lease']:x}" in leases
@@ -189,15 +195,7 @@ def test_etcd_restores_it(saved, etcd_installed, tmp_path):
         etcd.start()
         with grpc.insecure_channel(m.endpoint) as ch:
             kv = rpc_pb2_grpc.KVStub(ch)
-            resp = kv.Range(ALL, timeout=5)
-            assert kv_tuples(resp) == kv_tuples(saved["current"])
-            assert resp.header.revision == saved["current"].header.revision
-            old = kv.Range(rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0", revision=saved["old_revision"]),
-                           timeout=5)
-            assert kv_tuples(old) == kv_tuples(saved["old"])
-            with pytest.raises(grpc.RpcError) as info:
-                kv.Range(rpc_pb2.RangeRequest(key=b"key/0", revision=saved["compacted"] - 1), timeout=5)
-            assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+            assert_same_history(kv, saved, b"key/0")
             leases = rpc_pb2_grpc.LeaseStub(ch).LeaseTimeToLive(
                 rpc_pb2.LeaseTimeToLiveRequest(ID=saved["lease"], keys=True), timeout=5)
             assert leases.keys == [b"leased"] and leases.grantedTTL == 600
@@ -245,15 +243,7 @@ def test_restore_a_snapshot_etcd_took(etcd_saved, engine, tmp_path):
     out = restore(etcd_saved["path"], m, restored, engine).stdout
     assert f"revision {etcd_saved['current'].header.revision}, saved from etcd" in out
     with restored:
-        resp = m.kv().Range(ALL, timeout=5)
-        assert kv_tuples(resp) == kv_tuples(etcd_saved["current"])
-        assert resp.header.revision == etcd_saved["current"].header.revision
-        old = m.kv().Range(rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0",
-                                                revision=etcd_saved["old_revision"]), timeout=5)
-        assert kv_tuples(old) == kv_tuples(etcd_saved["old"])
-        with pytest.raises(grpc.RpcError) as info:
-            m.kv().Range(rpc_pb2.RangeRequest(key=b"k/0", revision=etcd_saved["compacted"] - 1), timeout=5)
-        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert_same_history(m.kv(), etcd_saved, b"k/0")
         ttl = restored.etcdctl("lease", "timetolive", f"{etcd_saved['lease']:x}", "--keys").stdout
         assert "granted with TTL(900s)" in ttl and "attached keys([leased])" in ttl, ttl
         put = m.kv().Put(rpc_pb2.PutRequest(key=b"after-restore", value=b"1"), timeout=5)
