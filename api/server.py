@@ -49,21 +49,42 @@ def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class _GenericHandlersOnly:
+    """What the generated `add_*Servicer_to_server` functions see of the
+    server: they add each service as a generic handler and also register
+    every method with it. grpc.aio's server keeps one pending request per
+    registered method and waits on all of them (asyncio.wait) for every
+    call it accepts; with etcd's ~50 methods that wait costs ~27 us against
+    ~7 us for one (measured here on uvloop), on the event loop, for every
+    RPC. Only the generic handlers are passed on: the server finds each
+    method through them, with one pending request for all calls."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        """Not passed on (see the class docstring)."""
+
+
 async def build_server(node: Node, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
                        ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """Create (not start) the server, bound to every --listen-client-urls."""
     server = grpc.aio.server(interceptors=list(interceptors), options=server_options(node.cfg.max_request_bytes))
-    rpc_pb2_grpc.add_KVServicer_to_server(KVService(node), server)
-    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), server)
-    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), server)
-    rpc_pb2_grpc.add_WatchServicer_to_server(WatchService(node), server)
-    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(node), server)
-    rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(node), server)
-    v3lock_pb2_grpc.add_LockServicer_to_server(LockService(node), server)
-    v3election_pb2_grpc.add_ElectionServicer_to_server(ElectionService(node), server)
-    metastore_pb2_grpc.add_RaftServicer_to_server(RaftStatusService(node), server)
+    services = _GenericHandlersOnly(server)
+    rpc_pb2_grpc.add_KVServicer_to_server(KVService(node), services)
+    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), services)
+    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), services)
+    rpc_pb2_grpc.add_WatchServicer_to_server(WatchService(node), services)
+    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(node), services)
+    rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(node), services)
+    v3lock_pb2_grpc.add_LockServicer_to_server(LockService(node), services)
+    v3election_pb2_grpc.add_ElectionServicer_to_server(ElectionService(node), services)
+    metastore_pb2_grpc.add_RaftServicer_to_server(RaftStatusService(node), services)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, services)
     for url in node.cfg.listen_client_urls:
         address = hostport(url)
         try:
