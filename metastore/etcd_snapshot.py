@@ -29,14 +29,16 @@ etcd's buckets, as metastore writes and reads them:
 Rows in metastore's tables (metastore.mvcc_layout) are derived from the
 ``key`` bucket: a key's newest revision is its current record (or, for a
 delete, the tombstone in its history), older revisions its history, and
-every revision since the last finished compaction is listed in `rev`.
+every revision since the last finished compaction is listed in `rev`;
+deletes up to that compaction leave no history row, as compaction leaves
+none.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from bisect import bisect_left
 import struct
+from bisect import bisect_left
 from typing import Callable, Iterable, Iterator, Protocol
 
 from metastore.api.pb import kv_pb2, lease_pb2
