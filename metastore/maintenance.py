@@ -202,9 +202,10 @@ class Maintenance:
     async def snapshot(self) -> AsyncIterator[rpc_pb2.SnapshotResponse]:
         """etcd's Snapshot stream: a consistent copy of this member's store as
         a bbolt database in etcd's schema (`metastore.dbsnapshot`), then its
-        sha256 as the last message (remaining_bytes counts the data still to come, as etcd's does).
-        The copy is taken and written to a scratch file off the event loop;
-        the scratch is removed when the stream ends, however it ends."""
+        sha256 as the last message (remaining_bytes counts the data still to
+        come, as etcd's does). The copy is taken and written to a scratch
+        file off the event loop; the scratch is removed when the stream ends,
+        however it ends."""
         node = self._node
         loop = asyncio.get_running_loop()
         os.makedirs(node.cfg.data_dir, exist_ok=True)
