@@ -225,9 +225,9 @@ class Reader:
 
     def _choose_meta(self, path: str) -> tuple[int, int, int, int]:
         found = []
-        first = self._read_meta(0)
+        first = _parse_meta(self._map, 0, self._length)
         page_size = first[0] if first else PAGE_SIZE
-        for meta in (first, self._read_meta(page_size)):
+        for meta in (first, _parse_meta(self._map, page_size, self._length)):
             if meta is not None:
                 found.append(meta)
         if not found:
@@ -238,19 +238,6 @@ class Reader:
                             f"the file holds {self._length} bytes")
         return size, root, pages, txid
 
-    def _read_meta(self, offset: int) -> tuple[int, int, int, int, int] | None:
-        start = offset + _PAGE_HEADER.size
-        end = start + _META_FIELDS.size
-        if end + _CHECKSUM.size > self._length:
-            return None
-        fields = self._map[start:end]
-        magic, version, page_size, _flags, root, _seq, freelist, pages, txid = _META_FIELDS.unpack(fields)
-        (checksum,) = _CHECKSUM.unpack_from(self._map, end)
-        if magic != MAGIC or version != VERSION or checksum != fnv64a(fields):
-            return None
-        if page_size < 512 or page_size & (page_size - 1):
-            return None
-        return page_size, root, freelist, pages, txid
 
     def buckets(self) -> list[bytes]:
         """Names of the top-level buckets, in order."""
@@ -335,19 +322,26 @@ def is_bbolt(path: str) -> bool:
             head = f.read(2 * _MAX_PAGE_SIZE)
     except OSError:
         return False
-    offsets = [0] + [size for size in (4096, 8192, 16384, 32768, 65536, 1024, 2048, 512)]
-    return any(_valid_meta(head, offset) for offset in offsets)
+    # Meta page 1 starts one page in, at any page size bbolt allows.
+    offsets = (0, 4096, 512, 1024, 2048, 8192, 16384, 32768, _MAX_PAGE_SIZE)
+    return any(_parse_meta(head, offset, len(head)) is not None for offset in offsets)
 
 
 _MAX_PAGE_SIZE = 65536
 
 
-def _valid_meta(head: bytes, offset: int) -> bool:
+def _parse_meta(data: bytes | mmap.mmap, offset: int, length: int) -> tuple[int, int, int, int, int] | None:
+    """(page size, root bucket page, freelist page, page count, txid) of
+    the meta page at `offset`, or None if it is not a valid one."""
     start = offset + _PAGE_HEADER.size
     end = start + _META_FIELDS.size
-    if end + _CHECKSUM.size > len(head):
-        return False
-    fields = head[start:end]
-    (checksum,) = _CHECKSUM.unpack_from(head, end)
-    magic, version = _META_FIELDS.unpack(fields)[:2]
-    return magic == MAGIC and version == VERSION and checksum == fnv64a(fields)
+    if end + _CHECKSUM.size > length:
+        return None
+    fields = data[start:end]
+    magic, version, page_size, _flags, root, _seq, freelist, pages, txid = _META_FIELDS.unpack(fields)
+    (checksum,) = _CHECKSUM.unpack_from(data, end)
+    if magic != MAGIC or version != VERSION or checksum != fnv64a(fields):
+        return None
+    if page_size < 512 or page_size & (page_size - 1):
+        return None
+    return page_size, root, freelist, pages, txid

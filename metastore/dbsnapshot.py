@@ -178,12 +178,18 @@ def header(path: str) -> dict:
         if f.read(len(MAGIC)) == MAGIC:
             f.seek(0)
             return read_header(f, path)
-    size = os.path.getsize(path)
     try:
-        with bbolt.Reader(path, size - SHA_SIZE if size % BLOCK == SHA_SIZE else size) as db:
+        with _open_database(path) as db:
             return _header(etcd_snapshot.Database(db.items))
     except (bbolt.BoltError, etcd_snapshot.SchemaError) as exc:
         raise SnapshotError(f"{path}: {exc}") from None
+
+
+def _open_database(path: str) -> bbolt.Reader:
+    """The etcd database of a snapshot `verify` accepted (the sha256 after
+    it, if there is one, is not part of it)."""
+    size = os.path.getsize(path)
+    return bbolt.Reader(path, size - SHA_SIZE if size % BLOCK == SHA_SIZE else size)
 
 
 def read_rows(path: str) -> Iterator[Row]:
@@ -194,8 +200,7 @@ def read_rows(path: str) -> Iterator[Row]:
             f.seek(length, os.SEEK_CUR)
             yield from read_row_stream(f)
             return
-    size = os.path.getsize(path)
-    with bbolt.Reader(path, size - SHA_SIZE if size % BLOCK == SHA_SIZE else size) as db:
+    with _open_database(path) as db:
         yield from etcd_snapshot.Database(db.items).rows()
 
 

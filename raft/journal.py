@@ -45,7 +45,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pysyncobj.journal import Journal
 
@@ -162,18 +162,11 @@ class DurableJournal(Journal):
     def sync(self) -> None:
         """Write everything appended so far and fsync it, once. Raises if
         this or any earlier write or fsync failed (see the module docstring)."""
-        try:
-            with self._lock:
-                if self._failure is not None:
-                    raise OSError(f"Raft log {self.path} failed earlier: {self._failure}") from self._failure
-                try:
-                    self._write_and_sync()
-                except OSError as exc:
-                    self._fail(exc)
-                    raise
-                self._durable_index = self._entries[-1][1] if self._entries else 0
-        finally:
-            self._report_failure()
+        with self._writing():
+            if self._failure is not None:
+                raise OSError(f"Raft log {self.path} failed earlier: {self._failure}") from self._failure
+            self._write_and_sync()
+            self._durable_index = self._entries[-1][1] if self._entries else 0
 
     def _write_and_sync(self) -> None:
         if self._detached:
@@ -247,21 +240,26 @@ class DurableJournal(Journal):
         """Drop entries at positions < entryTo (covered by a snapshot)."""
         self._rewrite(self._entries[entryTo:])
 
-    def _fail(self, exc: OSError) -> None:
-        """Record a failed write (lock held); _report_failure tells
-        on_failure once the lock is released."""
-        if self._failure is None:
-            self._failure = exc
-            log.critical("Raft log %s: a write or fsync failed (%s); this member acknowledges no more "
-                         "entries", self.path, exc)
-
-    def _report_failure(self) -> None:
-        """Tell on_failure, once, about a failure _fail recorded (lock not
-        held: the callback may do anything but wait for this thread)."""
-        if self._failure is not None and not self._reported:
-            self._reported = True
-            if self.on_failure is not None:
-                self.on_failure(self._failure)
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The lock, for a write to disk: an OSError inside fails the
+        journal, and on_failure is told (once) after the lock is released,
+        so the callback may do anything but wait for this thread."""
+        try:
+            with self._lock:
+                try:
+                    yield
+                except OSError as exc:
+                    if self._failure is None:
+                        self._failure = exc
+                        log.critical("Raft log %s: a write or fsync failed (%s); this member acknowledges "
+                                     "no more entries", self.path, exc)
+                    raise
+        finally:
+            if self._failure is not None and not self._reported:
+                self._reported = True
+                if self.on_failure is not None:
+                    self.on_failure(self._failure)
 
     def _rewrite(self, entries: list[tuple[bytes, int, int]]) -> None:
         """Replace the file with exactly `entries`, atomically and durably.
@@ -269,15 +267,8 @@ class DurableJournal(Journal):
         cut): pysyncobj calls this in the middle of a tick, between
         appending entries and syncing them, so a failure that let ticks go
         on could have a leader count entries that were never written."""
-        try:
-            with self._lock:
-                try:
-                    self._rewrite_locked(entries)
-                except OSError as exc:
-                    self._fail(exc)
-                    raise
-        finally:
-            self._report_failure()
+        with self._writing():
+            self._rewrite_locked(entries)
 
     def _rewrite_locked(self, entries: list[tuple[bytes, int, int]]) -> None:
         if self._failure is not None:
@@ -325,7 +316,7 @@ class DurableJournal(Journal):
                 return  # nothing more can be made durable; what is on disk stays as it is
             self.sync()
             if self._meta_dirty:
-                with self._lock:
+                with self._writing():
                     self._store_meta()
         finally:
             if self._fd >= 0:
@@ -345,11 +336,8 @@ class DurableJournal(Journal):
         # pysyncobj sends it right after this returns: store synchronously.
         self._term = term
         self._voted_for = votedForNodeId
-        try:
-            with self._lock:
-                self._store_meta()
-        finally:
-            self._report_failure()
+        with self._writing():
+            self._store_meta()
 
     def getCurrentTerm(self) -> int:
         return self._term
@@ -359,23 +347,13 @@ class DurableJournal(Journal):
 
     def onOneSecondTimer(self) -> None:
         if self._meta_dirty:
-            try:
-                with self._lock:
-                    self._store_meta()
-            finally:
-                self._report_failure()
+            with self._writing():
+                self._store_meta()
 
     def _store_meta(self) -> None:
-        """Write term, vote and commit index durably (lock held). A failure
-        is the journal's: a member that cannot record its term and vote
-        cannot take part in elections, and the disk is failing or full."""
-        try:
-            self._write_meta()
-        except OSError as exc:
-            self._fail(exc)
-            raise
-
-    def _write_meta(self) -> None:
+        """Write term, vote and commit index durably (under _writing: a
+        failure is the journal's, since a member that cannot record its term
+        and vote cannot take part in elections, and the disk is failing)."""
         # The commit index stored never exceeds what is durable in the log.
         commit = min(self._commit, max(self._durable_index, 1))
         body = _META.pack(self._term, commit) + (self._voted_for or "").encode()
