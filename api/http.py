@@ -225,7 +225,7 @@ class HTTPServer:
             parts = urlsplit(url)
             try:
                 server = await asyncio.start_server(
-                    self._serve_connection, parts.hostname, parts.port, start_serving=False,
+                    self.serve_connection, parts.hostname, parts.port, start_serving=False,
                     limit=MAX_LINE_BYTES)
             except OSError as exc:
                 await self.stop()
@@ -254,7 +254,9 @@ class HTTPServer:
         self._servers.clear()
 
     # -- one connection ------------------------------------------------------
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one HTTP/1.1 connection until it closes (also what the
+        client port hands over when a connection does not speak HTTP/2)."""
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)

@@ -1,4 +1,5 @@
-"""etcd's JSON gateway on --listen-client-http-urls, driven as curl, APISIX
+"""etcd's JSON gateway, on the client port (HTTP/1.1 beside gRPC, as etcd
+serves it) and on --listen-client-http-urls, driven as curl, APISIX
 or Patroni drive etcd's: POSTs of JSON, answers in etcd's JSON (proto field
 names, 64-bit integers as strings, bytes in base64), etcd's error bodies and
 HTTP statuses, and streams of `{"result": ...}` lines for watch and lease
@@ -29,8 +30,13 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-@pytest.fixture(scope="module")
-def gateway():
+@pytest.fixture(scope="module", params=["client-port", "client-http-urls"])
+def gateway(request):
+    """(cluster, the port to send HTTP/1.1 to)."""
+    if request.param == "client-port":
+        with LocalCluster(1) as c:
+            yield c, int(c.members[0].endpoint.rpartition(":")[2])
+        return
     port = free_ports(1)[0]
     with LocalCluster(1, extra_args=["--listen-client-http-urls", f"http://127.0.0.1:{port}"]) as c:
         yield c, port

@@ -135,8 +135,10 @@ def test_watchers_on_all_members_see_every_event_once_in_order_through_a_leader_
                             acknowledged.append((rev, PUT, key, value))
                     else:
                         m.kv().DeleteRange(rpc_pb2.DeleteRangeRequest(key=key), timeout=5)
-                except grpc.RpcError:
-                    time.sleep(0.05)  # leader gone or member killed: retry elsewhere
+                except (grpc.RpcError, ValueError):
+                    # Leader gone or member killed (its channel closed under
+                    # us: ValueError): retry elsewhere.
+                    time.sleep(0.05)
                 i += 1
 
         writers = [threading.Thread(target=writer, args=(s,), daemon=True) for s in range(3)]
