@@ -433,10 +433,10 @@ class MVCCStore:
     def _delete(self, w: WriteTxn, req: rpc_pb2.DeleteRangeRequest, out: rpc_pb2.DeleteRangeResponse) -> None:
         kr = key_range(req.key, req.range_end)
         victims = _items(w, kr)
-        for key, rec in victims:
-            if req.prev_kv:
+        if req.prev_kv:
+            for key, rec in victims:
                 fill_kv(out.prev_kvs.add(), key, rec)
-            w.delete(key, rec)
+        w.delete_all(victims)
         out.deleted = len(victims)
         out.header.revision = w.read_rev
 

@@ -18,7 +18,7 @@ an overlay over the committed `kv` table.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 from metastore.backend import Backend, WriteBatch
 from metastore.mvcc_layout import (
@@ -118,21 +118,35 @@ class WriteTxn:
         return rec
 
     def delete(self, key: bytes, prev: bytes) -> None:
-        """Delete live `key` whose current record is `prev`. (A DeleteRange
-        calls this for every key it removes: kept lean.)"""
-        sub = len(self.changes)
+        """Delete live `key` whose current record is `prev`."""
+        self.delete_all(((key, prev),))
+
+    def delete_all(self, victims: Iterable[tuple[bytes, bytes]]) -> None:
+        """Delete each live key whose current record is given. A DeleteRange
+        of a whole prefix comes here with every key at once, so the loop is
+        kept lean: names bound once."""
+        changes = self.changes
+        sub = len(changes)
         rev = self.rev
-        _create, p_mod, p_sub, _version, prev_lease = RECORD.unpack_from(prev)
-        if prev_lease:
-            self.batch.delete("lease", attach_key(prev_lease, key))
-        prefix = hist_prefix(key)
-        ahead = self.batch.ahead
-        ahead.append(("rev", REV.pack(rev, sub), key))
-        ahead.append(("hist", prefix + REV.pack(p_mod, p_sub), prev))
-        ahead.append(("hist", prefix + REV.pack(rev, sub), TOMBSTONE))
-        self.batch.ops.append(("kv", key, None))
-        self._overlay[key] = None
-        self.changes.append(Change(key, None, prev, sub))
+        rev_of = REV.pack
+        header = RECORD.unpack_from
+        ahead_add = self.batch.ahead.append
+        ops_add = self.batch.ops.append
+        overlay = self._overlay
+        change_add = changes.append
+        for key, prev in victims:
+            _create, p_mod, p_sub, _version, prev_lease = header(prev)
+            if prev_lease:
+                self.batch.delete("lease", attach_key(prev_lease, key))
+            prefix = hist_prefix(key)
+            at = rev_of(rev, sub)
+            ahead_add(("rev", at, key))
+            ahead_add(("hist", prefix + rev_of(p_mod, p_sub), prev))
+            ahead_add(("hist", prefix + at, TOMBSTONE))
+            ops_add(("kv", key, None))
+            overlay[key] = None
+            change_add(Change(key, None, prev, sub))
+            sub += 1
 
 
 def unfinished_rows(backend: Backend, current_rev: int) -> WriteBatch:
