@@ -184,3 +184,13 @@ def test_serializable_read_is_local(cluster):
         def seen(m=m):
             return cluster.etcdctl("get", "ser-key", "--consistency=s", endpoints=[m]).stdout == "ser-key\nv\n"
         wait_for(seen, 5, f"{m.name} to apply ser-key")
+
+
+def test_etcdctl_check_datascale_reads_metrics_from_the_client_port(cluster):
+    """check datascale writes 10k keys and reads process memory from
+    /metrics on the client URL, as etcd serves it there (HTTP/1.1 beside gRPC)."""
+    out = cluster.etcdctl("check", "datascale", "--load=s", endpoints=cluster.members[:1], timeout=120).stdout
+    assert "PASS: Approximate system memory used" in out, out
+    # What it wrote is gone again and the cluster keeps serving.
+    assert cluster.etcdctl("get", "/etcdctl-check-datascale/", "--prefix", "--keys-only").stdout == ""
+    assert cluster.etcdctl("put", "after-datascale", "ok").stdout == "OK\n"
