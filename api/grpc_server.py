@@ -113,10 +113,6 @@ class _HandlerCallDetails(grpc.HandlerCallDetails):
         self.invocation_metadata = invocation_metadata
 
 
-class _Cancelled(Exception):
-    """The client reset the call or went away: nothing more is sent."""
-
-
 class Call:
     """One RPC: the handler's `context` (the parts of grpc.aio's
     ServicerContext that handlers use) and the request side of its stream."""
@@ -647,7 +643,3 @@ class GrpcServer:
             except asyncio.TimeoutError:
                 pass
         self._listeners.clear()
-
-    @property
-    def connection_count(self) -> int:
-        return len(self._connections)

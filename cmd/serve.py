@@ -46,8 +46,8 @@ def _optional_urls(ctx: click.Context, param: click.Parameter, value: str | None
               help=f"Comma-separated URLs to serve /metrics, /health and /version on (HTTP); '' for none  "
                    f"[default: {DEFAULT_METRICS_URL} if --listen-client-urls is the default, else none]")
 @click.option("--listen-client-http-urls", default="", callback=_urls,
-              help="Comma-separated URLs to serve etcd's JSON gateway on (HTTP: POST /v3/kv/range, ...); "
-                   "none by default.")
+              help="Comma-separated URLs to serve etcd's JSON gateway on (HTTP: POST /v3/kv/range, ...) "
+                   "besides the client port, which serves it too; none by default.")
 @click.option("--initial-cluster", default="",
               help="Every initial member as name=peer-url, comma-separated  [default: <name>=<advertised peer url>]")
 @click.option("--initial-cluster-token", default="metastore-cluster", show_default=True,
@@ -145,8 +145,8 @@ async def _run(cfg: ServerConfig) -> None:
         # loaded store's structures) lives as long as the process: keep it
         # out of every later full collection.
         gc.freeze()
-        log.info("member %s (%x) serving clients on %s", cfg.name, server.node.member_id,
-                 ",".join(cfg.listen_client_urls))
+        log.info("member %s (%x) serving clients on %s (gRPC; HTTP/1.1: the JSON gateway, /metrics, "
+                 "/health, /version)", cfg.name, server.node.member_id, ",".join(cfg.listen_client_urls))
         if cfg.listen_client_http_urls:
             log.info("serving etcd's JSON gateway (/v3/...) on %s", ",".join(cfg.listen_client_http_urls))
         if cfg.listen_metrics_urls:
