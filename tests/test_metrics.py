@@ -206,8 +206,15 @@ def test_drain_and_liveness_metrics_move():
         target = next(m for m in c.members if m is not leader)
         for i in range(6):
             assert leader.http("PUT", f"/api/v2/workloads/w{i}", {"i": i})[0] == 201
-        wait_for(lambda: value(scrape(c.metrics_address(leader)), "metastore_workloads",
-                               member=target.name, state="running") == 2, 30, "two workloads running on the target")
+
+        def settled() -> bool:
+            """Two running on every member and nothing else: no move in flight
+            that the drain would also count as still on the target."""
+            s = scrape(c.metrics_address(leader))
+            owned = {k: v for k, v in s.items() if k[0] == "metastore_workloads"}
+            return owned == {("metastore_workloads", (("member", m.name), ("state", "running"))): 2
+                             for m in c.members}
+        wait_for(settled, 30, "two workloads running on every member, no move in flight")
         before = scrape(c.metrics_address(target))
         assert value(before, "metastore_drain_in_progress") == 0
         target_id = f"{target.status().header.member_id:x}"
