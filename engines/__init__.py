@@ -11,8 +11,12 @@ from metastore.store import Store
 ROCKSDB_SUBDIR = "rocksdb"
 
 
-def open_store(engine: str, data_dir: str, node_id: int = 0) -> Store:
-    """Open the Store of `engine` keeping its files under data_dir."""
+def open_store(engine: str, data_dir: str, node_id: int = 0, *, journaled: bool = False) -> Store:
+    """Open the Store of `engine` keeping its files under data_dir.
+
+    `journaled`: a Raft journal holds every request the store applies and
+    replays those past its applied position after a restart, so a persistent
+    engine need not log them again (RocksDB runs without its WAL)."""
     if engine == "memory":
         from metastore.engines.memory import open_store as open_memory
 
@@ -20,5 +24,5 @@ def open_store(engine: str, data_dir: str, node_id: int = 0) -> Store:
     if engine == "rocksdb":
         from metastore.engines.rocksdb import open_store as open_rocksdb
 
-        return open_rocksdb(os.path.join(data_dir, ROCKSDB_SUBDIR), node_id=node_id)
+        return open_rocksdb(os.path.join(data_dir, ROCKSDB_SUBDIR), node_id=node_id, wal=not journaled)
     raise ValueError(f"unknown engine {engine!r}")

@@ -57,7 +57,9 @@ class Node:
         self.member_id = member_id(cfg.initial_advertise_peer_urls, cfg.initial_cluster_token)
         self.cluster_id = self.membership.cluster_id
         self._prepare_data_dir()
-        self.store = open_store(cfg.engine, cfg.data_dir, self.member_id)
+        # The Raft journal replays what the store loses in a crash (see
+        # engines.open_store), so the store keeps no log of its own.
+        self.store = open_store(cfg.engine, cfg.data_dir, self.member_id, journaled=True)
         self.min_lease_ttl = minimum_ttl(cfg.election_timeout_ms)
         self.lessor = Lessor(self.store, grace=self.min_lease_ttl)
         self.state_machine = StateMachine(self.store, self.membership, self.lessor)

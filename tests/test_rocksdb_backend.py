@@ -225,6 +225,46 @@ def test_killed_process_keeps_written_batches(db_path: str) -> None:
         b.close()
 
 
+def test_without_the_wal_a_killed_process_reopens_at_a_flush(db_path: str) -> None:
+    """wal=False (how a member runs: its Raft journal replays the rest): a
+    kill loses what only the memtables held, and the database reopens at
+    the last flush -- every table at the same batch, never part of one."""
+    code = (
+        "import os, sys\n"
+        "from metastore.backend import WriteBatch\n"
+        "from metastore.engines.rocksdb import RocksDBBackend\n"
+        "b = RocksDBBackend(sys.argv[1], wal=False)\n"
+        "for i in range(50):\n"
+        "    w = WriteBatch(); w.put('kv', b'k%03d' % i, b'v'); w.put('meta', b'last', b'%d' % i); b.write(w)\n"
+        "    if i == 19:\n"
+        "        b.flush_in_background()\n"
+        "        b.compact(['rev'])  # waits for the flush of every table (atomic flush)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, db_path], capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr.decode()
+    b = RocksDBBackend(db_path, wal=False)
+    try:
+        last = int(b.get("meta", b"last"))
+        assert 19 <= last < 49  # the flushed batches, not the 30 after them
+        assert scan_keys(b, "kv", b"", None) == [b"k%03d" % i for i in range(last + 1)]
+    finally:
+        b.close()
+
+
+def test_without_the_wal_close_keeps_everything(db_path: str) -> None:
+    b = RocksDBBackend(db_path, wal=False)
+    fill(b, "kv", [b"a", b"b"])
+    b.close()
+    again = RocksDBBackend(db_path, wal=False)
+    try:
+        assert scan_keys(again, "kv", b"", None) == [b"a", b"b"]
+    finally:
+        again.close()
+    with pytest.raises(ValueError, match="sync needs the WAL"):
+        RocksDBBackend(db_path, sync=True, wal=False)
+
+
 def test_sync_writes(tmp_path: Path) -> None:
     b = RocksDBBackend(str(tmp_path / "s"), sync=True)
     try:

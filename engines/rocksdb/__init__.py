@@ -8,9 +8,10 @@ from metastore.mvcc import MVCCStore
 __all__ = ["BackendClosedError", "ForeignDirectoryError", "RocksDBBackend", "open_store"]
 
 
-def open_store(path: str, node_id: int = 0, sync: bool = False) -> MVCCStore:
-    """Open (creating if new) the RocksDB store kept in directory `path`."""
-    backend = RocksDBBackend(path, sync=sync)
+def open_store(path: str, node_id: int = 0, sync: bool = False, wal: bool = True) -> MVCCStore:
+    """Open (creating if new) the RocksDB store kept in directory `path`
+    (`sync`, `wal`: see RocksDBBackend)."""
+    backend = RocksDBBackend(path, sync=sync, wal=wal)
     try:
         return MVCCStore(backend, node_id=node_id)
     except BaseException:
