@@ -15,11 +15,20 @@ from typing import Iterator, Protocol
 TABLES: tuple[str, ...] = ("kv", "hist", "rev", "meta", "lease")
 
 
+class RangeEnd(bytes):
+    """The value of an op that deletes every key in [op key, this end): how
+    a DeleteRange of many keys clears `kv` in one op. Only batches for a
+    backend whose `deletes_ranges` is true hold one (WriteBatch.delete_range)."""
+
+    __slots__ = ()
+
+
 @dataclass
 class WriteBatch:
     """Writes to apply atomically: all of them or none survive a crash.
 
-    `ops` keeps (table, key, value) in order; value None deletes the key.
+    `ops` keeps (table, key, value) in order; value None deletes the key,
+    a RangeEnd every key from `key` up to it.
 
     `ahead` holds puts that may reach disk before the rest, in writes of
     their own and in order (put_ahead): rows no read reaches until the rest
@@ -39,6 +48,11 @@ class WriteBatch:
     def delete(self, table: str, key: bytes) -> None:
         self.ops.append((table, key, None))
 
+    def delete_range(self, table: str, start: bytes, end: bytes) -> None:
+        """Delete every key in [start, end); only for a backend that
+        `deletes_ranges`."""
+        self.ops.append((table, start, RangeEnd(end)))
+
     def put_ahead(self, table: str, key: bytes, value: bytes) -> None:
         self.ahead.append((table, key, value))
 
@@ -52,6 +66,10 @@ class WriteBatch:
 
 
 class Backend(Protocol):
+    # Optional capability (getattr, default False): write() applies the
+    # RangeEnd ops of WriteBatch.delete_range.
+    deletes_ranges: bool
+
     def get(self, table: str, key: bytes) -> bytes | None: ...
 
     def scan(

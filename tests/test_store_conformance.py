@@ -414,6 +414,46 @@ def test_delete_gte_form(store: MVCCStore) -> None:
     assert keys(get(store, *ALL)) == [b"a"]
 
 
+def test_delete_of_many_keys_takes_exactly_the_range(store: MVCCStore) -> None:
+    """Enough keys for a backend to clear `kv` with one range op: the keys
+    around the range (its end itself, the key just past the last one
+    deleted) stay, history before the delete still reads, and each deleted
+    key gets its own event."""
+    inside = [b"m%03d" % i for i in range(100)] + [b"m099\x00\x00"]
+    end = b"m099\x00\x00\x00"  # the key right after the last one deleted
+    outside = [b"l", b"m", end, b"n"]
+    for k in outside + inside:
+        put(store, k, b"v" + k)
+    before = store.revision
+    rec = Recorder()
+    store.add_listener(rec)
+    resp = delete(store, b"m000", end)
+    assert resp.deleted == len(inside) and resp.header.revision == before + 1
+    assert keys(get(store, *ALL)) == sorted(outside)
+    old = get(store, b"m000", end, revision=before)
+    assert keys(old) == sorted(inside) and all(kv.value == b"v" + kv.key for kv in old.kvs)
+    assert [(rev, e.type, e.kv.key) for rev, events in rec.calls for e in events] == [
+        (before + 1, kv_pb2.Event.DELETE, k) for k in sorted(inside)]
+    # every key written again after it: a fresh key (version 1) each
+    for k in inside:
+        put(store, k, b"w")
+    assert [kv.version for kv in get(store, b"m000", end).kvs] == [1] * len(inside)
+
+
+def test_txn_put_then_delete_of_many_keys_and_put_again(store: MVCCStore) -> None:
+    """In one txn: a key put before a big DeleteRange goes with it, one
+    put after it in its range stays."""
+    for i in range(100):
+        put(store, b"k%03d" % i)
+    put(store, b"z")
+    resp = store.txn(pb.TxnRequest(success=[
+        op_put(b"k0500"), op_del(b"k", b"l"), op_put(b"k050", b"back"), op_put(b"k200")]))
+    assert resp.succeeded and resp.responses[1].response_delete_range.deleted == 101
+    now = get(store, *ALL)
+    assert keys(now) == [b"k050", b"k200", b"z"]
+    assert now.kvs[0].value == b"back" and now.kvs[0].version == 1
+
+
 # -- txn ------------------------------------------------------------------------------------
 _FIELD = {C.VERSION: "version", C.CREATE: "create_revision", C.MOD: "mod_revision", C.VALUE: "value", C.LEASE: "lease"}
 

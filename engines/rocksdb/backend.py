@@ -46,7 +46,7 @@ from rocksdict import (
     WriteOptions,
 )
 
-from metastore.backend import TABLES, WriteBatch
+from metastore.backend import TABLES, RangeEnd, WriteBatch
 from metastore.engines.rocksdb.marker import (
     ROCKSDB_CURRENT,
     ForeignDirectoryError,
@@ -89,6 +89,9 @@ class _Tables(dict):
 
 class RocksDBBackend:
     """The Backend protocol (metastore.backend.Backend) on RocksDB."""
+
+    # A RangeEnd op is one RocksDB range deletion (instead of a delete per key).
+    deletes_ranges = True
 
     def __init__(self, path: str, *, sync: bool = False, wal: bool = True) -> None:
         if sync and not wal:
@@ -195,6 +198,8 @@ class RocksDBBackend:
         for table, key, value in ops:
             if value is None:
                 rb.delete(key, handles[table])
+            elif value.__class__ is RangeEnd:
+                rb.delete_range(key, bytes(value), handles[table])
             else:
                 rb.put(key, value, handles[table])
         self._write_batch(rb, len(ops))
