@@ -7,15 +7,23 @@ import random
 
 import pytest
 
-from metastore.backend import WriteBatch
+from metastore.backend import RangeEnd, WriteBatch
 from metastore.engines.memory import backend as memory_backend
 from metastore.engines.memory.backend import MemoryBackend
 
 
-def _ops(rng: random.Random, n: int) -> list[tuple[str, bytes, bytes | None]]:
-    keys = [b"k%03d" % i for i in range(300)]  # few keys: many repeats within a batch
-    return [(rng.choice(("kv", "hist", "rev")), rng.choice(keys),
-             None if rng.random() < 0.4 else b"v%d" % rng.randrange(10**6)) for _ in range(n)]
+def _ops(rng: random.Random, n: int, ranges: bool = False) -> list[tuple[str, bytes, bytes | None]]:
+    """Random puts and deletes of few keys (many repeats within a batch);
+    with `ranges`, one op in 50 deletes a range (a RangeEnd value)."""
+    keys = [b"k%03d" % i for i in range(300)]
+    ops: list[tuple[str, bytes, bytes | None]] = []
+    for _ in range(n):
+        table, key = rng.choice(("kv", "hist", "rev")), rng.choice(keys)
+        if ranges and rng.random() < 0.02:
+            ops.append((table, key, RangeEnd(key[:-1] + b"%d" % rng.randrange(10))))
+        else:
+            ops.append((table, key, None if rng.random() < 0.4 else b"v%d" % rng.randrange(10**6)))
+    return ops
 
 
 def _batch(ops: list[tuple[str, bytes, bytes | None]]) -> WriteBatch:
@@ -23,29 +31,43 @@ def _batch(ops: list[tuple[str, bytes, bytes | None]]) -> WriteBatch:
     for table, key, value in ops:
         if value is None:
             batch.delete(table, key)
+        elif isinstance(value, RangeEnd):
+            batch.delete_range(table, key, value)
         else:
             batch.put(table, key, value)
     return batch
+
+
+def _one_by_one(backend: MemoryBackend, ops: list[tuple[str, bytes, bytes | None]]) -> None:
+    """The model: every op alone, a range as a delete of each key it holds."""
+    for table, key, value in ops:
+        if isinstance(value, RangeEnd):
+            for k, _ in list(backend.scan(table, key, value)):
+                backend.write(_batch([(table, k, None)]))
+        else:
+            backend.write(_batch([(table, key, value)]))
 
 
 def _rows(source, tables=("kv", "hist", "rev")) -> dict[str, list[tuple[bytes, bytes]]]:
     return {t: list(source.scan(t, b"", None)) for t in tables}
 
 
+@pytest.mark.parametrize("ranges", [False, True], ids=["keys", "with-ranges"])
+@pytest.mark.parametrize("batch_size", [memory_backend._BULK_OPS * 3, 40], ids=["bulk", "small"])
 @pytest.mark.parametrize("seed", range(8))
-def test_a_bulk_batch_equals_the_same_ops_one_by_one(seed: int) -> None:
+def test_a_batch_equals_the_same_ops_one_by_one(seed: int, batch_size: int, ranges: bool) -> None:
     rng = random.Random(seed)
     setup = _ops(rng, 2000)
-    ops = _ops(rng, memory_backend._BULK_OPS * 3)
+    ops = _ops(rng, memory_backend._BULK_OPS * 3, ranges)
     bulk, single = MemoryBackend(), MemoryBackend()
     for backend in (bulk, single):
         for start in range(0, len(setup), 100):
             backend.write(_batch(setup[start:start + 100]))
     before = _rows(bulk)
     frozen = bulk.frozen_rows()
-    bulk.write(_batch(ops))
-    for op in ops:
-        single.write(_batch([op]))
+    for start in range(0, len(ops), batch_size):
+        bulk.write(_batch(ops[start:start + batch_size]))
+    _one_by_one(single, ops)
     assert _rows(bulk) == _rows(single)
     assert bulk.size() == single.size()
     assert _rows(frozen) == before  # a snapshot taken before the batch does not see it

@@ -14,13 +14,16 @@ from typing import Iterator
 
 from sortedcontainers import SortedDict
 
-from metastore.backend import TABLES, WriteBatch
+from metastore.backend import TABLES, RangeEnd, WriteBatch
 
 # From this many ops a batch is applied table by table in bulk (_write_bulk).
 _BULK_OPS = 1024
 
 
 class MemoryBackend:
+    # A RangeEnd op drops its keys as one slice of the sorted table.
+    deletes_ranges = True
+
     def __init__(self) -> None:
         self._tables: dict[str, SortedDict] = {name: SortedDict() for name in TABLES}
         self._bytes = 0  # keys + values held, for size()
@@ -55,15 +58,20 @@ class MemoryBackend:
         if len(named) >= _BULK_OPS:
             self._write_bulk(named)
             return
-        ops = [(tables[name], key, value) for name, key, value in named]
+        ops = [(name, tables[name], key, value) for name, key, value in named]
         for pre in self._pre_images:
             # Before the rows change: a FrozenRows reader checks afterwards.
-            for name, key, _value in named:
+            for name, key, value in named:
+                if value.__class__ is RangeEnd:
+                    continue  # kept by _clear_range, when it runs
                 kept = pre[name]
                 if key not in kept:
                     kept[key] = tables[name].get(key)
         delta = 0
-        for d, key, value in ops:
+        for name, d, key, value in ops:
+            if value.__class__ is RangeEnd:
+                delta -= self._clear_range(name, key, value)
+                continue
             old = d.get(key)
             if old is not None:
                 delta -= len(key) + len(old)
@@ -82,19 +90,30 @@ class MemoryBackend:
         at a time (half the cost at 100k rows, measured here)."""
         tables = self._tables
         final: dict[str, dict[bytes, bytes | None]] = {}
+        # A range op deletes the table's keys in it (cleared first, in one
+        # slice) and the keys earlier ops of the batch put in it (None in
+        # `final`); later ops apply after the clearing, as in order.
+        cleared: list[tuple[str, bytes, bytes]] = []
         for name, key, value in named:
             rows = final.get(name)
             if rows is None:
                 tables[name]  # a bad table name fails before anything is applied
                 rows = final[name] = {}
+            if value.__class__ is RangeEnd:
+                cleared.append((name, key, value))
+                for pending in [k for k in rows if key <= k < value]:
+                    rows[pending] = None
+                continue
             rows[key] = value
+        delta = 0
+        for name, start, end in cleared:
+            delta -= self._clear_range(name, start, end)
         for pre in self._pre_images:
             for name, rows in final.items():
                 kept, d = pre[name], tables[name]
                 for key in rows:
                     if key not in kept:
                         kept[key] = d.get(key)
-        delta = 0
         for name, rows in final.items():
             d = tables[name]
             puts: dict[bytes, bytes] = {}
@@ -111,6 +130,23 @@ class MemoryBackend:
             if puts:
                 d.update(puts)
         self._bytes += delta
+
+    def _clear_range(self, name: str, start: bytes, end: bytes) -> int:
+        """Delete every key of table `name` in [start, end) as one slice
+        (after keeping their rows for open FrozenRows); the bytes they held."""
+        d = self._tables[name]
+        lo, hi = d.bisect_left(start), d.bisect_left(end)
+        if lo >= hi:
+            return 0
+        keys = d.keys()[lo:hi]
+        for pre in self._pre_images:
+            kept = pre[name]
+            for key in keys:
+                if key not in kept:
+                    kept[key] = d[key]
+        freed = sum(len(k) + len(d[k]) for k in keys)
+        del d.keys()[lo:hi]
+        return freed
 
     def frozen_rows(self) -> "FrozenRows":
         """Every (table, key, value) as of now, in table then key order, for
