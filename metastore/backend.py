@@ -13,6 +13,8 @@ from typing import Iterator, Protocol
 # metastore.mvcc_layout and metastore.mvcc_lease. New tables go at the end:
 # snapshots name tables by position.
 TABLES: tuple[str, ...] = ("kv", "hist", "rev", "meta", "lease")
+# The tables a WriteBatch may put rows ahead in, in the order they are written.
+AHEAD_TABLES: tuple[str, ...] = ("rev", "hist")
 
 
 class RangeEnd(bytes):
@@ -31,16 +33,20 @@ class WriteBatch:
     a RangeEnd every key from `key` up to it.
 
     `ahead` holds puts that may reach disk before the rest, in writes of
-    their own and in order (put_ahead): rows no read reaches until the rest
-    has landed, and that applying the same request again writes again,
-    identically (metastore.mvcc_write says why its rows qualify and how the
-    store drops them when the rest never lands). An engine whose one write of
-    a huge batch would stall the process (RocksDB holds the interpreter lock
-    for the whole write) can so split what is big.
+    their own (put_ahead): rows no read reaches until the rest has landed,
+    and that applying the same request again writes again, identically
+    (metastore.mvcc_write says why its rows qualify and how the store drops
+    them when the rest never lands). An engine whose one write of a huge
+    batch would stall the process (RocksDB holds the interpreter lock for
+    the whole write) can so split what is big. They are kept per table, in
+    AHEAD_TABLES order (an engine writes them in that order: every `rev` row
+    before any `hist` row), as (key, value) pairs: a DeleteRange of 200k keys
+    puts 600k rows ahead, and an engine can take a table's rows whole.
     """
 
     ops: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)
-    ahead: list[tuple[str, bytes, bytes]] = field(default_factory=list)
+    ahead: dict[str, list[tuple[bytes, bytes]]] = field(
+        default_factory=lambda: {table: [] for table in AHEAD_TABLES})
 
     def put(self, table: str, key: bytes, value: bytes) -> None:
         self.ops.append((table, key, value))
@@ -54,15 +60,23 @@ class WriteBatch:
         self.ops.append((table, start, RangeEnd(end)))
 
     def put_ahead(self, table: str, key: bytes, value: bytes) -> None:
-        self.ahead.append((table, key, value))
+        self.ahead[table].append((key, value))  # only AHEAD_TABLES qualify
+
+    def ahead_count(self) -> int:
+        return sum(len(rows) for rows in self.ahead.values())
 
     def all_ops(self) -> list[tuple[str, bytes, bytes | None]]:
         """Every op in the order an engine applying them at once should
         use: the ahead puts, then the rest."""
-        return [*self.ahead, *self.ops] if self.ahead else self.ops
+        every: list[tuple[str, bytes, bytes | None]] = [
+            (table, key, value) for table, rows in self.ahead.items() for key, value in rows]
+        if not every:
+            return self.ops
+        every += self.ops
+        return every
 
     def __len__(self) -> int:
-        return len(self.ops) + len(self.ahead)
+        return len(self.ops) + self.ahead_count()
 
 
 class Backend(Protocol):

@@ -11,8 +11,8 @@ revision above the store's current one, and the superseded record copied
 into `hist` equals the key's current `kv` record. Should the rest never land
 (a crash, a failed write), `unfinished_rows` finds them from the `rev` rows
 and the store drops them; applying the request again rebuilds them byte for
-byte. Each change's `rev` row goes ahead of its `hist` rows, so an engine
-that writes the ahead rows in order never leaves a `hist` row without it. Reads made while building (by the
+byte. An engine writes every `rev` row ahead before any `hist` row
+(WriteBatch.ahead), so it never leaves a `hist` row without its `rev` row. Reads made while building (by the
 request itself: prev_kv, ranges inside a txn) see the pending writes through
 an overlay over the committed `kv` table.
 """
@@ -140,7 +140,8 @@ class WriteTxn:
         rev = self.rev
         rev_of = REV.pack
         header = RECORD.unpack_from
-        ahead_add = self.batch.ahead.append
+        rev_add = self.batch.ahead["rev"].append
+        hist_add = self.batch.ahead["hist"].append
         ops_add = self.batch.ops.append
         overlay = self._overlay
         change_add = changes.append
@@ -150,9 +151,9 @@ class WriteTxn:
                 self.batch.delete("lease", attach_key(prev_lease, key))
             prefix = hist_prefix(key)
             at = rev_of(rev, sub)
-            ahead_add(("rev", at, key))
-            ahead_add(("hist", prefix + rev_of(p_mod, p_sub), prev))
-            ahead_add(("hist", prefix + at, TOMBSTONE))
+            rev_add((at, key))
+            hist_add((prefix + rev_of(p_mod, p_sub), prev))
+            hist_add((prefix + at, TOMBSTONE))
             if not ranged:
                 ops_add(("kv", key, None))
             overlay[key] = None

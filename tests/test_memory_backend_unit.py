@@ -66,8 +66,14 @@ def test_a_batch_equals_the_same_ops_one_by_one(seed: int, batch_size: int, rang
     before = _rows(bulk)
     frozen = bulk.frozen_rows()
     for start in range(0, len(ops), batch_size):
-        bulk.write(_batch(ops[start:start + batch_size]))
-    _one_by_one(single, ops)
+        batch = _batch(ops[start:start + batch_size])
+        # Rows put ahead (applied before the batch's ops), some over existing keys.
+        ahead = [(rng.choice(("rev", "hist")), b"k%03d" % rng.randrange(400), b"a%d" % start)
+                 for _ in range(batch_size // 4)]
+        for table, key, value in ahead:
+            batch.put_ahead(table, key, value)
+        bulk.write(batch)
+        _one_by_one(single, ahead + ops[start:start + batch_size])
     assert _rows(bulk) == _rows(single)
     assert bulk.size() == single.size()
     assert _rows(frozen) == before  # a snapshot taken before the batch does not see it

@@ -1244,7 +1244,7 @@ def test_rows_put_ahead_of_a_write_that_never_lands_leave_no_trace(make_store, r
     from metastore.backend import WriteBatch
 
     def write_ahead_then_fail(batch) -> None:
-        if not batch.ahead:
+        if not batch.ahead_count():
             if restart:
                 raise _CrashAfterAhead  # dead: nothing more reaches the disk
             return real_write(batch)  # the store dropping what went ahead

@@ -169,21 +169,21 @@ class RocksDBBackend:
         `ahead` puts (in the same write when the batch is small; else in
         writes of at most about AHEAD_CHUNK_BYTES or AHEAD_CHUNK_OPS, see
         WriteBatch)."""
-        ahead = batch.ahead
-        if len(ahead) + len(batch.ops) <= AHEAD_INLINE_OPS:
+        if len(batch) <= AHEAD_INLINE_OPS:
             self._write_ops(batch.all_ops())
             return
         # One pass over the ahead rows, each chunk's RocksDB batch built as
         # it is sized: a DeleteRange of 200k keys puts 600k rows ahead.
-        handles = self._handles
         rb = RocksBatch(raw_mode=True)
         count = 0
-        for table, key, value in ahead:
-            rb.put(key, value, handles[table])
-            count += 1
-            if count >= AHEAD_CHUNK_OPS or rb.size_in_bytes() >= AHEAD_CHUNK_BYTES:
-                self._write_batch(rb, count)
-                rb, count = RocksBatch(raw_mode=True), 0
+        for table, rows in batch.ahead.items():
+            handle = self._handles[table]
+            for key, value in rows:
+                rb.put(key, value, handle)
+                count += 1
+                if count >= AHEAD_CHUNK_OPS or rb.size_in_bytes() >= AHEAD_CHUNK_BYTES:
+                    self._write_batch(rb, count)
+                    rb, count = RocksBatch(raw_mode=True), 0
         if count:
             self._write_batch(rb, count)
         self._write_ops(batch.ops)
