@@ -246,3 +246,22 @@ def test_an_http1_client_is_handed_over(run):
         out = await asyncio.get_running_loop().run_in_executor(None, talk)
         assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"GET /version HTTP/1.1\r\n")
     run(scenario)
+
+
+def test_a_decoded_header_block_is_reused_only_while_the_table_is_unchanged():
+    """Connection keeps decoded header blocks; the same bytes must decode
+    anew once the dynamic table changed (index 62 is then another entry)."""
+    async def main() -> None:
+        conn = http2.Connection(handler=None, on_close=lambda c: None)  # type: ignore[arg-type]
+        add_a = b"\x40\x03x-a\x011"  # literal, incremental indexing: x-a: 1 becomes index 62
+        add_b = b"\x40\x03x-b\x012"  # x-b: 2 becomes 62, x-a: 1 moves to 63
+        newest = b"\xbe"  # indexed field 62
+        assert conn._decode(add_a) == [(b"x-a", b"1")]
+        assert conn._decode(newest) == [(b"x-a", b"1")]
+        assert conn._decode(newest) == [(b"x-a", b"1")]  # kept, table unchanged
+        assert conn._decode(add_b) == [(b"x-b", b"2")]
+        assert conn._decode(newest) == [(b"x-b", b"2")]
+        conn._table.maxsize = 0  # a size update empties the table: index 62 is gone
+        with pytest.raises(http2.ConnectionError_):
+            conn._decode(newest)
+    asyncio.run(main())
