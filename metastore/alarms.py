@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import weakref
 
 from metastore.api.pb import rpc_pb2
 from metastore.store import Store
@@ -39,13 +40,27 @@ def alarm_key(member_id: int, alarm: int) -> bytes:
 def active(store: Store, alarm: int = NONE) -> list[tuple[int, int]]:
     """Active alarms as (member id, alarm type), ordered; of type `alarm`
     only, unless NONE (etcd's AlarmStore.Get)."""
+    return [pair for pair in _every_active(store) if alarm == NONE or pair[1] == alarm]
+
+
+# store -> (its meta_generation, the alarms then): every Put and Txn asks
+# whether NOSPACE is active, and the answer only changes with the meta rows.
+_known: "weakref.WeakKeyDictionary[Store, tuple[int, list[tuple[int, int]]]]" = weakref.WeakKeyDictionary()
+
+
+def _every_active(store: Store) -> list[tuple[int, int]]:
+    generation = getattr(store, "meta_generation", None)  # read before the rows: a change after it is seen next time
+    if generation is not None:
+        known = _known.get(store)
+        if known is not None and known[0] == generation:
+            return known[1]
     found = []
     for key, _value in store.meta_items(PREFIX):  # type: ignore[attr-defined]
         if len(key) != len(PREFIX) + _KEY.size:
             continue  # not ours: never raise on the request path
-        member, kind = _KEY.unpack_from(key, len(PREFIX))
-        if alarm == NONE or kind == alarm:
-            found.append((member, kind))
+        found.append(_KEY.unpack_from(key, len(PREFIX)))
+    if generation is not None:
+        _known[store] = (generation, found)
     return found
 
 

@@ -136,6 +136,10 @@ class MVCCStore:
         applied = backend.get("meta", META_APPLIED)
         self._applied = _APPLIED.unpack(applied) if applied else (0, 0)
         self._leases = load_leases(backend)
+        # Moves once the meta rows write_meta writes (alarms, liveness) may
+        # have changed -- after they changed -- so a reader can keep what it
+        # derived from them until it moves.
+        self.meta_generation = getattr(self, "meta_generation", 0) + 1
 
     # -- Raft bookkeeping -------------------------------------------------------
     @property
@@ -692,6 +696,7 @@ class MVCCStore:
                 else:
                     w.batch.put("meta", key, value)
             self._commit(w, always=True)
+            self.meta_generation += 1
 
     def hash_backend(self, ignore: frozenset[tuple[str, bytes]] = frozenset()) -> tuple[int, int]:
         """(crc32 of every backend row of every table but `ignore`, revision),
