@@ -92,8 +92,15 @@ def unpack_u64(raw: bytes | None, default: int) -> int:
 
 def escape(key: bytes) -> bytes:
     """Order-preserving escape of a user key; also the `hist` bound for a
-    user-key range boundary (see module docstring)."""
-    return key.replace(_ESC_FROM, _ESC_TO)
+    user-key range boundary (see module docstring).
+
+    A key padded with NULs (fixed-width binary keys; etcdctl check perf's
+    are 256 bytes, mostly zeros) has its padding escaped in one step:
+    bytes.replace takes ~2.7 us for 250 NULs, this ~0.8."""
+    body = key.rstrip(_ESC_FROM)
+    if len(body) == len(key):
+        return key.replace(_ESC_FROM, _ESC_TO)
+    return body.replace(_ESC_FROM, _ESC_TO) + _ESC_TO * (len(key) - len(body))
 
 
 def hist_prefix(key: bytes) -> bytes:
