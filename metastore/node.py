@@ -48,6 +48,10 @@ _MEMBER_START_TIMEOUT = 300.0
 
 _DATA_DIR_MARKER = "metastore.json"
 
+# An entry applying for longer than this (a big DeleteRange or txn) has a
+# writing snapshot step aside for it (snapshot.PendingSnapshot._pause).
+LONG_APPLY_SECONDS = 0.02
+
 
 class Node:
     def __init__(self, cfg: ServerConfig) -> None:
@@ -84,7 +88,8 @@ class Node:
             member_id_of=self.membership.id_of_address,
             apply=self.state_machine.apply,
             save_snapshot=lambda raft_data: snapshot.freeze(
-                os.path.join(cfg.member_dir, "raft.snapshot.checkpoint"), self.store, self.membership, raft_data),
+                os.path.join(cfg.member_dir, "raft.snapshot.checkpoint"), self.store, self.membership, raft_data,
+                busy=lambda: self.raft.applying_for() > LONG_APPLY_SECONDS),
             load_snapshot=lambda path: snapshot.load(path, self.store, self.membership),
             prepare_snapshot=self.store.prepare_frozen_copy,
         )

@@ -27,7 +27,7 @@ import pickle
 import shutil
 import struct
 import time
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 from metastore.backend import TABLES
 from metastore.cluster import Membership
@@ -54,10 +54,12 @@ class PendingSnapshot:
     slow part, proportional to the data -- then runs on any thread while
     Raft goes on (raft.node runs it in the background)."""
 
-    def __init__(self, header: dict[str, Any], rows: Iterable[Row] | None, checkpoint_dir: str | None) -> None:
+    def __init__(self, header: dict[str, Any], rows: Iterable[Row] | None, checkpoint_dir: str | None,
+                 busy: Callable[[], bool] | None = None) -> None:
         self._header = header
         self._rows = rows
         self._checkpoint_dir = checkpoint_dir
+        self._busy = busy
 
     def write(self, path: str) -> None:
         """Write the file at `path` and fsync it (the caller renames it into place)."""
@@ -71,7 +73,7 @@ class PendingSnapshot:
                     _pack_dir(f, self._checkpoint_dir)
                 else:
                     assert self._rows is not None
-                    write_rows(f.write, self._rows, pause=_yield_gil)
+                    write_rows(f.write, self._rows, pause=self._pause)
                 f.flush()
                 os.fsync(f.fileno())
         finally:
@@ -88,18 +90,36 @@ class PendingSnapshot:
             shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
 
 
-def _yield_gil() -> None:
-    time.sleep(0.0001)
+    def _pause(self) -> None:
+        """Between two chunks of rows: let the other threads have the GIL
+        and, while `busy` (an entry has been applying for a while, e.g. the
+        DeleteRange that follows etcdctl check perf, all of whose writes
+        made the snapshot due), step aside for it: a client waits for that
+        apply, nobody for the snapshot. At most a second at a time, so a
+        stream of long applies still lets the snapshot progress."""
+        time.sleep(0.0001)
+        if self._busy is None:
+            return
+        waited = 0.0
+        while waited < MAX_YIELD_SECONDS and self._busy():
+            time.sleep(0.005)
+            waited += 0.005
 
 
-def freeze(staging: str, store: Store, membership: Membership, raft_data: Any) -> PendingSnapshot:
+# How long a snapshot being written waits at a time for a long apply.
+MAX_YIELD_SECONDS = 1.0
+
+
+def freeze(staging: str, store: Store, membership: Membership, raft_data: Any,
+           busy: Callable[[], bool] | None = None) -> PendingSnapshot:
     """Freeze the state for a snapshot (applier thread: nothing is applied
-    meanwhile). `staging` is a scratch path for a RocksDB checkpoint."""
+    meanwhile). `staging` is a scratch path for a RocksDB checkpoint;
+    `busy` says when writing the rows should step aside (PendingSnapshot)."""
     shutil.rmtree(staging, ignore_errors=True)
     rows = store.frozen_copy(staging)
     header = {"format": ROWS if rows is not None else CHECKPOINT, "raft_data": raft_data,
               "members": membership.export(), "revision": store.revision, "applied": store.applied_position}
-    return PendingSnapshot(header, rows, None if rows is not None else staging)
+    return PendingSnapshot(header, rows, None if rows is not None else staging, busy)
 
 
 def save(path: str, store: Store, membership: Membership, raft_data: Any) -> None:

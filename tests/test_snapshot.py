@@ -162,3 +162,45 @@ def test_import_killed_midway_is_not_taken_for_done(tmp_path: Path) -> None:
     finally:
         again.close()
         src.close()
+
+
+def test_writing_rows_steps_aside_while_an_apply_is_long(tmp_path: Path) -> None:
+    """While `busy` (an entry applying for long), the writer waits between
+    chunks of rows; once it is not, the file is finished and loads."""
+    import threading
+    import time
+
+    from metastore.engines.memory import open_store
+    from metastore.rows import PAUSE_EVERY
+
+    store = open_store()
+    _fill(store, 3 * PAUSE_EVERY)
+    busy = threading.Event()
+    busy.set()
+    read = 0
+
+    class Counted:
+        def __init__(self, rows) -> None:
+            self.rows = rows
+
+        def __iter__(self):
+            nonlocal read
+            for row in self.rows:
+                read += 1
+                yield row
+
+        def close(self) -> None:
+            self.rows.close()
+
+    pending = snapshot.freeze(str(tmp_path / "staging"), store, _membership(), RAFT_DATA, busy=busy.is_set)
+    pending._rows = Counted(pending._rows)
+    writer = threading.Thread(target=pending.write, args=(str(tmp_path / "snap"),))
+    writer.start()
+    time.sleep(0.3)  # a stretch of "busy": the writer must not get past its first chunk
+    assert read <= PAUSE_EVERY, read
+    busy.clear()
+    writer.join(10)
+    assert not writer.is_alive() and read > 2 * PAUSE_EVERY
+    again = open_store()
+    snapshot.load(str(tmp_path / "snap"), again, _membership())
+    assert _content(again) == _content(store)
