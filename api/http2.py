@@ -93,6 +93,9 @@ _SERVER_PREFACE = frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in
     (S_ENABLE_PUSH, 0)))) + frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW))
 
 
+# How long a PING ack may wait for a write to go out with (Connection.write_lazily).
+LAZY_WRITE = 0.002
+
 # Header blocks a connection keeps decoded (Connection._decode).
 _DECODED_BLOCKS = 64
 
@@ -328,6 +331,7 @@ class Connection(asyncio.Protocol):
         self._recv_unacked = 0
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self._lazy_flush: asyncio.TimerHandle | None = None
         self.write_paused = False
         self.going_away = False
         self.closed = False
@@ -415,8 +419,24 @@ class Connection(asyncio.Protocol):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_out)
 
+    def write_lazily(self, data: bytes) -> None:
+        """Queue `data` to go out with the next write, or after LAZY_WRITE
+        seconds if none comes: a PING ack. grpc-go pings after nearly every
+        response it receives (its bandwidth probe), and answering each at
+        once cost a socket write of its own -- half of a busy member's
+        writes, each tens of us of CPU here; under load a response follows
+        within a millisecond and carries the ack along."""
+        if self.closed:
+            return
+        self._out.append(data)
+        if not self._flush_scheduled and self._lazy_flush is None:
+            self._lazy_flush = self.loop.call_later(LAZY_WRITE, self._flush_out)
+
     def _flush_out(self) -> None:
         self._flush_scheduled = False
+        if self._lazy_flush is not None:
+            self._lazy_flush.cancel()
+            self._lazy_flush = None
         out, self._out = self._out, []
         if self.closed or self.transport is None or not out:
             return
@@ -471,7 +491,7 @@ class Connection(asyncio.Protocol):
             if len(payload) != 8 or sid != 0:
                 raise ConnectionError_(FRAME_SIZE_ERROR if len(payload) != 8 else PROTOCOL_ERROR, "bad PING")
             if not flags & ACK:
-                self.write(frame(PING, ACK, 0, payload))
+                self.write_lazily(frame(PING, ACK, 0, payload))
         elif ftype == SETTINGS:
             self._settings(flags, sid, payload)
         elif ftype == RST_STREAM:
