@@ -77,6 +77,10 @@ def test_a_batch_equals_the_same_ops_one_by_one(seed: int, batch_size: int, rang
     assert _rows(bulk) == _rows(single)
     assert bulk.size() == single.size()
     assert _rows(frozen) == before  # a snapshot taken before the batch does not see it
+    for table, rows in before.items():
+        was = dict(rows)
+        for key in {k for _t, k, _v in setup + ops} | {b"k%03d" % i for i in range(400)}:
+            assert frozen.get(table, key) == was.get(key), (table, key)
     frozen.close()
 
 

@@ -142,13 +142,16 @@ class MemoryBackend:
         """Put every row of `new` into table `name` at once (old rows kept
         for open FrozenRows first); the bytes it adds."""
         d = self._tables[name]
+        replaced = new.keys() & dict.keys(d)  # rows put ahead are new: usually none
         for pre in self._pre_images:
+            # Only rows that exist can be in a frozen copy (FrozenRows.get
+            # answers None for a key it did not hold).
             kept = pre[name]
-            for key in new:
+            for key in replaced:
                 if key not in kept:
-                    kept[key] = d.get(key)
+                    kept[key] = d[key]
         added = sum(len(k) + len(v) for k, v in new.items())
-        added -= sum(len(k) + len(d[k]) for k in new.keys() & dict.keys(d))
+        added -= sum(len(k) + len(d[k]) for k in replaced)
         d.update(new)
         return added
 
@@ -209,6 +212,7 @@ class FrozenRows:
                  pre: dict[str, dict[bytes, bytes | None]]) -> None:
         self._backend: MemoryBackend | None = backend
         self._tables = tables
+        self._keys = {name: keys for name, _live, keys in tables}
         self._pre = pre
 
     def __iter__(self) -> Iterator[tuple[str, bytes, bytes]]:
@@ -233,6 +237,10 @@ class FrozenRows:
         """A row as it was when frozen (None: there was none)."""
         if self._backend is None:
             raise RuntimeError("frozen rows read after close()")
+        keys = self._keys[table]
+        i = bisect_left(keys, key)
+        if i == len(keys) or keys[i] != key:
+            return None  # a row written since (writers keep no old row for it)
         # Live first, then the kept rows, as in __iter__: a writer keeps the
         # old row before it changes the live one.
         live = self._backend.get(table, key)
