@@ -716,10 +716,11 @@ class MVCCStore:
             return crc, self._rev
 
     def prepare_frozen_copy(self) -> None:
-        """The RocksDB engine starts flushing its memtables, so the checkpoint
-        of the coming frozen copy -- taken while nothing is applied -- has
-        little left to flush; the memory engine has nothing to prepare."""
-        flush = getattr(self._backend, "flush_in_background", None)
+        """The RocksDB engine flushes its memtables (the caller runs this on
+        a thread of its own), so the checkpoint of the coming frozen copy --
+        taken while nothing is applied -- has little left to flush; the
+        memory engine has nothing to prepare."""
+        flush = getattr(self._backend, "flush_memtables", None)
         if flush is not None:
             flush()
 

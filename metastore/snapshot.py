@@ -138,8 +138,14 @@ def load(path: str, store: Store, membership: Membership) -> Any:
         raft_data = header["raft_data"]
         snapshot_index = raft_data[0][1]
         membership.restore(header["members"])
-        if store.applied_position[0] >= snapshot_index:
-            return raft_data  # a persistent engine that is already past it
+        # A persistent engine that already holds all of it (not just part of
+        # the snapshot's last entry: its requests are written one by one) is
+        # left alone. Its newest writes may still be only in memory (RocksDB
+        # without its WAL): a crash then reopens it behind the snapshot, and
+        # the next load installs the snapshot.
+        covered = tuple(header.get("applied") or (snapshot_index, 0))
+        if store.applied_position >= covered and store.applied_position[0] >= snapshot_index:
+            return raft_data
         if header["format"] == ROWS:
             body = f.tell()
             try:

@@ -18,7 +18,6 @@ from metastore.backend import TABLES, WriteBatch
 from metastore.engines import open_store
 from metastore.engines.rocksdb import BackendClosedError, ForeignDirectoryError, RocksDBBackend
 from metastore.engines.rocksdb.marker import MARKER_NAME
-from metastore.testing import wait_for
 
 
 @pytest.fixture
@@ -237,8 +236,7 @@ def test_without_the_wal_a_killed_process_reopens_at_a_flush(db_path: str) -> No
         "for i in range(50):\n"
         "    w = WriteBatch(); w.put('kv', b'k%03d' % i, b'v'); w.put('meta', b'last', b'%d' % i); b.write(w)\n"
         "    if i == 19:\n"
-        "        b.flush_in_background()\n"
-        "        b.compact(['rev'])  # waits for the flush of every table (atomic flush)\n"
+        "        b.flush_memtables()\n"
         "os.kill(os.getpid(), 9)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, db_path], capture_output=True, timeout=60)
@@ -310,9 +308,9 @@ def test_checkpoint_is_a_consistent_openable_copy(backend: RocksDBBackend, tmp_p
     assert backend.get("kv", b"only-in-copy") is None
 
 
-def test_background_flush_empties_the_memtables_without_waiting(backend: RocksDBBackend) -> None:
+def test_flush_empties_every_memtable(backend: RocksDBBackend) -> None:
     """What prepares a checkpoint (MVCCStore.prepare_frozen_copy): the
-    memtables go to SST files behind the caller's back, the data stays."""
+    memtables of every table go to SST files, the data stays."""
     keys = [b"k%06d" % i for i in range(3000)]
     fill(backend, "kv", keys)
     fill(backend, "hist", keys[:10])
@@ -322,8 +320,8 @@ def test_background_flush_empties_the_memtables_without_waiting(backend: RocksDB
                    for cf in backend._cfs.values())
 
     assert in_memtables() == 3010
-    backend.flush_in_background()
-    wait_for(lambda: in_memtables() == 0, 15, "the memtables to be flushed")
+    backend.flush_memtables()
+    assert in_memtables() == 0
     assert scan_keys(backend, "kv", b"", None) == keys
     assert backend.get("hist", b"k000009") == b"vk000009"
 

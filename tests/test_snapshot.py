@@ -108,6 +108,28 @@ def test_persistent_store_past_the_snapshot_is_left_alone(tmp_path: Path) -> Non
         store.close()
 
 
+def test_a_store_holding_part_of_the_snapshots_last_entry_loads_it(tmp_path: Path) -> None:
+    """The requests of one Raft entry are written one by one; a store that
+    holds only the first of the snapshot's last entry (a crash cut the rest
+    off) does not hold the snapshot, though it is at the snapshot's index."""
+    source = FACTORIES["memory"].open(tmp_path / "src")
+    for position, key in enumerate((b"first", b"second")):
+        source.set_apply_position(7, position)
+        source.put(rpc_pb2.PutRequest(key=key, value=b"v"))
+    path = str(tmp_path / "raft.snapshot")
+    snapshot.save(path, source, _membership(), (("e", 7), ("p", 6), []))
+    store = FACTORIES["rocksdb"].open(tmp_path / "db")
+    try:
+        store.set_apply_position(7, 0)
+        store.put(rpc_pb2.PutRequest(key=b"first", value=b"v"))
+        snapshot.load(path, store, _membership())
+        assert store.applied_position == (7, 1)
+        assert [kv.key for kv in store.range(rpc_pb2.RangeRequest(key=b"a", range_end=b"z")).kvs] == \
+            [b"first", b"second"]
+    finally:
+        store.close()
+
+
 def test_truncated_snapshot_is_refused(tmp_path: Path) -> None:
     for engine in ENGINES:
         src = FACTORIES[engine].open(tmp_path / f"src-{engine}")
