@@ -204,19 +204,27 @@ def test_second_open_of_an_open_database_fails(backend: RocksDBBackend, db_path:
         RocksDBBackend(db_path)
 
 
-def test_killed_process_keeps_written_batches(db_path: str) -> None:
-    """No close, no flush, no fsync (sync=False): the WAL still has the batch."""
+def _write_and_die(db_path: str, wal: bool, flush_after: int | None = None) -> None:
+    """In a process of its own: 50 batches, each a `kv` key and `meta/last`
+    (flushed after batch `flush_after`), then SIGKILL -- no close."""
     code = (
         "import os, sys\n"
         "from metastore.backend import WriteBatch\n"
         "from metastore.engines.rocksdb import RocksDBBackend\n"
-        "b = RocksDBBackend(sys.argv[1])\n"
+        f"b = RocksDBBackend(sys.argv[1], wal={wal})\n"
         "for i in range(50):\n"
         "    w = WriteBatch(); w.put('kv', b'k%03d' % i, b'v'); w.put('meta', b'last', b'%d' % i); b.write(w)\n"
+        f"    if i == {flush_after}:\n"
+        "        b.flush_memtables()\n"
         "os.kill(os.getpid(), 9)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, db_path], capture_output=True, timeout=60)
     assert proc.returncode == -9, proc.stderr.decode()
+
+
+def test_killed_process_keeps_written_batches(db_path: str) -> None:
+    """No close, no flush, no fsync (sync=False): the WAL still has the batch."""
+    _write_and_die(db_path, wal=True)
     b = RocksDBBackend(db_path)
     try:
         assert len(scan_keys(b, "kv", b"", None)) == 50 and b.get("meta", b"last") == b"49"
@@ -228,19 +236,7 @@ def test_without_the_wal_a_killed_process_reopens_at_a_flush(db_path: str) -> No
     """wal=False (how a member runs: its Raft journal replays the rest): a
     kill loses what only the memtables held, and the database reopens at
     the last flush -- every table at the same batch, never part of one."""
-    code = (
-        "import os, sys\n"
-        "from metastore.backend import WriteBatch\n"
-        "from metastore.engines.rocksdb import RocksDBBackend\n"
-        "b = RocksDBBackend(sys.argv[1], wal=False)\n"
-        "for i in range(50):\n"
-        "    w = WriteBatch(); w.put('kv', b'k%03d' % i, b'v'); w.put('meta', b'last', b'%d' % i); b.write(w)\n"
-        "    if i == 19:\n"
-        "        b.flush_memtables()\n"
-        "os.kill(os.getpid(), 9)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, db_path], capture_output=True, timeout=60)
-    assert proc.returncode == -9, proc.stderr.decode()
+    _write_and_die(db_path, wal=False, flush_after=19)
     b = RocksDBBackend(db_path, wal=False)
     try:
         last = int(b.get("meta", b"last"))
