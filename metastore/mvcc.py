@@ -97,6 +97,10 @@ class MVCCStore:
         self._compacted = threading.Condition()
         self._compactor = Compactor(self._compact_step)
         self._closed = False
+        # Moves once the meta rows write_meta writes (alarms, liveness) may
+        # have changed -- after they changed -- so a reader can keep what it
+        # derived from them until it moves (metastore.alarms does).
+        self.meta_generation = 0
 
         layout = backend.get("meta", META_LAYOUT)
         if layout is None:
@@ -136,10 +140,7 @@ class MVCCStore:
         applied = backend.get("meta", META_APPLIED)
         self._applied = _APPLIED.unpack(applied) if applied else (0, 0)
         self._leases = load_leases(backend)
-        # Moves once the meta rows write_meta writes (alarms, liveness) may
-        # have changed -- after they changed -- so a reader can keep what it
-        # derived from them until it moves.
-        self.meta_generation = getattr(self, "meta_generation", 0) + 1
+        self.meta_generation += 1  # a snapshot or checkpoint loaded: any meta row may differ
 
     # -- Raft bookkeeping -------------------------------------------------------
     @property

@@ -12,9 +12,9 @@ into `hist` equals the key's current `kv` record. Should the rest never land
 (a crash, a failed write), `unfinished_rows` finds them from the `rev` rows
 and the store drops them; applying the request again rebuilds them byte for
 byte. An engine writes every `rev` row ahead before any `hist` row
-(WriteBatch.ahead), so it never leaves a `hist` row without its `rev` row. Reads made while building (by the
-request itself: prev_kv, ranges inside a txn) see the pending writes through
-an overlay over the committed `kv` table.
+(WriteBatch.ahead), so it never leaves a `hist` row without its `rev` row.
+Reads made while building (by the request itself: prev_kv, ranges inside a
+txn) see the pending writes through an overlay over the committed `kv` table.
 """
 from __future__ import annotations
 

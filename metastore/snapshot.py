@@ -143,8 +143,9 @@ def load(path: str, store: Store, membership: Membership) -> Any:
         # left alone. Its newest writes may still be only in memory (RocksDB
         # without its WAL): a crash then reopens it behind the snapshot, and
         # the next load installs the snapshot.
-        covered = tuple(header.get("applied") or (snapshot_index, 0))
-        if store.applied_position >= covered and store.applied_position[0] >= snapshot_index:
+        # (A restored snapshot records applied (0, 0) for all its rows: the
+        # index counts too.)
+        if store.applied_position >= tuple(header["applied"]) and store.applied_position[0] >= snapshot_index:
             return raft_data
         if header["format"] == ROWS:
             body = f.tell()
