@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator
 
 from pysyncobj.journal import Journal
 
+from metastore import heap
 from metastore.fsutil import fsync_path
 
 log = logging.getLogger("metastore.raft.journal")
@@ -59,6 +60,10 @@ _META = struct.Struct("<QQ")  # term, commit index; then votedFor as utf-8
 
 # Bytes allocated at a time ahead of the records (etcd's WAL segments: 64 MB).
 PREALLOCATE = 16 << 20
+
+# Dropping at least this many bytes of entries (a snapshot after a bulk load)
+# hands the freed memory back to the system (metastore.heap).
+RELEASE_MEMORY_FROM = 64 << 20
 
 # fdatasync where the platform has it: the data and what is needed to read
 # it back (the size), without the timestamps fsync would also write.
@@ -238,7 +243,11 @@ class DurableJournal(Journal):
 
     def deleteEntriesTo(self, entryTo: int) -> None:
         """Drop entries at positions < entryTo (covered by a snapshot)."""
+        offsets = self._offsets
+        dropped = ((offsets[entryTo] if entryTo < len(offsets) else self._size) - offsets[0]) if offsets else 0
         self._rewrite(self._entries[entryTo:])
+        if dropped >= RELEASE_MEMORY_FROM:
+            heap.release_free_memory_soon()  # see metastore.heap
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:

@@ -1,0 +1,66 @@
+"""Memory a dropped Raft log held goes back to the system (metastore.heap).
+
+The real glibc heap, in a child process of its own so that its layout is
+the test's: big blocks freed among small ones still in use stay resident
+until the release, which must bring the resident size down."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from metastore import heap
+from metastore.raft import journal as journal_module
+from metastore.raft.journal import DurableJournal
+
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    from metastore import heap
+
+    def rss_mib():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) // 1024
+
+    # Log entries (35 KiB, from malloc) with the store's buffers (8 KiB,
+    # kept) allocated among them, as during a bulk load.
+    entries, kept = [], []
+    for _ in range(4000):
+        entries.append(os.urandom(35000))
+        kept.append(bytearray(8000))
+    del entries
+    freed = rss_mib()
+    assert heap.release_free_memory_soon()
+    deadline = time.monotonic() + 20
+    while rss_mib() > freed - 70 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(freed, rss_mib())
+""")
+
+
+@pytest.mark.skipif(heap._malloc_trim is None, reason="needs glibc's malloc_trim")
+def test_freed_blocks_among_live_ones_leave_the_resident_size():
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    # ~134 MiB was freed among live blocks: without the release it stays.
+    assert before - after >= 70, (before, after)
+
+
+def test_only_a_big_drop_of_log_entries_releases_memory(tmp_path, monkeypatch):
+    releases: list[bool] = []
+    monkeypatch.setattr(heap, "release_free_memory_soon", lambda: releases.append(True) or True)
+    monkeypatch.setattr(journal_module, "RELEASE_MEMORY_FROM", 10_000)
+    journal = DurableJournal(str(tmp_path / "raft.log"))
+    for index in range(1, 41):
+        journal.add(b"x" * 1000, index, 1)
+    journal.sync()
+    journal.deleteEntriesTo(5)  # ~5 KB of records
+    assert releases == []
+    journal.deleteEntriesTo(20)  # ~20 KB more
+    assert releases == [True]
+    assert [entry[1] for entry in journal] == list(range(26, 41))
+    journal._destroy()
