@@ -17,7 +17,6 @@ after big frees. Where there is no glibc (musl, macOS) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import threading
 from typing import Callable
@@ -30,8 +29,9 @@ _running = False
 
 def _load_trim() -> Callable[[int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim  # glibc only
+        # The process's own symbols, the C library's among them (no
+        # ctypes.util.find_library: it runs ldconfig in a subprocess).
+        trim = ctypes.CDLL(None).malloc_trim  # glibc only
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
