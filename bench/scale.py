@@ -118,9 +118,8 @@ def main() -> int:
         endpoints = [m.endpoint for m in cluster.members]
         result["load_seconds"] = round(asyncio.run(load(endpoints, args.keys, args.value_size)), 1)
         result["rss_loaded_mib"] = {n: proc_kib(p, "VmRSS") // 1024 for n, p in pids.items()}
-        before = snapshot_files(cluster)
+        before, logs_before = snapshot_files(cluster), log_sizes(cluster)
         asyncio.run(single_puts(endpoints[0], args.snapshot_count + 100))
-        logs_before = log_sizes(cluster)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             after, logs = snapshot_files(cluster), log_sizes(cluster)

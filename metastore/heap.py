@@ -10,9 +10,12 @@ snapshot, or ~610 MiB once `malloc_trim(0)` had given the free pages back.
 
 The memory is reused by later allocations either way, so this only lowers
 the resident size between bulk writes, which is what operators watch. The
-trim walks the heap and takes its locks (~10 ms, ~90 ms when it returns
-~600 MiB), so it runs on a thread of its own, one at a time, and only
-after big frees. Where there is no glibc (musl, macOS) it does nothing.
+trim walks the heap (~10 ms; ~90 ms when it returned ~600 MiB here) and
+holds each arena's lock meanwhile: a thread that needs memory from that
+arena waits, and if it holds the interpreter lock, every Python thread
+waits with it. So it runs only after big frees, one at a time, on a thread
+of its own (which spares at least the caller: the Raft tick thread). Where
+there is no glibc (musl, macOS, Windows) it does nothing.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def _load_trim() -> Callable[[int], int] | None:
         # The process's own symbols, the C library's among them (no
         # ctypes.util.find_library: it runs ldconfig in a subprocess).
         trim = ctypes.CDLL(None).malloc_trim  # glibc only
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
@@ -53,7 +56,12 @@ def release_free_memory_soon() -> bool:
         if _running:
             return False
         _running = True
-    threading.Thread(target=_release, name="heap-release", daemon=True).start()
+    try:
+        threading.Thread(target=_release, name="heap-release", daemon=True).start()
+    except RuntimeError:  # no thread to be had: the memory is reused anyway
+        with _lock:
+            _running = False
+        return False
     return True
 
 
