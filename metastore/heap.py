@@ -3,8 +3,8 @@
 When a member drops the Raft log a snapshot covers, it frees every entry
 since the last snapshot at once: after a bulk load, hundreds of MiB. Entries
 bigger than Python's small-object limit come from glibc's malloc, whose heap
-only shrinks from its top; what lies below a block still in use (the store's
-own buffers, allocated among the entries) stays resident. Measured with
+only shrinks from its top: the pages of entries freed below blocks still in
+use (whatever else was allocated among them) stay resident. Measured with
 bench/scale.py (memory engine, 1M keys): a member kept ~900 MiB after its
 snapshot, or ~610 MiB once `malloc_trim(0)` had given the free pages back.
 
