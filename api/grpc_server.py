@@ -430,8 +430,8 @@ class Call:
             # callbacks are this call's methods: left in place, the two
             # would keep each other (and the task, its coroutine and
             # context) alive until a cyclic collection -- ten objects a
-            # call, which under load made the collector run every few ms
-            # and its full passes take tens of ms.
+            # call, all of a busy member's cyclic garbage, for the
+            # collector to find instead of going at once.
             stream = self._stream
             stream.on_data = stream.on_end = stream.on_reset = None
 

@@ -113,7 +113,7 @@ def test_unary_calls_statuses_and_unknown_methods(run):
 
 def test_finished_calls_leave_no_reference_cycles(run):
     """Each call's objects go when it ends (reference counting), not at the
-    next cyclic collection: under load, ten per call kept the collector busy."""
+    next cyclic collection (ten a call were left to the collector)."""
     async def scenario(port: int, echo: _Echo, server: GrpcServer) -> None:
         async with _channel(port) as ch:
             unary = ch.unary_unary(f"/{SERVICE}/Unary")
