@@ -43,6 +43,9 @@ _LEN = struct.Struct("<I")
 _FILE = struct.Struct("<HQ")
 _COPY_CHUNK = 1 << 20
 
+# How long a snapshot being written waits at a time for a long apply.
+MAX_YIELD_SECONDS = 1.0
+
 
 class PendingSnapshot:
     """A snapshot frozen at one applied index, not yet written to its file.
@@ -89,7 +92,6 @@ class PendingSnapshot:
         if self._checkpoint_dir is not None:
             shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
 
-
     def _pause(self) -> None:
         """Between two chunks of rows: let the other threads have the GIL
         and, while `busy` (an entry has been applying for a while, e.g. the
@@ -104,10 +106,6 @@ class PendingSnapshot:
         while waited < MAX_YIELD_SECONDS and self._busy():
             time.sleep(0.005)
             waited += 0.005
-
-
-# How long a snapshot being written waits at a time for a long apply.
-MAX_YIELD_SECONDS = 1.0
 
 
 def freeze(staging: str, store: Store, membership: Membership, raft_data: Any,

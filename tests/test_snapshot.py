@@ -6,6 +6,8 @@ either must load into either, with the same content, revision and history.
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ import pytest
 from metastore import snapshot
 from metastore.api.pb import rpc_pb2
 from metastore.cluster import Membership
+from metastore.engines.memory import open_store as open_memory_store
+from metastore.rows import PAUSE_EVERY
 from store_engines import ENGINES, FACTORIES
 
 RAFT_DATA = (("entry", 42), ("prev", 41), ["127.0.0.1:1"])
@@ -189,13 +193,7 @@ def test_import_killed_midway_is_not_taken_for_done(tmp_path: Path) -> None:
 def test_writing_rows_steps_aside_while_an_apply_is_long(tmp_path: Path) -> None:
     """While `busy` (an entry applying for long), the writer waits between
     chunks of rows; once it is not, the file is finished and loads."""
-    import threading
-    import time
-
-    from metastore.engines.memory import open_store
-    from metastore.rows import PAUSE_EVERY
-
-    store = open_store()
+    store = open_memory_store()
     _fill(store, 3 * PAUSE_EVERY)
     busy = threading.Event()
     busy.set()
@@ -223,6 +221,6 @@ def test_writing_rows_steps_aside_while_an_apply_is_long(tmp_path: Path) -> None
     busy.clear()
     writer.join(10)
     assert not writer.is_alive() and read > 2 * PAUSE_EVERY
-    again = open_store()
+    again = open_memory_store()
     snapshot.load(str(tmp_path / "snap"), again, _membership())
     assert _content(again) == _content(store)
