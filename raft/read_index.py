@@ -26,6 +26,18 @@ applier. A request whose leader changes, or that finds no leader, fails with
 NO_LEADER. The asyncio side (metastore.read_barrier) asks again until the
 read's deadline.
 
+The ask carries the follower's term when it sent it, after its reads
+arrived. If that is the leader's term, the ask itself counts as that
+follower's echo, for the reads it carries only: the follower had voted in
+no later term by then, so no later leader can have been elected before
+those reads began without a majority that leaves out both the follower and
+this leader. In a cluster of three that is a majority already -- the leader
+answers at once, without a round (two messages per follower read instead
+of six); in a larger one the round needs one echo fewer. The ask says
+nothing about reads that reached the leader after it was sent, so it
+counts for no other read. (An older member sends no term; its asks wait for
+a round, as before.)
+
 Everything below runs on pysyncobj's tick thread except request(). Whatever
 pysyncobj-specific access this needs goes through `ReadIndexHost`, which
 raft.node implements.
@@ -96,6 +108,8 @@ class _Pending:
     term: int
     index: int
     reply: _Reply
+    # The follower whose ask, sent in `term`, counts as its echo for this read.
+    voucher: Hashable | None = None
 
 
 @dataclass
@@ -207,7 +221,7 @@ class ReadIndex:
         """Handle our own message types; True if `message` was one of them."""
         kind = message.get("type")
         if kind == ASK:
-            self._on_ask(node, message["id"])
+            self._on_ask(node, message["id"], message.get("term"))
             return True
         if kind == ANSWER:
             asked = self._asked.pop(message["id"], None)
@@ -244,10 +258,14 @@ class ReadIndex:
                     self._confirm(term)
 
     # -- leader ----------------------------------------------------------------
-    def _start(self, reply: _Reply) -> None:
+    def _start(self, reply: _Reply, voucher: Hashable | None = None) -> None:
         term = self._host.leading_term()
         if term is not None:
-            self._pending.append(_Pending(self._round + 1, term, self._host.read_index(), reply))
+            pending = _Pending(self._round + 1, term, self._host.read_index(), reply, voucher)
+            if voucher is not None and self._confirmed(pending, self._host.voters()):
+                reply(pending.index, None)  # the ask alone made a majority
+                return
+            self._pending.append(pending)
             self._round_wanted = True
             return
         leader = self._host.leader()
@@ -255,12 +273,13 @@ class ReadIndex:
             reply(0, errors.NO_LEADER)
             return
         ask_id = next(self._ids)
-        if not self._host.send(leader, {"type": ASK, "id": ask_id}):
+        # Our term now, after the reads this ask carries arrived (see the module docstring).
+        if not self._host.send(leader, {"type": ASK, "id": ask_id, "term": self._host.term()}):
             reply(0, errors.NO_LEADER)  # not connected to it (yet): ask again shortly
             return
         self._asked[ask_id] = _Asked(leader, time.monotonic(), reply)
 
-    def _on_ask(self, node: Hashable, ask_id: int) -> None:
+    def _on_ask(self, node: Hashable, ask_id: int, ask_term: int | None) -> None:
         def answer(index: int, error: EtcdError | None) -> None:
             message: dict[str, Any] = {"type": ANSWER, "id": ask_id}
             if error is None:
@@ -269,27 +288,38 @@ class ReadIndex:
                 message["refused"] = True
             self._host.send(node, message)
 
-        if self._host.leading_term() is None:
+        term = self._host.leading_term()
+        if term is None:
             answer(0, errors.NO_LEADER)
         else:
-            self._start(answer)
+            vouches = ask_term == term and node in self._host.voters()
+            self._start(answer, voucher=node if vouches else None)
 
     def _confirm(self, term: int) -> None:
         """Answer the pending reads whose round a majority has echoed."""
         voters = self._host.voters()
-        needed = (len(voters) + 1) // 2  # followers' echoes; with ours, a majority
-        if needed == 0:
-            confirmed = self._round
-        else:
-            echoes = sorted((self._echoed.get(v, 0) for v in voters), reverse=True)
-            confirmed = echoes[needed - 1]
         keep = []
         for pending in self._pending:
-            if pending.term == term and pending.round <= confirmed:
+            if pending.term == term and self._confirmed(pending, voters):
                 pending.reply(pending.index, None)
             else:
                 keep.append(pending)
         self._pending = keep
+
+    def _confirmed(self, pending: _Pending, voters: list[Hashable]) -> bool:
+        """Whether enough followers echoed `pending`'s round (or vouched for
+        it by asking) to make a majority with this leader."""
+        needed = (len(voters) + 1) // 2  # followers' echoes; with ours, a majority
+        echoes = 0 if pending.voucher is None else 1
+        if echoes >= needed:
+            return True
+        echoed = self._echoed if self._echo_term == pending.term else {}
+        for voter in voters:
+            if voter != pending.voucher and echoed.get(voter, 0) >= pending.round:
+                echoes += 1
+                if echoes >= needed:
+                    return True
+        return False
 
     def _fail_pending(self, error: EtcdError, unless_term: int | None = None) -> None:
         failed = [p for p in self._pending if p.term != unless_term]

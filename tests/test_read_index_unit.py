@@ -170,6 +170,7 @@ def test_follower_asks_the_leader_and_waits_for_its_own_applier():
     reads.before_tick()
     node, ask = host.sent[-1]
     assert node == "a" and ask["type"] == ASK
+    assert ask["term"] == 3, "the ask says the follower's term when it was sent, after the read arrived"
     assert reads.on_message("a", {"type": ANSWER, "id": ask["id"], "index": 9})
     reads.after_tick()
     host.run_applier()
@@ -231,6 +232,53 @@ def test_leader_answers_a_followers_ask_by_message():
     host.leading = False
     assert reads.on_message("b", {"type": ASK, "id": 5})
     assert host.sent[-1][1]["id"] == 5 and host.sent[-1][1]["refused"]
+
+
+def test_an_ask_in_the_leaders_term_vouches_for_the_askers_reads_only():
+    # Three voters: the asker (still in the leader's term after its reads
+    # arrived) and the leader are a majority no later leader can have had.
+    host = FakeHost(leading=True, voters=["b", "c"])
+    host.commit = host.applied = 21
+    reads = ReadIndex(host, ask_timeout=1.0)
+    assert reads.on_message("b", {"type": ASK, "id": 4, "term": 3})
+    assert host.sent[-1] == ("b", {"type": ANSWER, "id": 4, "index": 21})
+    assert host.heartbeats == 0 and ROUND not in heartbeat(reads, "c"), "no round for it"
+
+    # An ask from an older term, or from a node that does not vote, proves nothing.
+    assert reads.on_message("b", {"type": ASK, "id": 5, "term": 2})
+    assert reads.on_message("x", {"type": ASK, "id": 6, "term": 3})
+    assert len(host.sent) == 1, "both wait for a round"
+    reads.before_tick()
+    round_ = heartbeat(reads, "c")[ROUND]
+    echo(reads, "c", 3, round_)
+    assert [m["id"] for _node, m in host.sent[1:]] == [5, 6]
+
+    # The ask speaks for the reads it carries, not for a read that reached
+    # the leader itself meanwhile: that one still waits for an echo.
+    local: list = []
+    reads.request(local.append)
+    reads.before_tick()
+    assert reads.on_message("b", {"type": ASK, "id": 7, "term": 3})
+    assert host.sent[-1][1] == {"type": ANSWER, "id": 7, "index": 21}
+    reads.after_tick()
+    host.run_applier()
+    assert not local, "the leader alone is no majority"
+    echo(reads, "b", 3, heartbeat(reads, "b")[ROUND])
+    host.run_applier()
+    assert local == [None]
+
+
+def test_in_a_larger_cluster_an_ask_counts_as_one_echo():
+    host = FakeHost(leading=True, voters=["b", "c", "d", "e"])  # five voters: two followers needed
+    reads = ReadIndex(host, ask_timeout=1.0)
+    assert reads.on_message("b", {"type": ASK, "id": 1, "term": 3})
+    assert not host.sent, "the asker and the leader are two of five"
+    reads.before_tick()
+    round_ = heartbeat(reads, "b")[ROUND]
+    echo(reads, "b", 3, round_)
+    assert not host.sent, "the asker's own echo does not count twice"
+    echo(reads, "d", 3, round_)
+    assert host.sent == [("b", {"type": ANSWER, "id": 1, "index": 10})]
 
 
 def test_close_fails_what_waits():
