@@ -310,7 +310,8 @@ class ReadIndex:
         """Whether enough followers echoed `pending`'s round (or vouched for
         it by asking) to make a majority with this leader."""
         needed = (len(voters) + 1) // 2  # followers' echoes; with ours, a majority
-        echoes = 0 if pending.voucher is None else 1
+        # Only voters count, the asker too: one the configuration dropped meanwhile does not.
+        echoes = 1 if pending.voucher is not None and pending.voucher in voters else 0
         if echoes >= needed:
             return True
         echoed = self._echoed if self._echo_term == pending.term else {}

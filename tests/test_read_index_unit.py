@@ -4,7 +4,9 @@ The host is a fake standing in for pysyncobj (its state, its peers, the
 messages it sends); the test drives ticks and messages by hand, playing the
 followers and the leader. What it pins down is the safety rule: a read is
 answered only after a majority echoed a round started after the read, in the
-read's term, and only once this member applied the read index."""
+read's term -- where a follower's ask, sent in the leader's term after its
+reads arrived, counts as that follower's echo for those reads -- and only
+once this member applied the read index."""
 from __future__ import annotations
 
 from metastore import errors
@@ -244,22 +246,24 @@ def test_an_ask_in_the_leaders_term_vouches_for_the_askers_reads_only():
     assert host.sent[-1] == ("b", {"type": ANSWER, "id": 4, "index": 21})
     assert host.heartbeats == 0 and ROUND not in heartbeat(reads, "c"), "no round for it"
 
-    # An ask from an older term, or from a node that does not vote, proves nothing.
+    # An ask from an older term, a later one (that follower may have voted
+    # in it), or from a node that does not vote, proves nothing.
     assert reads.on_message("b", {"type": ASK, "id": 5, "term": 2})
-    assert reads.on_message("x", {"type": ASK, "id": 6, "term": 3})
-    assert len(host.sent) == 1, "both wait for a round"
+    assert reads.on_message("b", {"type": ASK, "id": 6, "term": 4})
+    assert reads.on_message("x", {"type": ASK, "id": 7, "term": 3})
+    assert len(host.sent) == 1, "all three wait for a round"
     reads.before_tick()
     round_ = heartbeat(reads, "c")[ROUND]
     echo(reads, "c", 3, round_)
-    assert [m["id"] for _node, m in host.sent[1:]] == [5, 6]
+    assert [m["id"] for _node, m in host.sent[1:]] == [5, 6, 7]
 
     # The ask speaks for the reads it carries, not for a read that reached
     # the leader itself meanwhile: that one still waits for an echo.
     local: list = []
     reads.request(local.append)
     reads.before_tick()
-    assert reads.on_message("b", {"type": ASK, "id": 7, "term": 3})
-    assert host.sent[-1][1] == {"type": ANSWER, "id": 7, "index": 21}
+    assert reads.on_message("b", {"type": ASK, "id": 8, "term": 3})
+    assert host.sent[-1][1] == {"type": ANSWER, "id": 8, "index": 21}
     reads.after_tick()
     host.run_applier()
     assert not local, "the leader alone is no majority"
@@ -271,6 +275,10 @@ def test_an_ask_in_the_leaders_term_vouches_for_the_askers_reads_only():
 def test_in_a_larger_cluster_an_ask_counts_as_one_echo():
     host = FakeHost(leading=True, voters=["b", "c", "d", "e"])  # five voters: two followers needed
     reads = ReadIndex(host, ask_timeout=1.0)
+    # An echo of an earlier round, before the ask arrived, is no echo for it.
+    reads.request(lambda _error: None)
+    reads.before_tick()
+    echo(reads, "d", 3, heartbeat(reads, "d")[ROUND])
     assert reads.on_message("b", {"type": ASK, "id": 1, "term": 3})
     assert not host.sent, "the asker and the leader are two of five"
     reads.before_tick()
@@ -279,6 +287,16 @@ def test_in_a_larger_cluster_an_ask_counts_as_one_echo():
     assert not host.sent, "the asker's own echo does not count twice"
     echo(reads, "d", 3, round_)
     assert host.sent == [("b", {"type": ANSWER, "id": 1, "index": 10})]
+
+    # An asker the configuration dropped while its read waited counts no more.
+    assert reads.on_message("c", {"type": ASK, "id": 2, "term": 3})
+    host.voter_list = ["b", "d", "e"]  # four voters: still two followers needed
+    reads.before_tick()
+    round_ = heartbeat(reads, "b")[ROUND]
+    echo(reads, "b", 3, round_)
+    assert len(host.sent) == 1, "one echo, and no voucher from a non-voter"
+    echo(reads, "d", 3, round_)
+    assert host.sent[-1] == ("c", {"type": ANSWER, "id": 2, "index": 10})
 
 
 def test_close_fails_what_waits():
