@@ -303,7 +303,7 @@ class DurableJournal(Journal):
         if self.fsync_enabled:
             _fsync_parent(self.path)
         old_fd, self._fd = self._fd, os.open(self.path, os.O_RDWR)
-        os.close(old_fd)
+        _close_soon(old_fd)
         # Only now: until the new file is open for writing, the old one is the log.
         self._pending.clear()
         self._detached.clear()
@@ -386,6 +386,18 @@ def holds_entries(path: str) -> bool:
     except FileNotFoundError:
         return False
     return len(header) == _HEADER.size and _HEADER.unpack(header)[0] > 0
+
+
+def _close_soon(fd: int) -> None:
+    """Close the replaced log's descriptor on a short thread of its own. It
+    is the last reference to a file already unlinked, so closing it frees
+    the whole old log on disk -- 50-160 ms for ~130 MB here (check perf
+    --load=l's log at a snapshot), time the tick thread, holding up every
+    commit, would otherwise spend in close()."""
+    try:
+        threading.Thread(target=os.close, args=(fd,), name="raft-log-release", daemon=True).start()
+    except RuntimeError:  # no thread to be had: pay for it here
+        os.close(fd)
 
 
 def _preallocate(fd: int, size: int) -> int:

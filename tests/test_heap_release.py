@@ -1,4 +1,5 @@
-"""Memory a dropped Raft log held goes back to the system (metastore.heap).
+"""Memory a dropped Raft log held goes back to the system (metastore.heap),
+and its old file is let go of off the tick thread.
 
 The real glibc heap, in a child process of its own so that its layout is
 the test's: big blocks freed among small ones still in use stay resident
@@ -9,6 +10,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -72,3 +75,28 @@ def test_only_a_big_drop_of_log_entries_releases_memory(tmp_path, monkeypatch):
     assert releases == [True, True]
     journal._destroy()
     assert list(DurableJournal(str(tmp_path / "raft.log"))) == []
+
+
+def test_the_replaced_log_is_closed_off_the_tick_thread(tmp_path, monkeypatch):
+    """Closing the replaced log frees it on disk (its last reference): that
+    runs on a thread of its own, not in the tick that compacts the log."""
+    journal = DurableJournal(str(tmp_path / "raft.log"))
+    for index in range(1, 11):
+        journal.add(b"x" * 1000, index, 1)
+    journal.sync()
+    old_fd = journal._fd
+    closed: dict[int, str] = {}
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        closed[fd] = threading.current_thread().name
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", close)
+    journal.deleteEntriesTo(5)
+    deadline = time.monotonic() + 5
+    while old_fd not in closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert closed.get(old_fd) == "raft-log-release"
+    assert [entry[1] for entry in journal] == list(range(6, 11))
+    journal._destroy()

@@ -224,3 +224,30 @@ def test_writing_rows_steps_aside_while_an_apply_is_long(tmp_path: Path) -> None
     again = open_memory_store()
     snapshot.load(str(tmp_path / "snap"), again, _membership())
     assert _content(again) == _content(store)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_snapshot_is_synced_as_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
+    """Not all at the end: one fsync of a whole big file held every member's
+    Raft log fsyncs, and so every commit, behind it (snapshot.SYNC_EVERY)."""
+    synced: list[int] = []
+    path = tmp_path / f"{engine}.snapshot"
+
+    def fdatasync(fd: int) -> None:
+        synced.append(path.stat().st_size)
+
+    monkeypatch.setattr(snapshot, "SYNC_EVERY", 4096)
+    monkeypatch.setattr(snapshot, "_fdatasync", fdatasync)
+    store = FACTORIES[engine].open(tmp_path / "src")
+    again = open_memory_store()
+    try:
+        _fill(store, 600)
+        snapshot.save(str(path), store, _membership(), RAFT_DATA)
+        size = path.stat().st_size
+        assert len(synced) >= 3, (synced, size)
+        gaps = [b - a for a, b in zip([0] + synced, synced)]
+        assert min(gaps) >= 4096 and synced[-1] < size, ("every SYNC_EVERY bytes, along the way", synced, size)
+        snapshot.load(str(path), again, _membership())
+        assert _content(again) == _content(store)
+    finally:
+        store.close()
