@@ -92,6 +92,7 @@ class PendingSnapshot:
         self._rows = rows
         self._checkpoint_dir = checkpoint_dir
         self._busy = busy
+        self._cpu_at_pause = 0.0  # this thread's CPU time at the last pause
 
     def write(self, path: str) -> None:
         """Write the file at `path` and fsync it (the caller renames it into place)."""
@@ -106,6 +107,7 @@ class PendingSnapshot:
                     _pack_dir(out, self._checkpoint_dir)
                 else:
                     assert self._rows is not None
+                    self._cpu_at_pause = time.thread_time()
                     write_rows(out.write, self._rows, pause=self._pause)
                 f.flush()
                 os.fsync(f.fileno())
@@ -123,13 +125,22 @@ class PendingSnapshot:
             shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
 
     def _pause(self) -> None:
-        """Between two chunks of rows: let the other threads have the GIL
-        and, while `busy` (an entry has been applying for a while, e.g. the
+        """Between two chunks of rows: rest as long as the chunk took, and,
+        while `busy` (an entry has been applying for a while, e.g. the
         DeleteRange that follows etcdctl check perf, all of whose writes
         made the snapshot due), step aside for it: a client waits for that
         apply, nobody for the snapshot. At most a second at a time, so a
-        stream of long applies still lets the snapshot progress."""
-        time.sleep(0.0001)
+        stream of long applies still lets the snapshot progress.
+
+        Resting keeps the writer to about half a core: every member writes
+        its snapshot at once, and three writers at full speed took most of
+        a 2-core machine from the requests for a couple of seconds (check
+        perf --load=l, memory engine: slowest request 415-476 ms with a
+        0.1 ms pause, 327-381 ms with this; the 1M-key snapshot of
+        bench/scale.py still peaks at ~900 MiB)."""
+        spent = time.thread_time() - self._cpu_at_pause
+        time.sleep(max(0.0001, spent))
+        self._cpu_at_pause = time.thread_time()
         if self._busy is None:
             return
         waited = 0.0

@@ -251,3 +251,29 @@ def test_a_snapshot_is_synced_as_it_is_written(tmp_path: Path, monkeypatch: pyte
         assert _content(again) == _content(store)
     finally:
         store.close()
+
+
+def test_writing_rows_rests_as_long_as_each_chunk_took(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer keeps to about half a core: after each chunk of rows it
+    sleeps for the CPU time the chunk cost (all members write at once)."""
+    store = open_memory_store()
+    _fill(store, 3 * PAUSE_EVERY)
+    slept: list[float] = []
+
+    class Clock:
+        cpu = 0.0
+
+        def thread_time(self) -> float:
+            self.cpu += 0.004  # each look at the clock: 4 ms of CPU more
+            return self.cpu
+
+        def sleep(self, seconds: float) -> None:
+            slept.append(seconds)
+
+    monkeypatch.setattr(snapshot, "time", Clock())
+    pending = snapshot.freeze(str(tmp_path / "staging"), store, _membership(), RAFT_DATA)
+    pending.write(str(tmp_path / "snap"))
+    assert len(slept) >= 2 and all(abs(s - 0.004) < 1e-9 for s in slept), slept
+    again = open_memory_store()
+    snapshot.load(str(tmp_path / "snap"), again, _membership())
+    assert _content(again) == _content(store)
