@@ -254,8 +254,9 @@ def test_a_snapshot_is_synced_as_it_is_written(tmp_path: Path, monkeypatch: pyte
 
 
 def test_writing_rows_rests_as_long_as_each_chunk_took(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The writer keeps to about half a core: after each chunk of rows it
-    sleeps for the CPU time the chunk cost (all members write at once)."""
+    """Beside Raft (`busy` given), the writer keeps to about half a core:
+    after each chunk of rows it sleeps for the CPU time the chunk cost (all
+    members write at once)."""
     store = open_memory_store()
     _fill(store, 3 * PAUSE_EVERY)
     slept: list[float] = []
@@ -271,7 +272,7 @@ def test_writing_rows_rests_as_long_as_each_chunk_took(tmp_path: Path, monkeypat
             slept.append(seconds)
 
     monkeypatch.setattr(snapshot, "time", Clock())
-    pending = snapshot.freeze(str(tmp_path / "staging"), store, _membership(), RAFT_DATA)
+    pending = snapshot.freeze(str(tmp_path / "staging"), store, _membership(), RAFT_DATA, busy=lambda: False)
     pending.write(str(tmp_path / "snap"))
     assert len(slept) >= 2 and all(abs(s - 0.004) < 1e-9 for s in slept), slept
     again = open_memory_store()
