@@ -136,7 +136,7 @@ class PendingSnapshot:
         its snapshot at once, and three writers at full speed took most of
         a 2-core machine from the requests for a couple of seconds (check
         perf --load=l, memory engine: slowest request 415-476 ms with a
-        0.1 ms pause, 327-381 ms with this; the 1M-key snapshot of
+        0.1 ms pause, 327-515 ms with this; the 1M-key snapshot of
         bench/scale.py still peaks at ~900 MiB). Without `busy` (no member
         runs beside it: snapshot restore, tests) it only lets go of the GIL."""
         if self._busy is None:
