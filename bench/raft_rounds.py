@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What one Raft round costs, without gRPC (a benchmark, not a test).
 
-    python bench/raft_rounds.py                  # ~30 s
+    python bench/raft_rounds.py                  # ~15 s
     python bench/raft_rounds.py --ops 5000 --payload 300
 
 Starts three `metastore.raft.RaftNode`s, each in a process of its own, on
@@ -36,15 +36,9 @@ from multiprocessing.connection import Connection
 from metastore.cluster import Membership
 from metastore.raft import RaftConfig, RaftNode
 from metastore.testing import free_ports
+from workloads import process_cpu_seconds
 
 OP_TIMEOUT = 5.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def member(index: int, addresses: list[str], data_dir: str, conn: Connection) -> None:
@@ -123,10 +117,10 @@ def main() -> int:
             print(f"{'row':<20} {'ops/s':>8} {'CPU us/op':>10}  {'leader':>7} {'follower':>8} {'other':>7}")
             for kind in ("read", "write"):
                 for who, where in ((follower, "follower"), (leader, "leader")):
-                    before = [cpu_seconds(p.pid) for p in procs]
+                    before = [process_cpu_seconds(p.pid) for p in procs]
                     parent_of[who].send((kind, (args.ops, args.payload)))
                     seconds, failures = parent_of[who].recv()
-                    spent = [cpu_seconds(p.pid) - b for p, b in zip(procs, before)]
+                    spent = [process_cpu_seconds(p.pid) - b for p, b in zip(procs, before)]
                     per_op = [s / args.ops * 1e6 for s in spent]
                     print(f"{kind + ' on ' + where:<20} {args.ops / seconds:>8.0f} {sum(per_op):>10.0f}  "
                           f"{per_op[leader]:>7.0f} {per_op[follower]:>8.0f} {per_op[other]:>7.0f}"

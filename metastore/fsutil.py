@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
+
+# fdatasync where the platform has it (not macOS): the data and what is
+# needed to read it back (the size), without the timestamps fsync also writes.
+datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
 def fsync_path(path: str) -> None:

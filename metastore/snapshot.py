@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Protocol
 
 from metastore.backend import TABLES
 from metastore.cluster import Membership
-from metastore.fsutil import fsync_tree
+from metastore.fsutil import datasync, fsync_tree
 from metastore.rows import Row, RowFormatError, check_rows, read_rows, write_rows
 from metastore.store import Store
 
@@ -52,7 +52,6 @@ MAX_YIELD_SECONDS = 1.0
 # to hold the Raft journals' fsyncs -- and so every commit in the cluster --
 # ~0.6 s behind it: that was the slowest request of check perf --load=l.
 SYNC_EVERY = 8 << 20
-_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 class _Writable(Protocol):
@@ -72,7 +71,7 @@ class _SteadyWriter:
         self._unsynced += len(data)
         if self._unsynced >= SYNC_EVERY:
             self._f.flush()
-            _fdatasync(self._f.fileno())
+            datasync(self._f.fileno())
             self._unsynced = 0
 
 

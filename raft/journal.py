@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterator
 from pysyncobj.journal import Journal
 
 from metastore import heap
-from metastore.fsutil import fsync_path
+from metastore.fsutil import datasync, fsync_path
 
 log = logging.getLogger("metastore.raft.journal")
 
@@ -64,10 +64,6 @@ PREALLOCATE = 16 << 20
 # Dropping at least this many bytes of entries (a snapshot after a bulk load)
 # hands the freed memory back to the system (metastore.heap).
 RELEASE_MEMORY_FROM = 64 << 20
-
-# fdatasync where the platform has it: the data and what is needed to read
-# it back (the size), without the timestamps fsync would also write.
-_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 class DurableJournal(Journal):
@@ -201,7 +197,7 @@ class DurableJournal(Journal):
         if not self.fsync_enabled:
             return
         t0 = time.perf_counter()
-        _datasync(fd)
+        datasync(fd)
         elapsed = time.perf_counter() - t0
         self.fsync_seconds += elapsed
         self.fsync_count += 1

@@ -237,7 +237,7 @@ def test_a_snapshot_is_synced_as_it_is_written(tmp_path: Path, monkeypatch: pyte
         synced.append(path.stat().st_size)
 
     monkeypatch.setattr(snapshot, "SYNC_EVERY", 4096)
-    monkeypatch.setattr(snapshot, "_fdatasync", fdatasync)
+    monkeypatch.setattr(snapshot, "datasync", fdatasync)
     store = FACTORIES[engine].open(tmp_path / "src")
     again = open_memory_store()
     try:
