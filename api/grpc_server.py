@@ -29,6 +29,7 @@ import grpc
 
 from metastore.api.http import MAX_LINE_BYTES
 from metastore.api.http2 import Connection, Stream
+from metastore.read_peers import MAGIC as READ_PEERS_MAGIC
 
 log = logging.getLogger("metastore.api.grpc")
 
@@ -510,6 +511,8 @@ class GrpcServer:
         # (an HTTP/1.1 client): called with asyncio streams over it.
         self.running: set[asyncio.Task] = set()  # every call's task
         self.http1: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
+        # Takes connections that start with metastore.read_peers.MAGIC.
+        self.read_peers: Callable[[asyncio.Transport, bytes], None] | None = None
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self._generic.extend(handlers)
@@ -596,7 +599,12 @@ class GrpcServer:
             call._start()  # streamed requests (and the first call of a method) start at once
 
     def hand_over(self, transport: asyncio.Transport, data: bytes) -> bool:
-        """http2.Connection's call for a client that is not speaking HTTP/2."""
+        """http2.Connection's call for a client that is not speaking HTTP/2:
+        another member, for read index rounds (metastore.read_peers), or
+        an HTTP/1.1 client."""
+        if data[:1] == READ_PEERS_MAGIC[:1] and self.read_peers is not None:
+            self.read_peers(transport, data)
+            return True
         if self.http1 is None:
             return False
         loop = asyncio.get_running_loop()

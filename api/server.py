@@ -114,6 +114,7 @@ class Server:
         max_body = 2 * self.node.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES
         self._client_http = HTTPServer(router, [], what="client HTTP", max_body_bytes=max_body, idle_timeout=300.0)
         self._grpc.http1 = self._client_http.serve_connection
+        self._grpc.read_peers = self.node.read_peers.accept
         if self.node.cfg.listen_client_http_urls:
             self._gateway = HTTPServer(router, self.node.cfg.listen_client_http_urls, what="client HTTP",
                                        max_body_bytes=max_body, idle_timeout=300.0)

@@ -298,6 +298,12 @@ class _NodeCollector:
         yield CounterMetricFamily("etcd_server_proposals_failed", "The total number of failed proposals seen.",
                                   value=m.node.proposer.failed)
         yield gauge("metastore_raft_term", "The Raft term this member is in.", st.term)
+        rounds = CounterMetricFamily("metastore_read_index_rounds",
+                                     "Read index rounds for linearizable reads, by the way they went: between "
+                                     "the members' event loops (peers) or through Raft.", labels=["via"])
+        rounds.add_metric(["peers"], m.node.read_peers.confirmed)
+        rounds.add_metric(["raft"], m.node.read_barrier.raft_rounds)
+        yield rounds
 
         version = GaugeMetricFamily("etcd_server_version", "Which version is running. 1 for 'server_version' "
                                     "label with current version.", labels=["server_version"])

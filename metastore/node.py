@@ -35,6 +35,7 @@ from metastore.maintenance import Maintenance
 from metastore.placement import Placement, PlacementConfig
 from metastore.proposer import Proposer
 from metastore.read_barrier import ReadBarrier
+from metastore.read_peers import ReadPeers
 from metastore.raft import RaftConfig, RaftNode, TransferOutcome
 from metastore.state_machine import StateMachine
 from metastore.types import RaftRole, RaftStatus
@@ -100,7 +101,10 @@ class Node:
         # meanwhile: that time is not held against any lease.
         self.raft.on_long_apply(self.lessor.extend)
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
-        self.read_barrier = ReadBarrier(self.raft, timeout=cfg.request_timeout)
+        # Read index rounds between the members' event loops, where they can.
+        self.read_peers = ReadPeers(self.raft, me.raft_address, self._client_address_of,
+                                    cfg.peer_secret, timeout=cfg.election_timeout_ms / 1000)
+        self.read_barrier = ReadBarrier(self.raft, timeout=cfg.request_timeout, peers=self.read_peers)
         # Alarms and the space quota, defragment, hash, client snapshots.
         self.maintenance = Maintenance(self)
         # Member sessions, workload placement and drain (coordinated by the leader).
@@ -173,6 +177,7 @@ class Node:
                 log.warning("leadership not handed over before stopping: %s", err.message)
         self.proposer.close()
         self.read_barrier.close()
+        self.read_peers.close()
         self.watch_hub.stop()
         for task in (self._publish_task, self._expiry_task):
             if task is not None:
@@ -750,6 +755,13 @@ class Node:
 
     def members(self) -> list[Member]:
         return self.membership.members()
+
+    def _client_address_of(self, raft_address: str) -> str | None:
+        """host:port of the client URL the member at `raft_address` advertises."""
+        for member in self.membership.members():
+            if member.client_urls and member.raft_address == raft_address:
+                return hostport(member.client_urls[0])
+        return None
 
     def status(self) -> rpc_pb2.StatusResponse:
         st = self.raft_status()

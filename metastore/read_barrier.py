@@ -9,6 +9,10 @@ Reads that arrive in the same event-loop iteration share one request to Raft.
 The tick thread then puts every request that arrived since its last tick into
 one round, so a burst of reads costs one round, not one per read.
 
+A round goes between the members' event loops when it can
+(metastore.read_peers: a cluster of two or three voters, connected), and
+through Raft otherwise.
+
 Raft answers NO_LEADER when there is no leader, or the leader changed while
 it was being asked. Nothing was read yet, so the request is made again every
 NO_LEADER_RETRY until the read's timeout. Clients see no error during an
@@ -22,6 +26,7 @@ from typing import Callable, Protocol
 from metastore import errors
 from metastore.errors import EtcdError
 from metastore.proposer import NO_LEADER_RETRY, expire
+from metastore.read_peers import ReadPeers
 
 
 DoneFn = Callable[[EtcdError | None], None]
@@ -34,8 +39,10 @@ class ReadIndexSource(Protocol):
 
 
 class ReadBarrier:
-    def __init__(self, raft: ReadIndexSource, *, timeout: float = 5.0) -> None:
+    def __init__(self, raft: ReadIndexSource, *, timeout: float = 5.0, peers: ReadPeers | None = None) -> None:
         self._raft = raft
+        self._peers = peers
+        self.raft_rounds = 0  # requests made to Raft (the others: peers.confirmed)
         self._timeout = timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         # Reads waiting for the next request to Raft; one request is in
@@ -91,6 +98,14 @@ class ReadBarrier:
             except RuntimeError:
                 pass  # the loop is closed: the server stopped, nobody waits
 
+        def here(error: EtcdError | None) -> None:  # on the loop
+            self._answered(group, error)
+
+        if self._peers is None or not self._peers.start(here, done, self._via_raft):
+            self._via_raft(done)
+
+    def _via_raft(self, done: DoneFn) -> None:
+        self.raft_rounds += 1
         self._raft.read_barrier(done)
 
     def _answered(self, group: list[asyncio.Future], error: EtcdError | None) -> None:

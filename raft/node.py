@@ -252,7 +252,20 @@ class _ReplicatedLog(SyncObj):
         # answered "not leader" until this time (they appended nothing, so
         # the follower sends them again, in the end to the new leader).
         self.refuse_forwarded_until = 0.0
+        # The last term in which this node led with its no-op committed, for
+        # RaftNode.leader_read_view on other threads (set by note_ready_term).
+        self.ready_term = 0
         super().__init__(self_address, partners, conf, transportClass=_DurableAckTransport)
+
+    def note_ready_term(self) -> None:  # tick thread, after each tick
+        """Once a leader's no-op is committed, its commit index covers every
+        entry of earlier terms. pysyncobj makes a node leader first and then
+        appends the no-op: another thread that saw the state alone could
+        take an older term's no-op index for this one's."""
+        if self._isLeader():
+            noop = self._SyncObj__noopIDx
+            if noop is not None and self.raftCommitIndex >= noop:
+                self.ready_term = self.raftCurrentTerm
 
     def refuses_forwarded_proposals(self) -> bool:  # tick thread
         return time.monotonic() < self.refuse_forwarded_until
@@ -479,6 +492,7 @@ class RaftNode(RaftStatusSource):
             obj.addOnTickCallback(self._snapshot_when_due)
         obj.addOnTickCallback(self._run_transfers)
         obj.addOnTickCallback(obj.read_index.after_tick)
+        obj.addOnTickCallback(obj.note_ready_term)
         obj.addOnTickCallback(lambda: self._watch_configuration(obj))
         if learner:
             # A read-only node binds nothing (waitBinded would wait forever).
@@ -957,6 +971,45 @@ class RaftNode(RaftStatusSource):
             done(NOT_SUPPORTED_FOR_LEARNER)  # etcd's learners serve serializable reads only
         else:
             obj.read_index.request(done)
+
+    # -- read index rounds between event loops (metastore.read_peers) -----------
+    def leader_read_view(self) -> tuple[int, int, frozenset[str]] | None:
+        """(term, read index, the other voters' addresses) while this node
+        leads a term whose no-op is committed; else None. Any thread.
+
+        pysyncobj's tick thread changes these fields as it goes; each read
+        here is atomic, but together they could mix two moments. The term
+        is read first and last: if it did not move, every field read in
+        between belongs to that term, and a node leads a term at most once."""
+        obj = self._obj
+        if obj is None or self._learner:
+            return None
+        term = obj.raftCurrentTerm
+        if obj.ready_term != term or not obj._isLeader():
+            return None
+        index = obj.raftCommitIndex
+        nodes = tuple(obj._SyncObj__otherNodes)  # one C call: safe while the tick thread changes the set
+        if obj.raftCurrentTerm != term:
+            return None
+        return term, index, frozenset(node.address for node in nodes)
+
+    def applied_through(self, index: int) -> bool:
+        """Whether every entry up to `index` is applied here. Any thread:
+        pysyncobj counts an entry as applied once handed to the applier
+        (raftLastApplied is raised after the hand-over), so an empty backlog
+        read after it means they are all applied."""
+        obj, applier = self._obj, self._applier
+        return obj is not None and applier is not None and obj.raftLastApplied >= index \
+            and applier.backlog == 0
+
+    def when_applied(self, index: int, done: ReadDone) -> None:
+        """done(None) once every entry up to `index` is applied here;
+        done(error) if the node stops first. Thread-safe."""
+        obj = self._obj
+        if obj is None:
+            done(errors.STOPPED if self._stopping.is_set() else errors.NO_LEADER)
+        else:
+            obj.read_index.request_applied(index, done)
 
     # -- status --------------------------------------------------------------
     def on_role_change(self, listener: Callable[[RaftRole], None]) -> None:

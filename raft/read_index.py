@@ -129,6 +129,7 @@ class ReadIndex:
         self._ask_timeout = ask_timeout
         self._lock = threading.Lock()
         self._requests: list[ReadDone] = []  # from any thread, taken by the tick thread
+        self._confirmed_elsewhere: list[tuple[int, ReadDone]] = []  # (read index, done), likewise
         self._closed = False
         # Leader.
         self._round = 0
@@ -159,12 +160,28 @@ class ReadIndex:
             return
         self._host.wake()
 
+    def request_applied(self, index: int, done: ReadDone) -> None:
+        """done(None) once this member has applied `index`, a read index
+        confirmed some other way (metastore.read_peers). Thread-safe."""
+        with self._lock:
+            if self._closed:
+                stopped = True
+            else:
+                stopped = False
+                self._confirmed_elsewhere.append((index, done))
+        if stopped:
+            done(errors.STOPPED)
+            return
+        self._host.wake()
+
     def close(self, error: EtcdError = errors.STOPPED) -> None:
         """Fail every read not answered yet with `error`: STOPPED when the
         node stops, NO_LEADER (to be asked again) when it is replaced."""
         with self._lock:
             self._closed = True
             requests, self._requests = self._requests, []
+            requests += [done for _index, done in self._confirmed_elsewhere]
+            self._confirmed_elsewhere = []
         waiting = [done for _index, done in self._applying]
         self._applying = []
         for done in requests + waiting:
@@ -185,6 +202,10 @@ class ReadIndex:
                 requests, self._requests = self._requests, []
             for done in requests:
                 self._start(self._local_reply(done))
+        if self._confirmed_elsewhere:
+            with self._lock:
+                confirmed, self._confirmed_elsewhere = self._confirmed_elsewhere, []
+            self._applying += confirmed
         if not (self._pending or self._asked):
             return  # the common tick: no read in progress
         term = self._host.leading_term()
