@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -29,6 +30,32 @@ def get(member, key: bytes, serializable: bool = False, timeout: float = 5.0) ->
 
 def raft_index(member) -> int:
     return member.status().raftIndex
+
+
+def rounds_via(member, via: str) -> float:
+    """metastore_read_index_rounds_total{via=...} from the member's /metrics."""
+    text = urllib.request.urlopen(member.client_url + "/metrics", timeout=5).read().decode()
+    prefix = f'metastore_read_index_rounds_total{{via="{via}"}} '
+    return next(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_rounds_go_between_the_members_event_loops(cluster):
+    """With three voters, every member confirms its reads' rounds with one
+    other member's event loop (metastore.read_peers): a follower asks the
+    leader, the leader asks a follower for its term. Raft takes a round only
+    while the connection is being made."""
+    cluster.etcdctl("put", "lin/peers", "v")
+    for m in cluster.members:  # the first rounds dial (once the members' client URLs are known)
+        start = rounds_via(m, "peers")
+        wait_for(lambda: get(m, b"lin/peers") == b"v" and rounds_via(m, "peers") > start, 10,
+                 f"a round through the peers on {m.name}")
+    before = {m.name: (rounds_via(m, "peers"), rounds_via(m, "raft")) for m in cluster.members}
+    for m in cluster.members:
+        for _ in range(20):
+            assert get(m, b"lin/peers") == b"v"
+    for m in cluster.members:
+        peers, raft = rounds_via(m, "peers") - before[m.name][0], rounds_via(m, "raft") - before[m.name][1]
+        assert peers >= 20 and raft <= 2, f"{m.name}: {peers} rounds between event loops, {raft} through Raft"
 
 
 def test_reads_add_nothing_to_the_raft_log(cluster):
@@ -76,6 +103,11 @@ def test_a_deposed_leader_never_serves_a_stale_value(cluster):
     through it must see the new value or fail, never the old one."""
     old = cluster.leader()
     cluster.etcdctl("put", "lin/stale", "old")
+    # The old leader confirms its reads with a follower's event loop (see
+    # above): thawed, that follower's later term must send them to Raft.
+    before = rounds_via(old, "peers")
+    wait_for(lambda: get(old, b"lin/stale") == b"old" and rounds_via(old, "peers") > before, 10,
+             "a round through the peers")
     others = [m for m in cluster.members if m is not old]
     os.kill(old.proc.pid, signal.SIGSTOP)
     try:

@@ -1,0 +1,346 @@
+"""metastore.read_peers between two members' event loops, over real loopback
+TCP: when a read index round is confirmed there, and every case in which it
+must go to Raft instead. Raft is a fake whose view each test sets."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from metastore import errors
+from metastore.read_peers import ReadPeers
+
+A, B, C, D = "127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003", "127.0.0.1:7004"
+
+
+class FakeRaft:
+    def __init__(self) -> None:
+        self.view: tuple[int, int, frozenset[str]] | None = None
+        self.current_term = 5
+        self.leader: str | None = None
+        self.learner = False
+        self.applied = 0
+        self.waiting: list = []  # (index, done) handed to when_applied
+
+    def leader_read_view(self):
+        return self.view
+
+    def term(self) -> int:
+        return self.current_term
+
+    def leader_address(self):
+        return self.leader
+
+    def is_learner(self) -> bool:
+        return self.learner
+
+    def applied_through(self, index: int) -> bool:
+        return self.applied >= index
+
+    def when_applied(self, index: int, done) -> None:
+        self.waiting.append((index, done))
+
+
+class _Acceptor(asyncio.Protocol):
+    """The client port, as far as this needs: the first bytes go to accept()."""
+
+    def __init__(self, peers: ReadPeers) -> None:
+        self.peers = peers
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.peers.accept(self.transport, data)
+
+
+class Members:
+    """ReadPeers for addresses A and B (and whatever else a test adds), each
+    answering on a loopback port of its own."""
+
+    def __init__(self) -> None:
+        self.raft: dict[str, FakeRaft] = {}
+        self.peers: dict[str, ReadPeers] = {}
+        self.ports: dict[str, int] = {}
+        self.servers: list[asyncio.AbstractServer] = []
+        self.redirect: dict[str, str] = {}  # Raft address -> whose port its URL reaches
+
+    async def add(self, address: str, secret: str | None = None, timeout: float = 1.0) -> None:
+        raft = FakeRaft()
+        peers = ReadPeers(raft, address, self.client_address_of, secret, timeout=timeout)
+        server = await asyncio.get_running_loop().create_server(lambda: _Acceptor(peers), "127.0.0.1", 0)
+        self.raft[address], self.peers[address] = raft, peers
+        self.ports[address] = server.sockets[0].getsockname()[1]
+        self.servers.append(server)
+
+    def client_address_of(self, address: str) -> str | None:
+        target = self.redirect.get(address, address)
+        return f"127.0.0.1:{self.ports[target]}" if target in self.ports else None
+
+    def close(self) -> None:
+        for peers in self.peers.values():
+            peers.close()
+        for server in self.servers:
+            server.close()
+
+
+class Round:
+    """One round started on a member: how it ended."""
+
+    def __init__(self) -> None:
+        self.here: list = []
+        self.anywhere: list = []
+        self.via_raft: list = []
+        self.ended = asyncio.Event()
+
+    def done_here(self, error) -> None:
+        self.here.append(error)
+        self.ended.set()
+
+    def done_anywhere(self, error) -> None:
+        self.anywhere.append(error)
+        self.ended.set()
+
+    def to_raft(self, done) -> None:
+        self.via_raft.append(done)
+        self.ended.set()
+
+
+async def start(peers: ReadPeers) -> tuple[bool, Round]:
+    r = Round()
+    return peers.start(r.done_here, r.done_anywhere, r.to_raft), r
+
+
+async def connected(peers: ReadPeers, raft: FakeRaft) -> None:
+    """Start rounds until one is taken: the first ones only dial."""
+    for _ in range(200):
+        taken, r = await start(peers)
+        if taken:
+            await asyncio.wait_for(r.ended.wait(), 2)
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never connected")
+
+
+def run(test):
+    async def main():
+        members = Members()
+        try:
+            await test(members)
+        finally:
+            members.close()
+            await asyncio.sleep(0)
+    asyncio.run(main())
+
+
+def as_follower_of_leader(members: Members, leader_term: int = 5, follower_term: int = 5,
+                          voters: frozenset[str] = frozenset({B, C}), index: int = 40) -> None:
+    members.raft[A].view = (leader_term, index, voters)
+    follower = members.raft[B]
+    follower.leader, follower.current_term = A, follower_term
+
+
+def test_a_follower_ask_in_the_leaders_term_is_answered_with_the_read_index():
+    async def test(m: Members):
+        await m.add(A)
+        await m.add(B)
+        as_follower_of_leader(m, index=40)
+        m.raft[B].applied = 40
+        taken, r = await start(m.peers[B])
+        assert not taken, "no connection yet: Raft takes this round, the leader is dialed"
+        await connected(m.peers[B], m.raft[B])
+        taken, r = await start(m.peers[B])
+        assert taken
+        await asyncio.wait_for(r.ended.wait(), 2)
+        assert r.here == [None] and not r.via_raft, "confirmed, and applied here already"
+        # Not applied yet: the member waits for its applier.
+        m.raft[A].view = (5, 41, frozenset({B, C}))
+        taken, r = await start(m.peers[B])
+        for _ in range(200):
+            if m.raft[B].waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert not r.here and [index for index, _done in m.raft[B].waiting] == [41]
+    run(test)
+
+
+@pytest.mark.parametrize("case", ["follower behind", "follower ahead", "not leading", "asker not a voter",
+                                  "four other voters"])
+def test_the_leader_refuses_and_the_round_goes_to_raft(case):
+    async def test(m: Members):
+        await m.add(A)
+        await m.add(B)
+        as_follower_of_leader(m)
+        m.raft[B].applied = 100
+        await connected(m.peers[B], m.raft[B])
+        if case == "follower behind":
+            m.raft[B].current_term = 4
+        elif case == "follower ahead":
+            m.raft[B].current_term = 6  # a later term: the leader may be deposed
+        elif case == "not leading":
+            m.raft[A].view = None
+        elif case == "asker not a voter":
+            m.raft[A].view = (5, 40, frozenset({C, D}))
+        else:
+            m.raft[A].view = (5, 40, frozenset({B, C, D, "127.0.0.1:7005"}))
+        taken, r = await start(m.peers[B])
+        assert taken
+        await asyncio.wait_for(r.ended.wait(), 2)
+        assert not r.here and not r.anywhere and len(r.via_raft) == 1, case
+        assert m.peers[B].fell_back == 1
+    run(test)
+
+
+def test_the_leader_pings_a_follower_for_its_own_reads():
+    async def test(m: Members):
+        await m.add(A)
+        await m.add(B)
+        m.raft[A].view = (7, 90, frozenset({B}))
+        m.raft[A].applied = 90
+        m.raft[B].current_term = 7
+        await connected(m.peers[A], m.raft[A])
+        confirmed = m.peers[A].confirmed
+        taken, r = await start(m.peers[A])
+        assert taken
+        await asyncio.wait_for(r.ended.wait(), 2)
+        assert r.here == [None] and m.peers[A].confirmed == confirmed + 1
+        for their_term in (6, 8):  # behind: not ours yet; ahead: we may be deposed
+            m.raft[B].current_term = their_term
+            taken, r = await start(m.peers[A])
+            await asyncio.wait_for(r.ended.wait(), 2)
+            assert not r.here and len(r.via_raft) == 1, their_term
+    run(test)
+
+
+def test_more_voters_or_a_learner_never_take_this_path():
+    async def test(m: Members):
+        await m.add(A)
+        await m.add(B)
+        m.raft[A].view = (7, 90, frozenset({B, C, D}))  # a majority of 4 needs two others
+        for _ in range(20):
+            taken, _r = await start(m.peers[A])
+            assert not taken
+            await asyncio.sleep(0.01)
+        m.raft[A].view = (7, 90, frozenset())  # alone: Raft answers at once
+        assert not (await start(m.peers[A]))[0]
+        m.raft[B].learner, m.raft[B].leader = True, A
+        assert not (await start(m.peers[B]))[0]
+    run(test)
+
+
+def test_a_url_that_reaches_another_member_is_not_used():
+    async def test(m: Members):
+        await m.add(A)
+        await m.add(B)
+        await m.add(C)
+        as_follower_of_leader(m)
+        m.redirect[A] = C  # A's advertised client URL reaches C
+        for _ in range(30):
+            taken, _r = await start(m.peers[B])
+            assert not taken, "C answered as C: never taken for the leader"
+            await asyncio.sleep(0.02)
+    run(test)
+
+
+def test_with_a_cluster_secret_only_a_member_that_has_it_is_believed():
+    async def test(m: Members):
+        await m.add(A, secret="s3cret")
+        await m.add(B, secret="s3cret")
+        await m.add(C, secret="other")
+        as_follower_of_leader(m)
+        m.raft[B].applied = 100
+        await connected(m.peers[B], m.raft[B])  # same secret: works
+        m.raft[C].leader, m.raft[C].current_term = A, 5
+        for _ in range(30):
+            taken, _r = await start(m.peers[C])
+            assert not taken, "the leader's greeting does not check out with another secret"
+            await asyncio.sleep(0.02)
+    run(test)
+
+
+def test_no_answer_in_time_or_a_lost_connection_hands_the_round_to_raft():
+    async def test(m: Members):
+        await m.add(A)
+        await m.add(B, timeout=0.3)
+        as_follower_of_leader(m)
+        m.raft[B].applied = 100
+        await connected(m.peers[B], m.raft[B])
+        # The leader stops answering: its connections stop reading.
+        for protocol in list(m.peers[A]._answering):
+            protocol._transport.pause_reading()
+        taken, r = await start(m.peers[B])
+        assert taken
+        await asyncio.wait_for(r.ended.wait(), 2)
+        assert len(r.via_raft) == 1 and not r.here
+        # A lost connection: its round goes to Raft at once.
+        for protocol in list(m.peers[A]._answering):
+            protocol._transport.resume_reading()
+        await connected(m.peers[B], m.raft[B])
+        m.peers[A].close()  # the leader goes away
+        taken, r = await start(m.peers[B])
+        if taken:
+            await asyncio.wait_for(r.ended.wait(), 2)
+            assert len(r.via_raft) == 1 and not r.here
+    run(test)
+
+
+def test_garbage_on_the_connection_closes_it_and_nothing_else():
+    async def test(m: Members):
+        await m.add(A)
+        await m.add(B)
+        as_follower_of_leader(m)
+        m.raft[B].applied = 100
+        greeting = 2 + len(A) + 16
+        for junk, answered in ((b"\x00not the magic at all, sorry\n", 0),
+                               (b"\x00metastore-read-index/1\n\xff\xff", 0),  # an address too long
+                               # greeted, then a message of a kind nobody asks
+                               (b"\x00metastore-read-index/1\n\x00\x01B" + bytes(16) + b"\x09" + bytes(16),
+                                greeting)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", m.ports[A])
+            writer.write(junk)
+            data = await asyncio.wait_for(reader.read(), 2)  # the member closes it
+            assert len(data) == answered, junk
+            writer.close()
+        await connected(m.peers[B], m.raft[B])  # the member still answers members
+    run(test)
+
+
+def test_reads_confirmed_elsewhere_wait_for_the_applier_in_raft_read_index():
+    """raft.read_index takes indexes confirmed by this module and answers them
+    once applied, like its own; closing fails them."""
+    from metastore.raft.read_index import ReadIndex
+
+    class Host:
+        applied = 10
+
+        def leading_term(self):
+            return None
+
+        def term(self):
+            return 1
+
+        def leader(self):
+            return None
+
+        def last_applied(self):
+            return self.applied
+
+        def after_applied(self, job):
+            job()
+
+        def wake(self):
+            pass
+
+    host = Host()
+    reads = ReadIndex(host, ask_timeout=1.0)  # type: ignore[arg-type]
+    answered: list = []
+    reads.request_applied(12, answered.append)
+    reads.before_tick()
+    reads.after_tick()
+    assert answered == [], "index 12 is not applied yet"
+    host.applied = 12
+    reads.after_tick()
+    assert answered == [None]
+    reads.request_applied(99, answered.append)
+    reads.close()
+    assert answered == [None, errors.STOPPED]
