@@ -102,8 +102,7 @@ class Node:
         self.raft.on_long_apply(self.lessor.extend)
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
         # Read index rounds between the members' event loops, where they can.
-        self.read_peers = ReadPeers(self.raft, me.raft_address, self._client_address_of,
-                                    cfg.peer_secret, timeout=cfg.election_timeout_ms / 1000)
+        self.read_peers = ReadPeers(self.raft, me.raft_address, self._client_address_of, cfg.peer_secret)
         self.read_barrier = ReadBarrier(self.raft, timeout=cfg.request_timeout, peers=self.read_peers)
         # Alarms and the space quota, defragment, hash, client snapshots.
         self.maintenance = Maintenance(self)

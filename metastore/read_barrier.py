@@ -21,6 +21,7 @@ election or a leadership hand-over, as with writes (metastore.proposer).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable, Protocol
 
 from metastore import errors
@@ -28,6 +29,8 @@ from metastore.errors import EtcdError
 from metastore.proposer import NO_LEADER_RETRY, expire
 from metastore.read_peers import ReadPeers
 
+
+log = logging.getLogger("metastore.read_barrier")
 
 DoneFn = Callable[[EtcdError | None], None]
 
@@ -101,7 +104,12 @@ class ReadBarrier:
         def here(error: EtcdError | None) -> None:  # on the loop
             self._answered(group, error)
 
-        if self._peers is None or not self._peers.start(here, done, self._via_raft):
+        try:
+            taken = self._peers is not None and self._peers.start(here, done, self._via_raft)
+        except Exception:  # never leave the reads without a round
+            log.exception("a read index round between members failed to start; asking Raft")
+            taken = False
+        if not taken:
             self._via_raft(done)
 
     def _via_raft(self, done: DoneFn) -> None:

@@ -29,12 +29,16 @@ Raft as before, which then decides. This path only ever gives a faster yes.
 The connection: the dialer connects to the member's advertised client URL and
 starts with MAGIC (no HTTP/2 or HTTP/1.1 client starts with a NUL byte), its
 own Raft address and a random nonce; the member answers with its Raft
-address, so a URL that reaches some other member (0.0.0.0, a proxy) is
-noticed and not used. With a cluster secret, everything the member sends
-carries an HMAC of the nonce and the message, keyed with the secret: nothing
-but a member of the cluster can make a dialer take a read as confirmed. The
-requests need none: an answer tells its asker nothing Status does not, and
-changes nothing on the member that gives it.
+address and a nonce of its own, so a URL that reaches some other member
+(0.0.0.0, a proxy) is noticed and not used. With a cluster secret, the
+greeting carries an HMAC, keyed with the secret, of both nonces and both
+addresses in their roles, and every message after it an HMAC keyed with a
+session key made the same way, which says which way the message goes:
+nothing but a member of the cluster can make a dialer take a read as
+confirmed, and nothing can be replayed from another connection or turned
+around. Without a secret every member's Raft port is on loopback
+(metastore.config), so the members share one machine and the connections
+never leave it.
 
 Everything here runs on the member's event loop.
 """
@@ -56,6 +60,7 @@ log = logging.getLogger("metastore.read_peers")
 MAGIC = b"\x00metastore-read-index/1\n"
 _LENGTH = struct.Struct("!H")
 _MESSAGE = struct.Struct("!BQQ")  # kind, request id, term or index
+_REQUEST, _ANSWER = b"q", b"a"  # which way a message's MAC says it goes
 NONCE_BYTES = 16
 MAC_BYTES = 16
 MAX_ADDRESS_BYTES = 1024
@@ -67,8 +72,20 @@ REFUSED = 3  # leader -> follower: (id, 0): ask Raft instead
 PING = 4  # leader -> follower: (id, the leader's term)
 TERM = 5  # follower -> leader: (id, the follower's term)
 
-# A member that could not be reached is dialed again after this long.
+# A member that could not be reached, or did not greet as it should (an
+# older build, another member behind its URL), is dialed again after this
+# long, twice as long after each failure in a row, up to REDIAL_AT_MOST.
 REDIAL_AFTER = 1.0
+REDIAL_AT_MOST = 30.0
+# An answer (or a greeting) takes well under a millisecond on a live member.
+# One that has not come after this long ends the connection, and its round
+# goes to Raft: a member that stalls (stopped, swapping) must not hold reads
+# up for long, and is dialed again later.
+ANSWER_TIMEOUT = 0.5
+# A connection to the client port that starts like this one and has not
+# greeted after this long is closed; so are those beyond MAX_ANSWERING.
+GREETING_TIMEOUT = 5.0
+MAX_ANSWERING = 64
 
 DoneHere = Callable[[EtcdError | None], None]  # called on the event loop
 DoneAnywhere = Callable[[EtcdError | None], None]  # thread-safe
@@ -95,16 +112,26 @@ class PeerReadSource(Protocol):
         """done(None) once it has (done(error) if the member stops first)."""
 
 
-def mac_key(secret: str | None) -> bytes | None:
+def secret_key(secret: str | None) -> bytes | None:
     if not secret:
         return None
     return hashlib.sha256(b"metastore read index\x00" + secret.encode()).digest()
 
 
-def _mac(key: bytes | None, nonce: bytes, body: bytes) -> bytes:
-    if key is None:
-        return b""
-    return hmac.digest(key, nonce + body, "sha256")[:MAC_BYTES]
+def _greeting_mac(key: bytes, dialer_nonce: bytes, answerer_nonce: bytes, dialer: bytes,
+                  answerer: bytes) -> bytes:
+    """Proves the greeting comes from a holder of the secret, for this
+    connection (both nonces) and these roles (who dialed whom)."""
+    return hmac.digest(key, b"greeting\x00" + dialer_nonce + answerer_nonce + dialer + b"\x00" + answerer,
+                       "sha256")[:MAC_BYTES]
+
+
+def _session_key(key: bytes, dialer_nonce: bytes, answerer_nonce: bytes, dialer: bytes, answerer: bytes) -> bytes:
+    return hmac.digest(key, b"session\x00" + dialer_nonce + answerer_nonce + dialer + b"\x00" + answerer, "sha256")
+
+
+def _message_mac(session: bytes, direction: bytes, body: bytes) -> bytes:
+    return hmac.digest(session, direction + body, "sha256")[:MAC_BYTES]
 
 
 class ReadPeers:
@@ -113,15 +140,18 @@ class ReadPeers:
 
     def __init__(self, raft: PeerReadSource, self_address: str | None,
                  client_address_of: Callable[[str], str | None], secret: str | None,
-                 timeout: float) -> None:
+                 timeout: float = ANSWER_TIMEOUT) -> None:
         self._raft = raft
         self._self_address = self_address
         self._client_address_of = client_address_of  # Raft address -> host:port of its client URL
-        self._key = mac_key(secret)
+        self._key = secret_key(secret)
         self._timeout = timeout
         self._dialed: dict[str, _Dialed] = {}  # Raft address -> connection (ready or being made)
         self._redial_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}  # Raft address -> dials in a row that never got ready
+        self._warned: set[str] = set()  # addresses whose greeting was wrong, logged once
         self._answering: set[_Answering] = set()
+        self._connecting: set[asyncio.Task] = set()
         self._closed = False
         self.confirmed = 0  # rounds confirmed here
         self.fell_back = 0  # rounds handed to Raft after all (refused, timed out, lost)
@@ -194,7 +224,7 @@ class ReadPeers:
     def _dial(self, address: str) -> None:
         target = self._client_address_of(address)
         loop = asyncio.get_running_loop()
-        if target is None:
+        if target is None:  # its client URL is not known yet
             self._redial_at[address] = loop.time() + REDIAL_AFTER
             return
         conn = _Dialed(self, address, self._self_address or "", self._key, self._timeout)
@@ -203,22 +233,43 @@ class ReadPeers:
 
         async def connect() -> None:
             try:
-                await asyncio.wait_for(
+                transport, _ = await asyncio.wait_for(
                     loop.create_connection(lambda: conn, host.strip("[]"), int(port)), self._timeout)
             except (OSError, asyncio.TimeoutError, ValueError) as exc:
                 log.debug("could not reach member %s at %s for read index rounds: %s", address, target, exc)
                 self._lost(conn)
-        loop.create_task(connect())
+                return
+            if self._closed:
+                transport.close()
+        task = loop.create_task(connect())
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
 
     def _lost(self, conn: "_Dialed") -> None:
-        if self._dialed.get(conn.address) is conn:
-            del self._dialed[conn.address]
-            self._redial_at[conn.address] = asyncio.get_running_loop().time() + REDIAL_AFTER
+        address = conn.address
+        if self._dialed.get(address) is not conn:
+            return
+        del self._dialed[address]
+        failures = 0 if conn.was_ready else self._failures.get(address, 0) + 1
+        self._failures[address] = failures
+        wait = min(REDIAL_AFTER * 2 ** max(failures - 1, 0), REDIAL_AT_MOST)
+        self._redial_at[address] = asyncio.get_running_loop().time() + wait
+
+    def _refused_greeting(self, address: str, why: str) -> None:
+        level = logging.DEBUG if address in self._warned else logging.WARNING
+        self._warned.add(address)
+        log.log(level, "not using %s's client URL for read index rounds (Raft confirms those reads): %s",
+                address, why)
 
     # -- answering -------------------------------------------------------------
     def accept(self, transport: asyncio.Transport, data: bytes) -> None:
         """Take over a client-port connection that started with MAGIC."""
         if self._closed or self._self_address is None:
+            transport.close()
+            return
+        if len(self._answering) >= MAX_ANSWERING:
+            log.warning("refusing a read index connection from %s: %d open already",
+                        transport.get_extra_info("peername"), MAX_ANSWERING)
             transport.close()
             return
         protocol = _Answering(self, self._self_address.encode(), self._key)
@@ -240,6 +291,8 @@ class ReadPeers:
 
     def close(self) -> None:
         self._closed = True
+        for task in list(self._connecting):
+            task.cancel()
         for conn in list(self._dialed.values()):
             conn.close()
         self._dialed.clear()
@@ -257,11 +310,14 @@ class _Dialed(asyncio.Protocol):
         self.address = address
         self._self_address = self_address.encode()
         self._key = key
+        self._session: bytes | None = None  # with a secret, once greeted
         self._timeout = timeout
         self._nonce = os.urandom(NONCE_BYTES)
         self._transport: asyncio.Transport | None = None
+        self._greeting_timer: asyncio.TimerHandle | None = None
         self._buf = b""
         self.ready = False
+        self.was_ready = False
         self._ids = itertools.count(1)
         # id -> (reply callback, timer)
         self._pending: dict[int, tuple[Callable[[int | None, int], None], asyncio.TimerHandle]] = {}
@@ -269,6 +325,7 @@ class _Dialed(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._greeting_timer = asyncio.get_running_loop().call_later(self._timeout, self._no_greeting)
         transport.write(MAGIC + _LENGTH.pack(len(self._self_address)) + self._self_address  # type: ignore[attr-defined]
                         + self._nonce)
 
@@ -276,18 +333,26 @@ class _Dialed(asyncio.Protocol):
         request_id = next(self._ids)
         timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, request_id)
         self._pending[request_id] = (reply, timer)
-        self._transport.write(_MESSAGE.pack(kind, request_id, value))  # type: ignore[union-attr]
+        body = _MESSAGE.pack(kind, request_id, value)
+        if self._session is not None:
+            body += _message_mac(self._session, _REQUEST, body)
+        self._transport.write(body)  # type: ignore[union-attr]
+
+    def _no_greeting(self) -> None:
+        if not self.ready:
+            self.close()
 
     def _expire(self, request_id: int) -> None:
-        pending = self._pending.pop(request_id, None)
-        if pending is not None:
-            pending[0](None, 0)
+        """No answer in time: this and every other round waiting on the
+        connection go to Raft (connection_lost), and it is dialed again later."""
+        if request_id in self._pending:
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
         pos = 0
         if not self.ready:
-            pos = self._hello(buf)
+            pos = self._greeting(buf)
             if pos == 0:
                 self._buf = buf
                 return
@@ -295,10 +360,11 @@ class _Dialed(asyncio.Protocol):
                 return
         size = self._answer_bytes
         end = len(buf)
+        session = self._session
         while end - pos >= size:
             body = buf[pos:pos + _MESSAGE.size]
-            if self._key is not None and not hmac.compare_digest(
-                    buf[pos + _MESSAGE.size:pos + size], _mac(self._key, self._nonce, body)):
+            if session is not None and not hmac.compare_digest(
+                    buf[pos + _MESSAGE.size:pos + size], _message_mac(session, _ANSWER, body)):
                 self._fail("an answer with a wrong MAC")
                 return
             pos += size
@@ -309,30 +375,36 @@ class _Dialed(asyncio.Protocol):
                 pending[0](kind, value)
         self._buf = buf[pos:]
 
-    def _hello(self, buf: bytes) -> int:
+    def _greeting(self, buf: bytes) -> int:
         """Check the member's greeting: bytes it took, 0 if more are needed, -1 if refused."""
         if len(buf) < _LENGTH.size:
             return 0
         (n,) = _LENGTH.unpack_from(buf)
-        end = _LENGTH.size + n + MAC_BYTES
         if n > MAX_ADDRESS_BYTES:
-            self._fail("a greeting too long")
+            self._fail("no greeting it understands (a member of an older build?)")
             return -1
+        end = _LENGTH.size + n + NONCE_BYTES + MAC_BYTES
         if len(buf) < end:
             return 0
         address = buf[_LENGTH.size:_LENGTH.size + n]
-        mac = buf[_LENGTH.size + n:end]
-        if self._key is not None and not hmac.compare_digest(mac, _mac(self._key, self._nonce, b"hello" + address)):
-            self._fail("a greeting with a wrong MAC (another cluster secret?)")
-            return -1
+        their_nonce = buf[_LENGTH.size + n:_LENGTH.size + n + NONCE_BYTES]
+        mac = buf[end - MAC_BYTES:end]
+        if self._key is not None:
+            expected = _greeting_mac(self._key, self._nonce, their_nonce, self._self_address, address)
+            if not hmac.compare_digest(mac, expected):
+                self._fail("a greeting with a wrong MAC (another cluster secret?)")
+                return -1
+            self._session = _session_key(self._key, self._nonce, their_nonce, self._self_address, address)
         if address.decode(errors="replace") != self.address:
             self._fail(f"member {address.decode(errors='replace')} answering there")
             return -1
-        self.ready = True
+        self.ready = self.was_ready = True
+        if self._greeting_timer is not None:
+            self._greeting_timer.cancel()
         return end
 
     def _fail(self, why: str) -> None:
-        log.warning("not using %s's client URL for read index rounds: %s", self.address, why)
+        self.owner._refused_greeting(self.address, why)
         self.close()
 
     def close(self) -> None:
@@ -341,6 +413,8 @@ class _Dialed(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ready = False
+        if self._greeting_timer is not None:
+            self._greeting_timer.cancel()
         self.owner._lost(self)
         pending = list(self._pending.values())
         self._pending.clear()
@@ -350,48 +424,64 @@ class _Dialed(asyncio.Protocol):
 
 
 class _Answering(asyncio.Protocol):
-    """A connection another member dialed to ask this one."""
+    """A connection another member dialed to ask this one. Anyone who can
+    reach the client port can open one: it is closed at the first thing
+    out of protocol, reads stop while its answers are not being read, and
+    one that does not greet in time is closed."""
 
     def __init__(self, owner: ReadPeers, self_address: bytes, key: bytes | None) -> None:
         self.owner = owner
         self._self_address = self_address
         self._key = key
+        self._session: bytes | None = None
         self._transport: asyncio.Transport | None = None
         self._buf = b""
         self._asker: str | None = None
-        self._nonce = b""
+        self._greeting_timer: asyncio.TimerHandle | None = None
+        self._request_bytes = _MESSAGE.size + (MAC_BYTES if key is not None else 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._greeting_timer = asyncio.get_running_loop().call_later(GREETING_TIMEOUT, self._no_greeting)
+
+    def _no_greeting(self) -> None:
+        if self._asker is None:
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
         pos = 0
         if self._asker is None:
-            pos = self._hello(buf)
+            pos = self._greeting(buf)
             if pos <= 0:
                 if pos == 0:
                     self._buf = buf
                 return
         out = []
         end = len(buf)
-        key, nonce = self._key, self._nonce
-        while end - pos >= _MESSAGE.size:
-            kind, request_id, value = _MESSAGE.unpack_from(buf, pos)
-            pos += _MESSAGE.size
+        size = self._request_bytes
+        session = self._session
+        while end - pos >= size:
+            body = buf[pos:pos + _MESSAGE.size]
+            if session is not None and not hmac.compare_digest(
+                    buf[pos + _MESSAGE.size:pos + size], _message_mac(session, _REQUEST, body)):
+                self.close()
+                return
+            pos += size
+            kind, request_id, value = _MESSAGE.unpack(body)
             if kind not in (ASK, PING):
                 self.close()
                 return
             answer_kind, answer = self.owner.answer(kind, self._asker, value)  # type: ignore[arg-type]
-            body = _MESSAGE.pack(answer_kind, request_id, answer)
-            out.append(body)
-            if key is not None:
-                out.append(_mac(key, nonce, body))
+            reply = _MESSAGE.pack(answer_kind, request_id, answer)
+            out.append(reply)
+            if session is not None:
+                out.append(_message_mac(session, _ANSWER, reply))
         self._buf = buf[pos:]
         if out:
             self._transport.write(b"".join(out))  # type: ignore[union-attr]
 
-    def _hello(self, buf: bytes) -> int:
+    def _greeting(self, buf: bytes) -> int:
         start = len(MAGIC)
         if len(buf) < start + _LENGTH.size:
             return 0 if MAGIC.startswith(buf[:start]) else self._refuse()
@@ -403,20 +493,39 @@ class _Answering(asyncio.Protocol):
         end = start + _LENGTH.size + n + NONCE_BYTES
         if len(buf) < end:
             return 0
-        self._asker = buf[start + _LENGTH.size:start + _LENGTH.size + n].decode(errors="replace")
-        self._nonce = buf[end - NONCE_BYTES:end]
-        mac = _mac(self._key, self._nonce, b"hello" + self._self_address) if self._key is not None \
-            else bytes(MAC_BYTES)
-        self._transport.write(_LENGTH.pack(len(self._self_address)) + self._self_address + mac)  # type: ignore[union-attr]
+        asker = buf[start + _LENGTH.size:start + _LENGTH.size + n]
+        their_nonce = buf[end - NONCE_BYTES:end]
+        nonce = os.urandom(NONCE_BYTES)
+        if self._key is not None:
+            mac = _greeting_mac(self._key, their_nonce, nonce, asker, self._self_address)
+            self._session = _session_key(self._key, their_nonce, nonce, asker, self._self_address)
+        else:
+            mac = bytes(MAC_BYTES)
+        self._asker = asker.decode(errors="replace")
+        if self._greeting_timer is not None:
+            self._greeting_timer.cancel()
+        self._transport.write(_LENGTH.pack(len(self._self_address)) + self._self_address  # type: ignore[union-attr]
+                              + nonce + mac)
         return end
 
     def _refuse(self) -> int:
         self.close()
         return -1
 
+    def pause_writing(self) -> None:
+        # Its answers are not being read: stop reading its requests.
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._greeting_timer is not None:
+            self._greeting_timer.cancel()
         self.owner._answering.discard(self)

@@ -997,10 +997,11 @@ class RaftNode(RaftStatusSource):
         """Whether every entry up to `index` is applied here. Any thread:
         pysyncobj counts an entry as applied once handed to the applier
         (raftLastApplied is raised after the hand-over), so an empty backlog
-        read after it means they are all applied."""
+        read after it means they are all applied; else the applier's own
+        last index says (under writes the backlog is seldom empty)."""
         obj, applier = self._obj, self._applier
         return obj is not None and applier is not None and obj.raftLastApplied >= index \
-            and applier.backlog == 0
+            and (applier.backlog == 0 or applier.last_index >= index)
 
     def when_applied(self, index: int, done: ReadDone) -> None:
         """done(None) once every entry up to `index` is applied here;

@@ -290,7 +290,7 @@ def test_garbage_on_the_connection_closes_it_and_nothing_else():
         await m.add(B)
         as_follower_of_leader(m)
         m.raft[B].applied = 100
-        greeting = 2 + len(A) + 16
+        greeting = 2 + len(A) + 16 + 16  # address, nonce, MAC (zeros without a secret)
         for junk, answered in ((b"\x00not the magic at all, sorry\n", 0),
                                (b"\x00metastore-read-index/1\n\xff\xff", 0),  # an address too long
                                # greeted, then a message of a kind nobody asks
@@ -344,3 +344,107 @@ def test_reads_confirmed_elsewhere_wait_for_the_applier_in_raft_read_index():
     reads.request_applied(99, answered.append)
     reads.close()
     assert answered == [None, errors.STOPPED]
+
+
+def test_a_stalled_follower_costs_the_leader_one_round_then_it_asks_the_other():
+    async def test(m: Members):
+        await m.add(A, timeout=0.3)
+        await m.add(B)
+        await m.add(C)
+        m.raft[A].view = (7, 90, frozenset({B, C}))
+        m.raft[A].applied = 90
+        m.raft[B].current_term = m.raft[C].current_term = 7
+        await connected(m.peers[A], m.raft[A])
+        for _ in range(100):  # both dialed by now or soon
+            if all(conn.ready for conn in m.peers[A]._dialed.values()) and len(m.peers[A]._dialed) == 2:
+                break
+            await asyncio.sleep(0.01)
+        stalled = B  # sorted first: the one asked
+        for protocol in list(m.peers[stalled]._answering):
+            protocol._transport.pause_reading()
+        taken, r = await start(m.peers[A])
+        assert taken
+        await asyncio.wait_for(r.ended.wait(), 2)
+        assert len(r.via_raft) == 1, "no answer in time: Raft takes the round"
+        confirmed = m.peers[A].confirmed
+        taken, r = await start(m.peers[A])
+        assert taken
+        await asyncio.wait_for(r.ended.wait(), 2)
+        assert r.here == [None] and m.peers[A].confirmed == confirmed + 1, "the other follower answered"
+    run(test)
+
+
+def test_with_a_secret_a_man_in_the_middle_cannot_turn_the_leaders_own_answer_around():
+    """The leader L (term 7) pings A, which has moved on to term 8; in between
+    sits someone without the secret. A's greeting passes through unchanged;
+    each ping is replayed to L itself, over a connection of the attacker's,
+    hoping for L's own term, signed by L. L does not answer an unsigned or
+    wrongly signed request, and an answer signed for another connection would
+    not check out: the round goes to Raft, never confirmed."""
+    from metastore.read_peers import MAGIC, MAC_BYTES, NONCE_BYTES
+
+    async def test(m: Members):
+        await m.add(A, secret="s3cret", timeout=0.5)
+        await m.add(B, secret="s3cret")
+        m.raft[A].view = (7, 90, frozenset({B}))
+        m.raft[A].applied = 90
+        m.raft[B].current_term = 8
+        relayed: list[int] = []
+
+        async def middle(reader, writer):
+            head = await reader.readexactly(len(MAGIC) + 2)
+            rest = await reader.readexactly(int.from_bytes(head[-2:], "big") + NONCE_BYTES)
+            real_r, real_w = await asyncio.open_connection("127.0.0.1", m.ports[B])
+            real_w.write(head + rest)
+            writer.write(await real_r.readexactly(2 + len(B) + NONCE_BYTES + MAC_BYTES))
+            oracle_r, oracle_w = await asyncio.open_connection("127.0.0.1", m.ports[A])
+            oracle_w.write(MAGIC + len(B).to_bytes(2, "big") + B.encode() + rest[-NONCE_BYTES:])
+            await oracle_r.readexactly(2 + len(A) + NONCE_BYTES + MAC_BYTES)
+            try:
+                while True:
+                    request = await reader.readexactly(17 + MAC_BYTES)
+                    oracle_w.write(request)
+                    answer = await oracle_r.read(17 + MAC_BYTES)
+                    relayed.append(len(answer))
+                    writer.write(answer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+        server = await asyncio.start_server(middle, "127.0.0.1", 0)
+        m.servers.append(server)
+        m.ports["middle"] = server.sockets[0].getsockname()[1]
+        m.redirect[B] = "middle"
+        for _ in range(100):
+            taken, r = await start(m.peers[A])
+            if taken:
+                break
+            await asyncio.sleep(0.02)
+        assert taken, "the greeting relayed unchanged is accepted"
+        await asyncio.wait_for(r.ended.wait(), 3)
+        assert r.here == [] and len(r.via_raft) == 1, "never confirmed: Raft decides"
+        assert relayed == [0], "L closed the attacker's connection without answering"
+    run(test)
+
+
+def test_connections_that_do_not_greet_in_time_or_one_too_many_are_closed(monkeypatch):
+    import metastore.read_peers as read_peers
+    monkeypatch.setattr(read_peers, "GREETING_TIMEOUT", 0.2)
+    monkeypatch.setattr(read_peers, "MAX_ANSWERING", 2)
+
+    async def test(m: Members):
+        await m.add(A)
+        reader, writer = await asyncio.open_connection("127.0.0.1", m.ports[A])
+        writer.write(b"\x00metastore")  # and nothing more
+        assert await asyncio.wait_for(reader.read(), 2) == b"", "closed once the greeting is late"
+        writer.close()
+        held = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", m.ports[A])
+            writer.write(read_peers.MAGIC + b"\x00\x01B" + bytes(16))
+            await reader.readexactly(2 + len(A) + 32)  # greeted
+            held.append(writer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", m.ports[A])
+        writer.write(read_peers.MAGIC + b"\x00\x01B" + bytes(16))
+        assert await asyncio.wait_for(reader.read(), 2) == b"", "a third one is refused"
+        for w in held + [writer]:
+            w.close()
+    run(test)
