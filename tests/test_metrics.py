@@ -438,7 +438,8 @@ def _fake_node(journal: object) -> SimpleNamespace:
     store = SimpleNamespace(db_size=lambda: (100, 80), revision=5, compact_revision=0, backend=None)
     status = RaftStatus(node_id=1, term=2, leader_id=1, state="leader", applied=9, commit=10)
     return SimpleNamespace(raft_status=lambda: status, store=store, raft=SimpleNamespace(journal=journal),
-                           proposer=SimpleNamespace(pending=0, failed=0))
+                           proposer=SimpleNamespace(pending=0, failed=0),
+                           read_peers=SimpleNamespace(confirmed=7), read_barrier=SimpleNamespace(raft_rounds=2))
 
 
 def _parse(metrics: NodeMetrics) -> Samples:
@@ -459,6 +460,8 @@ def test_wal_fsync_histogram_uses_a_per_fsync_hook_when_the_journal_has_one():
         assert value(s, "etcd_server_proposals_committed_total") == 10
         assert value(s, "etcd_server_is_leader") == 1
         assert value(s, "etcd_mvcc_db_total_size_in_use_in_bytes") == 80
+        assert value(s, "metastore_read_index_rounds_total", via="peers") == 7
+        assert value(s, "metastore_read_index_rounds_total", via="raft") == 2
         await m.stop()
 
         hooked = SimpleNamespace(fsync_count=0, fsync_seconds=0.0, on_fsync=None)
