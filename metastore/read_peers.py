@@ -37,8 +37,8 @@ session key made the same way, which says which way the message goes:
 nothing but a member of the cluster can make a dialer take a read as
 confirmed, and nothing can be replayed from another connection or turned
 around. Without a secret every member's Raft port is on loopback
-(metastore.config), so the members share one machine and the connections
-never leave it.
+(metastore.config), so the members share one machine, and a member is only
+asked at a loopback client URL: the connections never leave the machine.
 
 Everything here runs on the member's event loop.
 """
@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import logging
 import os
@@ -82,8 +83,9 @@ REDIAL_AT_MOST = 30.0
 # goes to Raft: a member that stalls (stopped, swapping) must not hold reads
 # up for long, and is dialed again later.
 ANSWER_TIMEOUT = 0.5
-# A connection to the client port that starts like this one and has not
-# greeted after this long is closed; so are those beyond MAX_ANSWERING.
+# A connection to the client port that starts like this one and has not sent
+# a request that checks out after this long is closed; beyond MAX_ANSWERING
+# connections, new ones are refused.
 GREETING_TIMEOUT = 5.0
 MAX_ANSWERING = 64
 
@@ -110,6 +112,17 @@ class PeerReadSource(Protocol):
 
     def when_applied(self, index: int, done: DoneAnywhere) -> None:
         """done(None) once it has (done(error) if the member stops first)."""
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether host (a name or an address) is this machine's loopback; no
+    DNS lookup (this runs on the event loop): other names count as remote."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def secret_key(secret: str | None) -> bytes | None:
@@ -152,6 +165,7 @@ class ReadPeers:
         self._warned: set[str] = set()  # addresses whose greeting was wrong, logged once
         self._answering: set[_Answering] = set()
         self._connecting: set[asyncio.Task] = set()
+        self._warn_full_after = 0.0
         self._closed = False
         self.confirmed = 0  # rounds confirmed here
         self.fell_back = 0  # rounds handed to Raft after all (refused, timed out, lost)
@@ -227,14 +241,21 @@ class ReadPeers:
         if target is None:  # its client URL is not known yet
             self._redial_at[address] = loop.time() + REDIAL_AFTER
             return
+        host, _, port = target.rpartition(":")
+        host = host.strip("[]")
+        if self._key is None and not _is_loopback(host):
+            # Without a secret nothing could tell a member from whoever
+            # answers at that address: only this machine's members are asked.
+            self._refused(address, f"its client URL ({target}) is not on loopback and the cluster has no secret")
+            self._redial_at[address] = loop.time() + REDIAL_AT_MOST
+            return
         conn = _Dialed(self, address, self._self_address or "", self._key, self._timeout)
         self._dialed[address] = conn
-        host, _, port = target.rpartition(":")
 
         async def connect() -> None:
             try:
                 transport, _ = await asyncio.wait_for(
-                    loop.create_connection(lambda: conn, host.strip("[]"), int(port)), self._timeout)
+                    loop.create_connection(lambda: conn, host, int(port)), self._timeout)
             except (OSError, asyncio.TimeoutError, ValueError) as exc:
                 log.debug("could not reach member %s at %s for read index rounds: %s", address, target, exc)
                 self._lost(conn)
@@ -250,15 +271,15 @@ class ReadPeers:
         if self._dialed.get(address) is not conn:
             return
         del self._dialed[address]
-        failures = 0 if conn.was_ready else self._failures.get(address, 0) + 1
+        failures = 0 if conn.answered else self._failures.get(address, 0) + 1
         self._failures[address] = failures
         wait = min(REDIAL_AFTER * 2 ** max(failures - 1, 0), REDIAL_AT_MOST)
         self._redial_at[address] = asyncio.get_running_loop().time() + wait
 
-    def _refused_greeting(self, address: str, why: str) -> None:
+    def _refused(self, address: str, why: str) -> None:
         level = logging.DEBUG if address in self._warned else logging.WARNING
         self._warned.add(address)
-        log.log(level, "not using %s's client URL for read index rounds (Raft confirms those reads): %s",
+        log.log(level, "not asking member %s for read index rounds (Raft confirms those reads): %s",
                 address, why)
 
     # -- answering -------------------------------------------------------------
@@ -268,8 +289,11 @@ class ReadPeers:
             transport.close()
             return
         if len(self._answering) >= MAX_ANSWERING:
-            log.warning("refusing a read index connection from %s: %d open already",
-                        transport.get_extra_info("peername"), MAX_ANSWERING)
+            now = asyncio.get_running_loop().time()
+            if now >= self._warn_full_after:
+                self._warn_full_after = now + 60.0
+                log.warning("refusing read index connections (from %s, and any more in the next minute): "
+                            "%d open already", transport.get_extra_info("peername"), MAX_ANSWERING)
             transport.close()
             return
         protocol = _Answering(self, self._self_address.encode(), self._key)
@@ -317,7 +341,7 @@ class _Dialed(asyncio.Protocol):
         self._greeting_timer: asyncio.TimerHandle | None = None
         self._buf = b""
         self.ready = False
-        self.was_ready = False
+        self.answered = False  # an answer came: the member is live, not just greeting
         self._ids = itertools.count(1)
         # id -> (reply callback, timer)
         self._pending: dict[int, tuple[Callable[[int | None, int], None], asyncio.TimerHandle]] = {}
@@ -331,12 +355,12 @@ class _Dialed(asyncio.Protocol):
 
     def request(self, kind: int, value: int, reply: Callable[[int | None, int], None]) -> None:
         request_id = next(self._ids)
-        timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, request_id)
-        self._pending[request_id] = (reply, timer)
         body = _MESSAGE.pack(kind, request_id, value)
         if self._session is not None:
             body += _message_mac(self._session, _REQUEST, body)
         self._transport.write(body)  # type: ignore[union-attr]
+        timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, request_id)
+        self._pending[request_id] = (reply, timer)
 
     def _no_greeting(self) -> None:
         if not self.ready:
@@ -369,6 +393,7 @@ class _Dialed(asyncio.Protocol):
                 return
             pos += size
             kind, request_id, value = _MESSAGE.unpack(body)
+            self.answered = True
             pending = self._pending.pop(request_id, None)
             if pending is not None:
                 pending[1].cancel()
@@ -398,16 +423,20 @@ class _Dialed(asyncio.Protocol):
         if address.decode(errors="replace") != self.address:
             self._fail(f"member {address.decode(errors='replace')} answering there")
             return -1
-        self.ready = self.was_ready = True
+        self.ready = True
         if self._greeting_timer is not None:
             self._greeting_timer.cancel()
+        # A first request at once: the member keeps a connection only once a
+        # request checks out, and this one tells whether it answers at all.
+        self.request(PING, 0, lambda kind, value: None)
         return end
 
     def _fail(self, why: str) -> None:
-        self.owner._refused_greeting(self.address, why)
+        self.owner._refused(self.address, why)
         self.close()
 
     def close(self) -> None:
+        self.ready = False  # no more rounds on it, from now
         if self._transport is not None:
             self._transport.close()
 
@@ -442,11 +471,7 @@ class _Answering(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        self._greeting_timer = asyncio.get_running_loop().call_later(GREETING_TIMEOUT, self._no_greeting)
-
-    def _no_greeting(self) -> None:
-        if self._asker is None:
-            self.close()
+        self._greeting_timer = asyncio.get_running_loop().call_later(GREETING_TIMEOUT, self.close)
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
@@ -472,6 +497,9 @@ class _Answering(asyncio.Protocol):
             if kind not in (ASK, PING):
                 self.close()
                 return
+            if self._greeting_timer is not None:  # a first request that checks out
+                self._greeting_timer.cancel()
+                self._greeting_timer = None
             answer_kind, answer = self.owner.answer(kind, self._asker, value)  # type: ignore[arg-type]
             reply = _MESSAGE.pack(answer_kind, request_id, answer)
             out.append(reply)
@@ -502,8 +530,6 @@ class _Answering(asyncio.Protocol):
         else:
             mac = bytes(MAC_BYTES)
         self._asker = asker.decode(errors="replace")
-        if self._greeting_timer is not None:
-            self._greeting_timer.cancel()
         self._transport.write(_LENGTH.pack(len(self._self_address)) + self._self_address  # type: ignore[union-attr]
                               + nonce + mac)
         return end

@@ -106,6 +106,12 @@ class Applier:
             self._queue.append((0, None, job))
             self._cond.notify()
 
+    def loaded(self, index: int) -> None:
+        """A snapshot taken at `index` replaced the state (the queue was
+        drained first): that is the last index applied now, whatever came
+        before."""
+        self._last_index = index
+
     def drain(self) -> None:
         """Return once everything queued so far has been applied or run (a
         snapshot is about to replace the state)."""

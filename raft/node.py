@@ -919,6 +919,7 @@ class RaftNode(RaftStatusSource):
         if self._applier is not None:
             # The count of requests since a snapshot starts again from this one.
             self._requests_at_snapshot = self._applier.requests_applied
+            self._applier.loaded(raft_data[0][1])
         if self.journal is not None:
             align_journal_to_snapshot(self.journal, raft_data)
         blocked = time.monotonic() - t0

@@ -114,3 +114,25 @@ def test_other_errors_reach_the_reads_and_close_fails_the_rest():
             await b.wait()
         assert e.value is errors.STOPPED
     asyncio.run(main())
+
+
+def test_a_peers_round_that_fails_to_start_goes_to_raft():
+    class Broken:
+        def start(self, done_here, done_anywhere, via_raft):
+            raise ValueError("a bad client URL, say")
+
+    async def main():
+        raft = FakeRaft()
+        b = ReadBarrier(raft, timeout=5.0, peers=Broken())  # type: ignore[arg-type]
+        b.bind(asyncio.get_running_loop())
+        read = asyncio.create_task(b.wait())
+        await settle()
+        assert len(raft.asked) == 1 and b.raft_rounds == 1
+        raft.asked[0](None)
+        await read
+        read = asyncio.create_task(b.wait())  # and the next read is asked for too
+        await settle()
+        assert len(raft.asked) == 2
+        raft.asked[1](None)
+        await read
+    asyncio.run(main())

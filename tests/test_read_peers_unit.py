@@ -276,11 +276,12 @@ def test_no_answer_in_time_or_a_lost_connection_hands_the_round_to_raft():
         for protocol in list(m.peers[A]._answering):
             protocol._transport.resume_reading()
         await connected(m.peers[B], m.raft[B])
-        m.peers[A].close()  # the leader goes away
         taken, r = await start(m.peers[B])
-        if taken:
-            await asyncio.wait_for(r.ended.wait(), 2)
-            assert len(r.via_raft) == 1 and not r.here
+        assert taken
+        for protocol in list(m.peers[A]._answering):
+            protocol._transport.abort()  # the connection breaks before the request is read
+        await asyncio.wait_for(r.ended.wait(), 2)
+        assert len(r.via_raft) == 1 and not r.here
     run(test)
 
 
@@ -374,38 +375,55 @@ def test_a_stalled_follower_costs_the_leader_one_round_then_it_asks_the_other():
     run(test)
 
 
-def test_with_a_secret_a_man_in_the_middle_cannot_turn_the_leaders_own_answer_around():
-    """The leader L (term 7) pings A, which has moved on to term 8; in between
-    sits someone without the secret. A's greeting passes through unchanged;
-    each ping is replayed to L itself, over a connection of the attacker's,
-    hoping for L's own term, signed by L. L does not answer an unsigned or
-    wrongly signed request, and an answer signed for another connection would
-    not check out: the round goes to Raft, never confirmed."""
+@pytest.mark.parametrize("attack", ["replay to the leader", "leader's own greeting"])
+def test_with_a_secret_a_man_in_the_middle_cannot_turn_the_leaders_own_answer_around(attack):
+    """The leader L (A here, term 7) pings B, which has moved on to term 8;
+    in between sits someone without the secret, who wants L to hear its own
+    term back, signed by L:
+    - replay: B's greeting passes unchanged, and each of L's requests is
+      replayed to L itself, over a connection of the attacker's;
+    - own greeting: L's greeting to B is passed to L's own answering side
+      (claiming to be B), and L's answer to it comes back as B's greeting.
+    Either way the round is never confirmed: L answers no request signed for
+    another connection, and a greeting signed for other roles is refused."""
     from metastore.read_peers import MAGIC, MAC_BYTES, NONCE_BYTES
 
     async def test(m: Members):
         await m.add(A, secret="s3cret", timeout=0.5)
         await m.add(B, secret="s3cret")
         m.raft[A].view = (7, 90, frozenset({B}))
+        m.raft[A].current_term = 7  # what A answers to a ping: a reflected answer would confirm
         m.raft[A].applied = 90
         m.raft[B].current_term = 8
-        relayed: list[int] = []
+        answers: list[int] = []
+
+        async def pipe(reader, writer):
+            try:
+                while data := await reader.read(4096):
+                    writer.write(data)
+            except ConnectionError:
+                pass
+            writer.close()
 
         async def middle(reader, writer):
             head = await reader.readexactly(len(MAGIC) + 2)
             rest = await reader.readexactly(int.from_bytes(head[-2:], "big") + NONCE_BYTES)
+            nonce = rest[-NONCE_BYTES:]
+            own_r, own_w = await asyncio.open_connection("127.0.0.1", m.ports[A])
+            own_w.write(MAGIC + len(B).to_bytes(2, "big") + B.encode() + nonce)
+            own_greeting = await own_r.readexactly(2 + len(A) + NONCE_BYTES + MAC_BYTES)
+            if attack == "leader's own greeting":
+                writer.write(len(B).to_bytes(2, "big") + B.encode() + own_greeting[2 + len(A):])
+                await asyncio.gather(pipe(reader, own_w), pipe(own_r, writer))
+                return
             real_r, real_w = await asyncio.open_connection("127.0.0.1", m.ports[B])
             real_w.write(head + rest)
             writer.write(await real_r.readexactly(2 + len(B) + NONCE_BYTES + MAC_BYTES))
-            oracle_r, oracle_w = await asyncio.open_connection("127.0.0.1", m.ports[A])
-            oracle_w.write(MAGIC + len(B).to_bytes(2, "big") + B.encode() + rest[-NONCE_BYTES:])
-            await oracle_r.readexactly(2 + len(A) + NONCE_BYTES + MAC_BYTES)
             try:
                 while True:
-                    request = await reader.readexactly(17 + MAC_BYTES)
-                    oracle_w.write(request)
-                    answer = await oracle_r.read(17 + MAC_BYTES)
-                    relayed.append(len(answer))
+                    own_w.write(await reader.readexactly(17 + MAC_BYTES))
+                    answer = await own_r.read(17 + MAC_BYTES)
+                    answers.append(len(answer))
                     writer.write(answer)
             except (asyncio.IncompleteReadError, ConnectionError):
                 writer.close()
@@ -413,15 +431,20 @@ def test_with_a_secret_a_man_in_the_middle_cannot_turn_the_leaders_own_answer_ar
         m.servers.append(server)
         m.ports["middle"] = server.sockets[0].getsockname()[1]
         m.redirect[B] = "middle"
-        for _ in range(100):
+        rounds = []
+        for _ in range(60):
             taken, r = await start(m.peers[A])
             if taken:
-                break
+                await asyncio.wait_for(r.ended.wait(), 3)
+                rounds.append(r)
             await asyncio.sleep(0.02)
-        assert taken, "the greeting relayed unchanged is accepted"
-        await asyncio.wait_for(r.ended.wait(), 3)
-        assert r.here == [] and len(r.via_raft) == 1, "never confirmed: Raft decides"
-        assert relayed == [0], "L closed the attacker's connection without answering"
+        assert all(r.here == [] for r in rounds), "a round was confirmed through the man in the middle"
+        assert m.peers[A].confirmed == 0
+        if attack == "replay to the leader":
+            assert rounds and all(len(r.via_raft) == 1 for r in rounds), "taken, then handed to Raft"
+            assert answers and set(answers) == {0}, "L closed the attacker's connection without answering"
+        else:
+            assert not rounds, "the greeting never checks out: the connection is never used"
     run(test)
 
 
@@ -447,4 +470,40 @@ def test_connections_that_do_not_greet_in_time_or_one_too_many_are_closed(monkey
         assert await asyncio.wait_for(reader.read(), 2) == b"", "a third one is refused"
         for w in held + [writer]:
             w.close()
+    run(test)
+
+
+def test_without_a_secret_only_members_on_loopback_are_asked():
+    async def test(m: Members):
+        await m.add(A)
+        await m.add(B)
+        as_follower_of_leader(m)
+        m.peers[B]._client_address_of = lambda address: "192.0.2.1:2379"  # not this machine
+        for _ in range(10):
+            assert not (await start(m.peers[B]))[0]
+            await asyncio.sleep(0.01)
+        assert not m.peers[B]._dialed, "never dialed"
+    run(test)
+
+
+def test_a_member_that_never_answers_is_dialed_less_and_less_often(monkeypatch):
+    import metastore.read_peers as read_peers
+    monkeypatch.setattr(read_peers, "REDIAL_AFTER", 0.05)
+
+    async def test(m: Members):
+        await m.add(B, timeout=0.1)
+        m.raft[B].leader = A
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never greets
+        m.servers.append(server)
+        m.peers[B]._client_address_of = lambda address: f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        loop = asyncio.get_running_loop()
+        waits = []
+        while len(waits) < 3:
+            assert not (await start(m.peers[B]))[0]
+            if A not in m.peers[B]._dialed and A in m.peers[B]._redial_at:
+                wait = m.peers[B]._redial_at[A] - loop.time()
+                if wait > 0 and (not waits or wait > waits[-1] * 1.5):
+                    waits.append(wait)
+            await asyncio.sleep(0.01)
+        assert waits[1] > waits[0] * 1.5 and waits[2] > waits[1] * 1.5, waits
     run(test)
