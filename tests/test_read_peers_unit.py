@@ -111,6 +111,14 @@ async def start(peers: ReadPeers) -> tuple[bool, Round]:
     return peers.start(r.done_here, r.done_anywhere, r.to_raft), r
 
 
+async def never_taken(peers: ReadPeers, why: str, tries: int = 30) -> None:
+    """Rounds started over a while (time enough to dial) all go to Raft."""
+    for _ in range(tries):
+        taken, _r = await start(peers)
+        assert not taken, why
+        await asyncio.sleep(0.02)
+
+
 async def connected(peers: ReadPeers, raft: FakeRaft) -> None:
     """Start rounds until one is taken: the first ones only dial."""
     for _ in range(200):
@@ -217,10 +225,7 @@ def test_more_voters_or_a_learner_never_take_this_path():
         await m.add(A)
         await m.add(B)
         m.raft[A].view = (7, 90, frozenset({B, C, D}))  # a majority of 4 needs two others
-        for _ in range(20):
-            taken, _r = await start(m.peers[A])
-            assert not taken
-            await asyncio.sleep(0.01)
+        await never_taken(m.peers[A], "a majority of five needs two others", tries=20)
         m.raft[A].view = (7, 90, frozenset())  # alone: Raft answers at once
         assert not (await start(m.peers[A]))[0]
         m.raft[B].learner, m.raft[B].leader = True, A
@@ -235,10 +240,7 @@ def test_a_url_that_reaches_another_member_is_not_used():
         await m.add(C)
         as_follower_of_leader(m)
         m.redirect[A] = C  # A's advertised client URL reaches C
-        for _ in range(30):
-            taken, _r = await start(m.peers[B])
-            assert not taken, "C answered as C: never taken for the leader"
-            await asyncio.sleep(0.02)
+        await never_taken(m.peers[B], "C answered as C: never taken for the leader")
     run(test)
 
 
@@ -251,10 +253,7 @@ def test_with_a_cluster_secret_only_a_member_that_has_it_is_believed():
         m.raft[B].applied = 100
         await connected(m.peers[B], m.raft[B])  # same secret: works
         m.raft[C].leader, m.raft[C].current_term = A, 5
-        for _ in range(30):
-            taken, _r = await start(m.peers[C])
-            assert not taken, "the leader's greeting does not check out with another secret"
-            await asyncio.sleep(0.02)
+        await never_taken(m.peers[C], "the leader's greeting does not check out with another secret")
     run(test)
 
 
@@ -479,9 +478,7 @@ def test_without_a_secret_only_members_on_loopback_are_asked():
         await m.add(B)
         as_follower_of_leader(m)
         m.peers[B]._client_address_of = lambda address: "192.0.2.1:2379"  # not this machine
-        for _ in range(10):
-            assert not (await start(m.peers[B]))[0]
-            await asyncio.sleep(0.01)
+        await never_taken(m.peers[B], "a remote URL without a secret", tries=10)
         assert not m.peers[B]._dialed, "never dialed"
     run(test)
 
