@@ -225,7 +225,7 @@ def test_more_voters_or_a_learner_never_take_this_path():
         await m.add(A)
         await m.add(B)
         m.raft[A].view = (7, 90, frozenset({B, C, D}))  # a majority of 4 needs two others
-        await never_taken(m.peers[A], "a majority of five needs two others", tries=20)
+        await never_taken(m.peers[A], "a majority of four needs two others", tries=20)
         m.raft[A].view = (7, 90, frozenset())  # alone: Raft answers at once
         assert not (await start(m.peers[A]))[0]
         m.raft[B].learner, m.raft[B].leader = True, A
