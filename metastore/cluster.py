@@ -73,14 +73,18 @@ def hostport(url: str) -> str:
     return f"{host}:{parts.port}"
 
 
-def is_loopback(url: str) -> bool:
-    """True when the URL's host can only be reached from this machine."""
+def is_loopback(url: str, resolve: bool = True) -> bool:
+    """True when the URL's host can only be reached from this machine.
+    resolve=False: no DNS lookup (on an event loop), other names count as
+    remote."""
     host = urlsplit(url).hostname or ""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        if not resolve:
+            return False
         try:
             return all(ipaddress.ip_address(info[4][0]).is_loopback
                        for info in socket.getaddrinfo(host, None))

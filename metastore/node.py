@@ -102,7 +102,7 @@ class Node:
         self.raft.on_long_apply(self.lessor.extend)
         self.proposer = Proposer(self.raft, self.member_id, timeout=cfg.request_timeout)
         # Read index rounds between the members' event loops, where they can.
-        self.read_peers = ReadPeers(self.raft, me.raft_address, self._client_address_of, cfg.peer_secret)
+        self.read_peers = ReadPeers(self.raft, me.raft_address, self._client_url_of, cfg.peer_secret)
         self.read_barrier = ReadBarrier(self.raft, timeout=cfg.request_timeout, peers=self.read_peers)
         # Alarms and the space quota, defragment, hash, client snapshots.
         self.maintenance = Maintenance(self)
@@ -755,12 +755,10 @@ class Node:
     def members(self) -> list[Member]:
         return self.membership.members()
 
-    def _client_address_of(self, raft_address: str) -> str | None:
-        """host:port of the client URL the member at `raft_address` advertises."""
-        for member in self.membership.members():
-            if member.client_urls and member.raft_address == raft_address:
-                return hostport(member.client_urls[0])
-        return None
+    def _client_url_of(self, raft_address: str) -> str | None:
+        """The client URL the member at `raft_address` advertises (None: not published yet)."""
+        member = self.membership.get(self.membership.id_of_address(raft_address))
+        return member.client_urls[0] if member is not None and member.client_urls else None
 
     def status(self) -> rpc_pb2.StatusResponse:
         st = self.raft_status()

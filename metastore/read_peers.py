@@ -47,13 +47,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import itertools
 import logging
 import os
 import struct
 from typing import Callable, Protocol
 
+from metastore.cluster import hostport, is_loopback
 from metastore.errors import EtcdError
 
 log = logging.getLogger("metastore.read_peers")
@@ -114,17 +114,6 @@ class PeerReadSource(Protocol):
         """done(None) once it has (done(error) if the member stops first)."""
 
 
-def _is_loopback(host: str) -> bool:
-    """Whether host (a name or an address) is this machine's loopback; no
-    DNS lookup (this runs on the event loop): other names count as remote."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def secret_key(secret: str | None) -> bytes | None:
     if not secret:
         return None
@@ -152,11 +141,11 @@ class ReadPeers:
     and the ones it accepts (to answer)."""
 
     def __init__(self, raft: PeerReadSource, self_address: str | None,
-                 client_address_of: Callable[[str], str | None], secret: str | None,
+                 client_url_of: Callable[[str], str | None], secret: str | None,
                  timeout: float = ANSWER_TIMEOUT) -> None:
         self._raft = raft
         self._self_address = self_address
-        self._client_address_of = client_address_of  # Raft address -> host:port of its client URL
+        self._client_url_of = client_url_of  # Raft address -> the client URL that member advertises
         self._key = secret_key(secret)
         self._timeout = timeout
         self._dialed: dict[str, _Dialed] = {}  # Raft address -> connection (ready or being made)
@@ -168,7 +157,6 @@ class ReadPeers:
         self._warn_full_after = 0.0
         self._closed = False
         self.confirmed = 0  # rounds confirmed here
-        self.fell_back = 0  # rounds handed to Raft after all (refused, timed out, lost)
 
     # -- asking ----------------------------------------------------------------
     def start(self, done_here: DoneHere, done_anywhere: DoneAnywhere, via_raft: ViaRaft) -> bool:
@@ -191,7 +179,7 @@ class ReadPeers:
                 if kind == TERM and their_term == term:
                     self._confirmed(index, done_here, done_anywhere)
                 else:
-                    self._fall_back(done_anywhere, via_raft)
+                    via_raft(done_anywhere)
             conn.request(PING, term, on_term)
             return True
         leader = self._raft.leader_address()
@@ -207,7 +195,7 @@ class ReadPeers:
             if kind == INDEX:
                 self._confirmed(index, done_here, done_anywhere)
             else:
-                self._fall_back(done_anywhere, via_raft)
+                via_raft(done_anywhere)
         conn.request(ASK, term, on_index)
         return True
 
@@ -217,10 +205,6 @@ class ReadPeers:
             done_here(None)
         else:
             self._raft.when_applied(index, done_anywhere)
-
-    def _fall_back(self, done_anywhere: DoneAnywhere, via_raft: ViaRaft) -> None:
-        self.fell_back += 1
-        via_raft(done_anywhere)
 
     def _ready_connection(self, addresses: list[str]) -> "_Dialed | None":
         """A connection ready to carry a request to one of `addresses`; if
@@ -236,19 +220,20 @@ class ReadPeers:
         return None
 
     def _dial(self, address: str) -> None:
-        target = self._client_address_of(address)
+        url = self._client_url_of(address)
         loop = asyncio.get_running_loop()
-        if target is None:  # its client URL is not known yet
+        if url is None:  # its client URL is not known yet
             self._redial_at[address] = loop.time() + REDIAL_AFTER
             return
-        host, _, port = target.rpartition(":")
-        host = host.strip("[]")
-        if self._key is None and not _is_loopback(host):
+        if self._key is None and not is_loopback(url, resolve=False):
             # Without a secret nothing could tell a member from whoever
             # answers at that address: only this machine's members are asked.
-            self._refused(address, f"its client URL ({target}) is not on loopback and the cluster has no secret")
+            self._refused(address, f"its client URL ({url}) is not on loopback and the cluster has no secret")
             self._redial_at[address] = loop.time() + REDIAL_AT_MOST
             return
+        target = hostport(url)
+        host, _, port = target.rpartition(":")
+        host = host.strip("[]")
         conn = _Dialed(self, address, self._self_address or "", self._key, self._timeout)
         self._dialed[address] = conn
 

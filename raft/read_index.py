@@ -149,26 +149,19 @@ class ReadIndex:
     def request(self, done: ReadDone) -> None:
         """done(None) once this member has applied everything committed
         before this call; done(error) if the leader could not be confirmed."""
-        with self._lock:
-            if self._closed:
-                stopped = True
-            else:
-                stopped = False
-                self._requests.append(done)
-        if stopped:
-            done(errors.STOPPED)
-            return
-        self._host.wake()
+        self._submit(self._requests, done, done)
 
     def request_applied(self, index: int, done: ReadDone) -> None:
         """done(None) once this member has applied `index`, a read index
         confirmed some other way (metastore.read_peers). Thread-safe."""
+        self._submit(self._confirmed_elsewhere, (index, done), done)
+
+    def _submit(self, queue: list, item: Any, done: ReadDone) -> None:
+        """Hand `item` to the tick thread (done(STOPPED) once closed)."""
         with self._lock:
-            if self._closed:
-                stopped = True
-            else:
-                stopped = False
-                self._confirmed_elsewhere.append((index, done))
+            stopped = self._closed
+            if not stopped:
+                queue.append(item)
         if stopped:
             done(errors.STOPPED)
             return

@@ -67,15 +67,15 @@ class Members:
 
     async def add(self, address: str, secret: str | None = None, timeout: float = 1.0) -> None:
         raft = FakeRaft()
-        peers = ReadPeers(raft, address, self.client_address_of, secret, timeout=timeout)
+        peers = ReadPeers(raft, address, self.client_url_of, secret, timeout=timeout)
         server = await asyncio.get_running_loop().create_server(lambda: _Acceptor(peers), "127.0.0.1", 0)
         self.raft[address], self.peers[address] = raft, peers
         self.ports[address] = server.sockets[0].getsockname()[1]
         self.servers.append(server)
 
-    def client_address_of(self, address: str) -> str | None:
+    def client_url_of(self, address: str) -> str | None:
         target = self.redirect.get(address, address)
-        return f"127.0.0.1:{self.ports[target]}" if target in self.ports else None
+        return f"http://127.0.0.1:{self.ports[target]}" if target in self.ports else None
 
     def close(self) -> None:
         for peers in self.peers.values():
@@ -148,6 +148,14 @@ def as_follower_of_leader(members: Members, leader_term: int = 5, follower_term:
     follower.leader, follower.current_term = A, follower_term
 
 
+async def leader_and_follower(m: Members, follower_timeout: float = 1.0) -> None:
+    """A leads (term 5, read index 40), B follows and has applied up to 100."""
+    await m.add(A)
+    await m.add(B, timeout=follower_timeout)
+    as_follower_of_leader(m)
+    m.raft[B].applied = 100
+
+
 def test_a_follower_ask_in_the_leaders_term_is_answered_with_the_read_index():
     async def test(m: Members):
         await m.add(A)
@@ -176,10 +184,7 @@ def test_a_follower_ask_in_the_leaders_term_is_answered_with_the_read_index():
                                   "four other voters"])
 def test_the_leader_refuses_and_the_round_goes_to_raft(case):
     async def test(m: Members):
-        await m.add(A)
-        await m.add(B)
-        as_follower_of_leader(m)
-        m.raft[B].applied = 100
+        await leader_and_follower(m)
         await connected(m.peers[B], m.raft[B])
         if case == "follower behind":
             m.raft[B].current_term = 4
@@ -191,11 +196,12 @@ def test_the_leader_refuses_and_the_round_goes_to_raft(case):
             m.raft[A].view = (5, 40, frozenset({C, D}))
         else:
             m.raft[A].view = (5, 40, frozenset({B, C, D, "127.0.0.1:7005"}))
+        confirmed = m.peers[B].confirmed
         taken, r = await start(m.peers[B])
         assert taken
         await asyncio.wait_for(r.ended.wait(), 2)
         assert not r.here and not r.anywhere and len(r.via_raft) == 1, case
-        assert m.peers[B].fell_back == 1
+        assert m.peers[B].confirmed == confirmed, "not counted as confirmed"
     run(test)
 
 
@@ -259,10 +265,7 @@ def test_with_a_cluster_secret_only_a_member_that_has_it_is_believed():
 
 def test_no_answer_in_time_or_a_lost_connection_hands_the_round_to_raft():
     async def test(m: Members):
-        await m.add(A)
-        await m.add(B, timeout=0.3)
-        as_follower_of_leader(m)
-        m.raft[B].applied = 100
+        await leader_and_follower(m, follower_timeout=0.3)
         await connected(m.peers[B], m.raft[B])
         # The leader stops answering: its connections stop reading.
         for protocol in list(m.peers[A]._answering):
@@ -286,10 +289,7 @@ def test_no_answer_in_time_or_a_lost_connection_hands_the_round_to_raft():
 
 def test_garbage_on_the_connection_closes_it_and_nothing_else():
     async def test(m: Members):
-        await m.add(A)
-        await m.add(B)
-        as_follower_of_leader(m)
-        m.raft[B].applied = 100
+        await leader_and_follower(m)
         greeting = 2 + len(A) + 16 + 16  # address, nonce, MAC (zeros without a secret)
         for junk, answered in ((b"\x00not the magic at all, sorry\n", 0),
                                (b"\x00metastore-read-index/1\n\xff\xff", 0),  # an address too long
@@ -472,14 +472,25 @@ def test_connections_that_do_not_greet_in_time_or_one_too_many_are_closed(monkey
     run(test)
 
 
-def test_without_a_secret_only_members_on_loopback_are_asked():
+def test_without_a_secret_only_members_on_loopback_are_asked(monkeypatch):
+    dialed: list = []
+
     async def test(m: Members):
-        await m.add(A)
-        await m.add(B)
-        as_follower_of_leader(m)
-        m.peers[B]._client_address_of = lambda address: "192.0.2.1:2379"  # not this machine
+        await leader_and_follower(m)
+        loop = asyncio.get_running_loop()
+        real_connect = loop.create_connection
+
+        def recording_connect(factory, host, port, **kwargs):
+            dialed.append(host)
+            return real_connect(factory, host, port, **kwargs)
+        monkeypatch.setattr(loop, "create_connection", recording_connect)
+        m.peers[B]._client_url_of = lambda address: "http://192.0.2.1:2379"  # not this machine
         await never_taken(m.peers[B], "a remote URL without a secret", tries=10)
-        assert not m.peers[B]._dialed, "never dialed"
+        assert dialed == [], "never dialed"
+        m.peers[B]._client_url_of = m.client_url_of  # on loopback: dialed and used
+        m.peers[B]._redial_at.clear()  # (not after the 30 s a refused URL waits)
+        await connected(m.peers[B], m.raft[B])
+        assert dialed == ["127.0.0.1"]
     run(test)
 
 
@@ -492,7 +503,7 @@ def test_a_member_that_never_answers_is_dialed_less_and_less_often(monkeypatch):
         m.raft[B].leader = A
         server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never greets
         m.servers.append(server)
-        m.peers[B]._client_address_of = lambda address: f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        m.peers[B]._client_url_of = lambda address: f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         loop = asyncio.get_running_loop()
         waits = []
         while len(waits) < 3:
