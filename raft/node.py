@@ -30,7 +30,7 @@ from metastore.cluster import NOT_SUPPORTED_FOR_LEARNER, proposal_allowed_on_lea
 from metastore.fsutil import fsync_path
 from metastore.raft.applier import NOT_APPLIED, AppliedResult, Applier
 from metastore.raft.journal import DurableJournal, holds_entries
-from metastore.raft.peer_wire import deflate_only_big_messages
+from metastore.raft.peer_wire import deflate_only_big_messages, pickle_bytes_as_bytes
 from metastore.raft.read_index import ReadDone, ReadIndex
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
 
@@ -432,6 +432,7 @@ class RaftNode(RaftStatusSource):
         journal and snapshot files."""
         cfg = self._cfg
         deflate_only_big_messages()  # raft.peer_wire: deflating every peer message costs more than it saves
+        pickle_bytes_as_bytes()  # raft.peer_wire: protocol 2 turns every bytes object into a str and back
         if cfg.journal_file is not None:
             self.journal = DurableJournal(cfg.journal_file, fsync=cfg.fsync)
             self.journal.on_failure = self._log_failed

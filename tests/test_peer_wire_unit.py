@@ -54,3 +54,20 @@ def test_stored_stream_is_a_zlib_stream_of_the_bytes(size: int) -> None:
 def test_stored_stream_matches_zlib_level_0_for_a_small_message() -> None:
     body = pickle.dumps(MESSAGE)
     assert stored_zlib_stream(body) == zlib.compress(body, 0)
+
+
+def test_commands_pickle_bytes_as_bytes() -> None:
+    from pysyncobj import pickle as pysyncobj_pickle
+
+    from metastore.raft.peer_wire import pickle_bytes_as_bytes
+
+    entry = bytes(range(256)) * 64  # half of it above 0x7f: two UTF-8 bytes each through a latin-1 str
+    command = (7, (entry,))  # what pysyncobj's @replicated pickles
+    pickle_bytes_as_bytes()
+    assert len(pickle.dumps(command, 2)) > len(entry) * 3 // 2
+    packed = pysyncobj_pickle.dumps(command)
+    assert len(packed) < len(entry) + 64
+    assert pysyncobj_pickle.loads(packed) == command
+    # A member that still pickles with protocol 2 is read, and reads this one.
+    assert pysyncobj_pickle.loads(pickle.dumps(command, 2)) == command
+    assert pickle.loads(packed) == command
