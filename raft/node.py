@@ -31,7 +31,7 @@ from metastore.fsutil import fsync_path
 from metastore.raft.applier import NOT_APPLIED, AppliedResult, Applier
 from metastore.raft.journal import DurableJournal, holds_entries
 from metastore.raft.peer_wire import deflate_only_big_messages, pickle_bytes_as_bytes
-from metastore.raft.read_index import ReadDone, ReadIndex
+from metastore.raft.read_index import ECHO, ReadDone, ReadIndex
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
 
 log = logging.getLogger("metastore.raft")
@@ -163,9 +163,27 @@ class _DurableAckTransport(TCPTransport):
             journal.sync()
         last = journal[-1][1] if len(journal) else 0
         held, self._held_acks = self._held_acks, []
+        # One acknowledgement per peer says all that the held ones say:
+        # each is a success from the same term, for entries that extend the
+        # log (on_message sends them first otherwise), so the furthest one
+        # the journal holds covers the others. It carries the latest read
+        # round any of them echoed. Under load a follower reads several
+        # append_entries in one go: this halves the messages it sends and
+        # the leader handles.
+        furthest: dict[Any, dict] = {}
         for node, message in held:
-            if message["next_node_idx"] - 1 <= last:
-                super().send(node, message)
+            if message["next_node_idx"] - 1 > last:
+                continue
+            kept = furthest.get(node)
+            if kept is not None:
+                echoes = [m[ECHO] for m in (kept, message) if ECHO in m]
+                if kept["next_node_idx"] > message["next_node_idx"]:
+                    message = kept
+                if echoes:
+                    message[ECHO] = max(echoes)
+            furthest[node] = message
+        for node, message in furthest.items():
+            super().send(node, message)
 
     def _must_send_held_acks_before(self, node: Any, message: dict) -> bool:
         """Whether taking `message` in could cut entries a held

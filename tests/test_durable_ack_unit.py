@@ -11,6 +11,7 @@ import pytest
 
 import metastore.raft.node as raft_node
 from metastore.raft.journal import DurableJournal
+from metastore.raft.read_index import ECHO
 
 LEADER, OTHER = "127.0.0.1:1", "127.0.0.1:2"
 
@@ -50,7 +51,27 @@ def test_acknowledgements_wait_for_one_fsync(transport):
     assert wire == [] and journal.fsync_count == 0
     t.send_held_acks()  # the start of the next tick
     assert journal.fsync_count == 1 and journal.durable_index == 9
-    assert [m["next_node_idx"] for _, m in wire] == [6, 10]
+    assert [m["next_node_idx"] for _, m in wire] == [10]  # the furthest says what both said
+
+
+def test_the_one_sent_carries_the_latest_read_round_echoed(transport):
+    t, journal, wire = transport
+    append(journal, 1, 5)
+    t.send(LEADER, {**ack(4), ECHO: (3, 7)})
+    t.send(LEADER, {**ack(5), ECHO: (3, 9)})
+    t.send(LEADER, ack(6))  # nothing accepted since: no echo of its own
+    t.send_held_acks()
+    assert [(m["next_node_idx"], m.get(ECHO)) for _, m in wire] == [(6, (3, 9))]
+
+
+def test_the_furthest_the_log_still_holds_is_sent(transport):
+    t, journal, wire = transport
+    append(journal, 1, 12)
+    t.send(LEADER, ack(9))
+    t.send(LEADER, ack(13))
+    journal.deleteEntriesFrom(10)  # positions: 11 and 12 are cut, 10 stays
+    t.send_held_acks()
+    assert [m["next_node_idx"] for _, m in wire] == [9]
 
 
 def test_anything_else_sent_goes_after_them(transport):
