@@ -273,6 +273,10 @@ class _ReplicatedLog(SyncObj):
         # The last term in which this node led with its no-op committed, for
         # RaftNode.leader_read_view on other threads (set by note_ready_term).
         self.ready_term = 0
+        # While the body of a tick runs, the append_entries pysyncobj would
+        # send are wanted, and sent once at its end (_send_wanted_appends).
+        self._gathering_appends = False
+        self._appends_wanted = False
         super().__init__(self_address, partners, conf, transportClass=_DurableAckTransport)
 
     def note_ready_term(self) -> None:  # tick thread, after each tick
@@ -307,7 +311,39 @@ class _ReplicatedLog(SyncObj):
             journal.sync()
         # Reads asked for since the last tick join a round sent in this one.
         self.read_index.before_tick()
-        super()._onTick(timeToWait)
+        self._gathering_appends = True
+        try:
+            super()._onTick(timeToWait)
+        finally:
+            self._send_wanted_appends()  # a tick that ended before its commands
+
+    # -- one append_entries per follower and tick -------------------------------
+    # pysyncobj sends each follower an append_entries for every command it
+    # appends, and one more after each tick that applied entries (the new
+    # commit index), even when the commands that arrive in the same tick
+    # are about to go out anyway. Within a tick's body, up to the commands,
+    # those sends are noted and made once, after the commands: the new
+    # entries and the commit index in one message. Everything else (a vote
+    # won, a message handled in the poll) still sends at once.
+
+    def _SyncObj__sendAppendEntries(self) -> None:  # pysyncobj's private name
+        if self._gathering_appends:
+            self._appends_wanted = True
+            return
+        SyncObj._SyncObj__sendAppendEntries(self)
+
+    def _checkCommandsToApply(self) -> None:
+        try:
+            super()._checkCommandsToApply()
+        finally:
+            self._send_wanted_appends()
+
+    def _send_wanted_appends(self) -> None:
+        self._gathering_appends = False
+        if self._appends_wanted:
+            self._appends_wanted = False
+            if self._isLeader():  # whoever wanted it did as leader, in this tick
+                SyncObj._SyncObj__sendAppendEntries(self)
 
     @replicated
     def apply_entry(self, payload: bytes) -> AppliedResult:
