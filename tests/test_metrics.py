@@ -484,3 +484,38 @@ def test_grpc_code_names_are_go_names():
     assert grpc_code_name(grpc.StatusCode.INVALID_ARGUMENT) == "InvalidArgument"
     assert grpc_code_name(grpc.StatusCode.CANCELLED) == "Canceled"
     assert grpc_code_name(grpc.StatusCode.DEADLINE_EXCEEDED) == "DeadlineExceeded"
+
+
+def test_grpc_calls_fill_buckets_codes_and_message_counts(monkeypatch):
+    import metastore.metrics as metrics_module
+
+    m = NodeMetrics(_fake_node(SimpleNamespace(fsync_count=0, fsync_seconds=0.0)))
+    put = m.grpc._metrics_for("/etcdserverpb.KV/Put", "unary")
+    clock = iter([10.0, 10.03, 20.0, 20.004])  # each call: its start, then its end
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: next(clock))
+
+    async def answers(request, context):
+        return "response"
+
+    async def refuses(request, context):
+        raise grpc.aio.AbortError(grpc.StatusCode.INVALID_ARGUMENT, "bad")
+
+    async def main() -> None:
+        assert await m.grpc._unary_response(answers, put, False)(None, SimpleNamespace(code=lambda: None)) \
+            == "response"
+        with pytest.raises(grpc.aio.AbortError):
+            await m.grpc._unary_response(refuses, put, False)(
+                None, SimpleNamespace(code=lambda: grpc.StatusCode.INVALID_ARGUMENT))
+
+    asyncio.run(main())
+    s = _parse(m)
+    labels = dict(grpc_type="unary", grpc_service="etcdserverpb.KV", grpc_method="Put")
+    assert value(s, "grpc_server_started_total", **labels) == 2
+    assert value(s, "grpc_server_msg_received_total", **labels) == 2
+    assert value(s, "grpc_server_msg_sent_total", **labels) == 1  # only the answered one
+    assert grpc_handled(s, "Put", "OK") == 1 and grpc_handled(s, "Put", "InvalidArgument") == 1
+    bucket = {le: value(s, "grpc_server_handling_seconds_bucket", le=le, **labels)
+              for le in ("0.005", "0.025", "0.05", "10.0", "+Inf")}
+    assert bucket == {"0.005": 1, "0.025": 1, "0.05": 2, "10.0": 2, "+Inf": 2}  # 4 ms and 30 ms
+    assert value(s, "grpc_server_handling_seconds_count", **labels) == 2
+    assert value(s, "grpc_server_handling_seconds_sum", **labels) == pytest.approx(0.034)
