@@ -89,6 +89,10 @@ pysyncobj.syncobj.createJournal = _journal_factory
 
 # A snapshot that failed (a full disk, say) is asked for again after this long.
 SNAPSHOT_RETRY_SECONDS = 5.0
+# A tick's body sends the append_entries it gathered at once after this many
+# (see _ReplicatedLog._send_wanted_appends): a deep command queue, which the
+# tick drains for up to a heartbeat interval, still streams its entries out.
+GATHER_AT_MOST = 16
 
 
 @dataclass
@@ -277,6 +281,7 @@ class _ReplicatedLog(SyncObj):
         # send are wanted, and sent once at its end (_send_wanted_appends).
         self._gathering_appends = False
         self._appends_wanted = False
+        self._appends_gathered = 0
         super().__init__(self_address, partners, conf, transportClass=_DurableAckTransport)
 
     def note_ready_term(self) -> None:  # tick thread, after each tick
@@ -315,7 +320,10 @@ class _ReplicatedLog(SyncObj):
         try:
             super()._onTick(timeToWait)
         finally:
-            self._send_wanted_appends()  # a tick that ended before its commands
+            try:
+                self._send_wanted_appends()  # a tick that ended before its commands
+            except Exception:  # never instead of what the tick raised
+                log.exception("sending this tick's append_entries failed")
 
     # -- one append_entries per follower and tick -------------------------------
     # pysyncobj sends each follower an append_entries for every command it
@@ -323,13 +331,17 @@ class _ReplicatedLog(SyncObj):
     # commit index), even when the commands that arrive in the same tick
     # are about to go out anyway. Within a tick's body, up to the commands,
     # those sends are noted and made once, after the commands: the new
-    # entries and the commit index in one message. Everything else (a vote
-    # won, a message handled in the poll) still sends at once.
+    # entries and the commit index in one message (or every GATHER_AT_MOST
+    # commands). Everything else (a vote won, a message handled in the poll)
+    # still sends at once.
 
     def _SyncObj__sendAppendEntries(self) -> None:  # pysyncobj's private name
         if self._gathering_appends:
-            self._appends_wanted = True
-            return
+            self._appends_gathered += 1
+            if self._appends_gathered < GATHER_AT_MOST:
+                self._appends_wanted = True
+                return
+            self._appends_wanted, self._appends_gathered = False, 0
         SyncObj._SyncObj__sendAppendEntries(self)
 
     def _checkCommandsToApply(self) -> None:
@@ -340,6 +352,7 @@ class _ReplicatedLog(SyncObj):
 
     def _send_wanted_appends(self) -> None:
         self._gathering_appends = False
+        self._appends_gathered = 0
         if self._appends_wanted:
             self._appends_wanted = False
             if self._isLeader():  # whoever wanted it did as leader, in this tick

@@ -491,7 +491,7 @@ def test_grpc_calls_fill_buckets_codes_and_message_counts(monkeypatch):
 
     m = NodeMetrics(_fake_node(SimpleNamespace(fsync_count=0, fsync_seconds=0.0)))
     put = m.grpc._metrics_for("/etcdserverpb.KV/Put", "unary")
-    clock = iter([10.0, 10.03, 20.0, 20.004])  # each call: its start, then its end
+    clock = iter([10.0, 10.03, 0.0, 0.005])  # each call: its start, then its end (5 ms: on a bound)
     monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: next(clock))
 
     async def answers(request, context):
@@ -516,6 +516,6 @@ def test_grpc_calls_fill_buckets_codes_and_message_counts(monkeypatch):
     assert grpc_handled(s, "Put", "OK") == 1 and grpc_handled(s, "Put", "InvalidArgument") == 1
     bucket = {le: value(s, "grpc_server_handling_seconds_bucket", le=le, **labels)
               for le in ("0.005", "0.025", "0.05", "10.0", "+Inf")}
-    assert bucket == {"0.005": 1, "0.025": 1, "0.05": 2, "10.0": 2, "+Inf": 2}  # 4 ms and 30 ms
+    assert bucket == {"0.005": 1, "0.025": 1, "0.05": 2, "10.0": 2, "+Inf": 2}  # 5 ms (le: at most) and 30 ms
     assert value(s, "grpc_server_handling_seconds_count", **labels) == 2
-    assert value(s, "grpc_server_handling_seconds_sum", **labels) == pytest.approx(0.034)
+    assert value(s, "grpc_server_handling_seconds_sum", **labels) == pytest.approx(0.035)

@@ -56,11 +56,12 @@ def test_stored_stream_matches_zlib_level_0_for_a_small_message() -> None:
     assert stored_zlib_stream(body) == zlib.compress(body, 0)
 
 
-def test_commands_pickle_bytes_as_bytes() -> None:
+def test_commands_pickle_bytes_as_bytes(monkeypatch) -> None:
     from pysyncobj import pickle as pysyncobj_pickle
 
     from metastore.raft.peer_wire import pickle_bytes_as_bytes
 
+    monkeypatch.setattr(pysyncobj_pickle, "__protocol", 2)  # pysyncobj's own, restored afterwards
     entry = bytes(range(256)) * 64  # half of it above 0x7f: two UTF-8 bytes each through a latin-1 str
     command = (7, (entry,))  # what pysyncobj's @replicated pickles
     pickle_bytes_as_bytes()

@@ -4,10 +4,12 @@ once, after the commands; outside a tick's body they go out at once. The
 pysyncobj object is built without sockets and its real send is recorded."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from pysyncobj import SyncObj
 
-from metastore.raft.node import _ReplicatedLog
+from metastore.raft.node import GATHER_AT_MOST, _ReplicatedLog
 
 
 @pytest.fixture
@@ -15,7 +17,7 @@ def log(monkeypatch):
     sent: list[str] = []
     monkeypatch.setattr(SyncObj, "_SyncObj__sendAppendEntries", lambda self: sent.append("append_entries"))
     obj = object.__new__(_ReplicatedLog)
-    obj._gathering_appends, obj._appends_wanted = False, False
+    obj._gathering_appends, obj._appends_wanted, obj._appends_gathered = False, False, 0
     obj.leading = True
     obj._isLeader = lambda: obj.leading
     return obj, sent, monkeypatch
@@ -71,3 +73,58 @@ def test_pysyncobj_sends_through_the_name_overridden_here():
     # overrides. A pysyncobj that renamed it would bypass the override.
     for step in (SyncObj._onTick, SyncObj._checkCommandsToApply):
         assert "_SyncObj__sendAppendEntries" in step.__code__.co_names
+
+
+def _ticking(obj: _ReplicatedLog) -> None:
+    """What our _onTick wrapper reads before pysyncobj's body runs."""
+    obj._durable_journal = None
+    obj._SyncObj__transport = SimpleNamespace(send_held_acks=lambda: None)
+    obj.read_index = SimpleNamespace(before_tick=lambda: None)
+
+
+def test_the_tick_wrapper_gathers_and_its_commands_step_sends(log):
+    obj, sent, monkeypatch = log
+    _ticking(obj)
+    seen: list[str] = []
+
+    def body(self: _ReplicatedLog, timeToWait: float = 0.0) -> None:  # pysyncobj's _onTick, shortened
+        self._SyncObj__sendAppendEntries()  # after applying
+        seen.append(f"before the commands: {len(sent)} sent")
+        self._checkCommandsToApply()
+        self._SyncObj__sendAppendEntries()  # a message handled in the poll
+
+    monkeypatch.setattr(SyncObj, "_onTick", body)
+    monkeypatch.setattr(SyncObj, "_checkCommandsToApply", lambda self: self._SyncObj__sendAppendEntries())
+    obj._onTick(0.0)
+    assert seen == ["before the commands: 0 sent"]
+    assert sent == ["append_entries"] * 2 and not obj._gathering_appends
+
+
+@pytest.mark.parametrize("ending", ["returns early", "raises"])
+def test_a_tick_that_ends_before_its_commands_still_sends(log, ending):
+    obj, sent, monkeypatch = log
+    _ticking(obj)
+
+    def body(self: _ReplicatedLog, timeToWait: float = 0.0) -> None:
+        self._SyncObj__sendAppendEntries()
+        if ending == "raises":
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(SyncObj, "_onTick", body)
+    if ending == "raises":
+        with pytest.raises(RuntimeError, match="boom"):
+            obj._onTick(0.0)
+    else:
+        obj._onTick(0.0)
+    assert sent == ["append_entries"] and not obj._gathering_appends
+    obj._SyncObj__sendAppendEntries()  # between ticks: at once
+    assert sent == ["append_entries"] * 2
+
+
+def test_many_commands_in_one_tick_go_out_in_groups(log):
+    obj, sent, monkeypatch = log
+    monkeypatch.setattr(SyncObj, "_checkCommandsToApply",
+                        lambda self: [self._SyncObj__sendAppendEntries() for _ in range(2 * GATHER_AT_MOST + 1)])
+    obj._gathering_appends = True
+    obj._checkCommandsToApply()
+    assert sent == ["append_entries"] * 3  # two full groups on the way, the rest at the end
