@@ -172,8 +172,8 @@ class _DurableAckTransport(TCPTransport):
         # log (on_message sends them first otherwise), so the furthest one
         # the journal holds covers the others. It carries the latest read
         # round any of them echoed. Under load a follower reads several
-        # append_entries in one go: this halves the messages it sends and
-        # the leader handles.
+        # append_entries in one go (check perf l: 2-10): this sent over a
+        # third fewer acknowledgements there, each one less for the leader.
         furthest: dict[Any, dict] = {}
         for node, message in held:
             if message["next_node_idx"] - 1 > last:
