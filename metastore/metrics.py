@@ -68,9 +68,10 @@ class _MethodMetrics:
 
     Every gRPC handler runs on the member's event loop, so nothing else
     changes them (a scrape on another thread reads them under the GIL; a
-    free-threaded Python would need a lock here): prometheus-client's Counter and Histogram take a lock per
-    update, and the five updates of each call were ~5 % of a busy member's
-    event loop (py-spy under check perf l)."""
+    free-threaded Python would need a lock here). prometheus-client's
+    Counter and Histogram take a lock per update, and the five updates of
+    each call were ~5 % of a busy member's event loop (py-spy under check
+    perf l)."""
 
     __slots__ = ("labels", "started", "received", "sent", "handled", "buckets", "seconds")
 

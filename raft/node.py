@@ -278,10 +278,9 @@ class _ReplicatedLog(SyncObj):
         # RaftNode.leader_read_view on other threads (set by note_ready_term).
         self.ready_term = 0
         # While the body of a tick runs, the append_entries pysyncobj would
-        # send are wanted, and sent once at its end (_send_wanted_appends).
+        # send are counted, and sent once at its end (_send_wanted_appends).
         self._gathering_appends = False
-        self._appends_wanted = False
-        self._appends_gathered = 0
+        self._appends_gathered = 0  # sends wanted and not made yet
         super().__init__(self_address, partners, conf, transportClass=_DurableAckTransport)
 
     def note_ready_term(self) -> None:  # tick thread, after each tick
@@ -339,9 +338,8 @@ class _ReplicatedLog(SyncObj):
         if self._gathering_appends:
             self._appends_gathered += 1
             if self._appends_gathered < GATHER_AT_MOST:
-                self._appends_wanted = True
                 return
-            self._appends_wanted, self._appends_gathered = False, 0
+            self._appends_gathered = 0
         SyncObj._SyncObj__sendAppendEntries(self)
 
     def _checkCommandsToApply(self) -> None:
@@ -352,9 +350,8 @@ class _ReplicatedLog(SyncObj):
 
     def _send_wanted_appends(self) -> None:
         self._gathering_appends = False
-        self._appends_gathered = 0
-        if self._appends_wanted:
-            self._appends_wanted = False
+        if self._appends_gathered:
+            self._appends_gathered = 0
             if self._isLeader():  # whoever wanted it did as leader, in this tick
                 SyncObj._SyncObj__sendAppendEntries(self)
 

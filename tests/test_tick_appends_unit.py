@@ -17,7 +17,7 @@ def log(monkeypatch):
     sent: list[str] = []
     monkeypatch.setattr(SyncObj, "_SyncObj__sendAppendEntries", lambda self: sent.append("append_entries"))
     obj = object.__new__(_ReplicatedLog)
-    obj._gathering_appends, obj._appends_wanted, obj._appends_gathered = False, False, 0
+    obj._gathering_appends, obj._appends_gathered = False, 0
     obj.leading = True
     obj._isLeader = lambda: obj.leading
     return obj, sent, monkeypatch
@@ -50,7 +50,7 @@ def test_nothing_wanted_sends_nothing_and_a_former_leader_sends_nothing(log):
     obj._SyncObj__sendAppendEntries()
     obj.leading = False  # stepped down within the tick
     obj._checkCommandsToApply()
-    assert sent == [] and not obj._appends_wanted
+    assert sent == [] and not obj._appends_gathered
 
 
 def test_a_failing_command_step_still_sends_what_was_wanted(log):
