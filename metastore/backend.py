@@ -7,7 +7,7 @@ range options, transactions) lives above it in `metastore.mvcc`, once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 # The tables every backend provides. Their layouts are defined by
 # metastore.mvcc_layout and metastore.mvcc_lease. New tables go at the end:
@@ -77,6 +77,19 @@ class WriteBatch:
 
     def __len__(self) -> int:
         return len(self.ops) + self.ahead_count()
+
+
+def scan_ranges(backend: "Backend", table: str,
+                ranges: Iterable[tuple[bytes, bytes]]) -> Iterator[list[tuple[bytes, bytes]]]:
+    """The items of each [start, end) of `ranges`, one list per range, in
+    order; the ranges ascend and do not overlap. Compaction looks up the
+    history of a thousand keys at a time this way. A backend may do it its
+    own way (optional capability `scan_ranges`, same contract) when a scan
+    per range costs it more than it must (RocksDB: see its backend)."""
+    own = getattr(backend, "scan_ranges", None)
+    if own is not None:
+        return own(table, ranges)
+    return (list(backend.scan(table, start, end)) for start, end in ranges)
 
 
 class Backend(Protocol):

@@ -28,6 +28,7 @@ from typing import Iterable, Iterator
 
 from metastore import errors
 from metastore.api.pb import rpc_pb2
+from metastore.gc_pause import gc_paused
 from metastore.backend import TABLES, Backend, WriteBatch
 from metastore.mvcc_compact import Compactor, next_compaction_batch
 from metastore.mvcc_compare import chosen_ops, txn_path
@@ -303,7 +304,8 @@ class MVCCStore:
         return resp
 
     def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
-        with self._write_lock:
+        # A range may hold 100k keys: no garbage collection while its batch is built.
+        with self._write_lock, gc_paused() if req.range_end else contextlib.nullcontext():
             w = WriteTxn(self._backend, self._rev)
             resp = rpc_pb2.DeleteRangeResponse()
             self._delete(w, req, resp)
@@ -359,6 +361,10 @@ class MVCCStore:
             mark.put("meta", META_COMPACT_REVISION, pack_u64(rev))
             with self._lock:
                 self._backend.write(mark)
+                # The previous target's own `rev` rows stayed listed (the
+                # walk only looked at them): the walk toward this one goes
+                # over them again.
+                self._compact_cursor = min(self._compact_cursor, pack_rev(self._compact_rev, 0))
                 self._compact_rev = rev
             resp = rpc_pb2.CompactionResponse()
             resp.header.revision = self._rev

@@ -24,7 +24,7 @@ import time
 from itertools import islice
 from typing import Callable
 
-from metastore.backend import Backend, WriteBatch
+from metastore.backend import Backend, WriteBatch, scan_ranges
 from metastore.mvcc_layout import TOMBSTONE, hist_key_for, hist_prefix, pack_rev, record_mod
 
 # `rev` rows walked per batch. Compaction runs beside the apply thread and
@@ -51,41 +51,48 @@ def next_compaction_batch(backend: Backend, target: int, chunk: int = CHUNK_ROWS
     may write the batch, let other writes in, and call again -- or crash and
     call again after a restart with `start` b"". Each batch must be written
     before the next call. `start` only skips `rev` rows already deleted (a
-    RocksDB scan would otherwise step over all their tombstones each time);
-    nothing is ever added below it, since new rows come after the current
-    revision.
+    RocksDB scan would otherwise step over all their tombstones each time)
+    or, past `target`'s own rows, rows already looked at; nothing is ever
+    added below it, since new rows come after the current revision.
     """
     # The changes made at `target` itself stay listed: etcd lets a watch
     # start at the compacted revision, and it replays them from `rev`.
     stop = pack_rev(target, 0)
-    rows = list(islice(backend.scan("rev", start, stop), chunk)) if start < stop else []
-    batch = WriteBatch()
-    if rows:
-        touched: set[bytes] = set()
-        for rk, key in rows:
-            batch.delete("rev", rk)
-            touched.add(key)
-        for key in sorted(touched):
-            _reclaim_key(backend, key, target, batch)
-        return batch, rows[-1][0] + b"\x00"
-    # Keys written at `target` may leave older versions nobody reads any more.
-    at_target = {key for _rk, key in backend.scan("rev", stop, pack_rev(target + 1, 0))}
-    for key in sorted(at_target):
-        _reclaim_key(backend, key, target, batch)
-    return (batch, start) if len(batch) else None
-
-
-def _reclaim_key(backend: Backend, key: bytes, target: int, batch: WriteBatch) -> None:
-    prefix = hist_prefix(key)
-    rows = list(backend.scan("hist", prefix, hist_key_for(prefix, target + 1, 0)))
+    if start < stop:
+        rows = list(islice(backend.scan("rev", start, stop), chunk))
+        if rows:
+            batch = WriteBatch()
+            for rk, _key in rows:
+                batch.delete("rev", rk)
+            _reclaim_keys(backend, {key for _rk, key in rows}, target, batch)
+            return batch, rows[-1][0] + b"\x00"
+        start = stop
+    # Keys written at `target` may leave older versions nobody reads any
+    # more. Their `rev` rows stay, so the walk goes on from `start`, a chunk
+    # at a time like the rows before (a DeleteRange at target lists 200k).
+    rows = list(islice(backend.scan("rev", start, pack_rev(target + 1, 0)), chunk))
     if not rows:
-        return
-    cur = backend.get("kv", key)
-    # The newest row at or below target is what a read at target sees, unless
-    # the current record is itself old enough to answer that read.
-    newest_needed = (cur is None or record_mod(cur) > target) and rows[-1][1] != TOMBSTONE
-    for hk, _rec in rows[:-1] if newest_needed else rows:
-        batch.delete("hist", hk)
+        return None
+    batch = WriteBatch()
+    _reclaim_keys(backend, {key for _rk, key in rows}, target, batch)
+    return batch, rows[-1][0] + b"\x00"
+
+
+def _reclaim_keys(backend: Backend, keys: set[bytes], target: int, batch: WriteBatch) -> None:
+    """Delete the `hist` rows of `keys` that no read at or after `target`
+    needs. Their rows are looked up in key order, all in one scan_ranges."""
+    ordered = sorted(keys)
+    prefixes = [hist_prefix(key) for key in ordered]
+    ranges = [(prefix, hist_key_for(prefix, target + 1, 0)) for prefix in prefixes]
+    for key, rows in zip(ordered, scan_ranges(backend, "hist", ranges)):
+        if not rows:
+            continue
+        cur = backend.get("kv", key)
+        # The newest row at or below target is what a read at target sees,
+        # unless the current record is itself old enough to answer that read.
+        newest_needed = (cur is None or record_mod(cur) > target) and rows[-1][1] != TOMBSTONE
+        for hk, _rec in rows[:-1] if newest_needed else rows:
+            batch.delete("hist", hk)
 
 
 class Compactor:

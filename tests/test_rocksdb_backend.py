@@ -430,6 +430,23 @@ def test_engine_factory_uses_a_subdirectory(tmp_path: Path) -> None:
         open_store("rocksdb", str(tmp_path / "other"))
 
 
+def test_scan_ranges_gives_each_range_as_scan_does(backend: RocksDBBackend) -> None:
+    from metastore.backend import scan_ranges
+
+    batch = WriteBatch()
+    for i in range(100):
+        batch.put("hist", b"k%03d" % i, b"v%d" % i)
+    backend.write(batch)
+    gone = WriteBatch()
+    for i in range(20, 60):
+        gone.delete("hist", b"k%03d" % i)  # tombstones between live rows
+    backend.write(gone)
+    ranges = [(b"k005", b"k008"), (b"k019", b"k021"), (b"k030", b"k040"), (b"k059", b"k061"), (b"k099", b"l")]
+    got = list(scan_ranges(backend, "hist", ranges))
+    assert got == [list(backend.scan("hist", start, end)) for start, end in ranges]
+    assert got[1] == [(b"k019", b"v19")] and got[2] == [] and got[3] == [(b"k060", b"v60")]
+
+
 # -- size -------------------------------------------------------------------------------------
 def test_size_grows_with_data_and_shrinks_after_compaction(backend: RocksDBBackend) -> None:
     occupied0, used0 = backend.size()
@@ -456,6 +473,32 @@ def test_size_grows_with_data_and_shrinks_after_compaction(backend: RocksDBBacke
     backend.compact()
     occupied4, used4 = backend.size()
     assert used4 < 100_000 and occupied4 < 100_000
+
+
+def test_size_reads_rocksdb_figures_at_most_every_refresh_period(
+        backend: RocksDBBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quota check asks for the size on every Put: RocksDB's own figures
+    (~20 us to read) are read once a period, while what write() adds shows at
+    once, and a flush asked here is seen at the next call."""
+    import metastore.engines.rocksdb.backend as rocksdb_backend
+
+    reads = []
+    real = backend._read_props
+    monkeypatch.setattr(backend, "_read_props", lambda: reads.append(1) or real())
+    monkeypatch.setattr(rocksdb_backend, "SIZE_REFRESH", 3600.0)
+    _occupied, used = backend.size()
+    for i in range(50):
+        batch = WriteBatch()
+        batch.put("kv", b"k%03d" % i, os.urandom(100))
+        backend.write(batch)
+        _occupied, now_used = backend.size()
+        assert now_used >= used + 100
+        used = now_used
+    assert len(reads) == 1
+    backend.flush_memtables()
+    occupied, used = backend.size()
+    assert len(reads) == 2
+    assert occupied >= used >= 5000  # now in an SST file, counted once
 
 
 def test_from_checkpoint_copies_across_filesystems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

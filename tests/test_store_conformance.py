@@ -839,6 +839,51 @@ def test_compaction_runs_beside_writes(store: MVCCStore, monkeypatch) -> None:
     assert rows(store, "rev") == store.revision - target + 1
 
 
+def test_new_compaction_while_the_walk_is_among_the_old_targets_rows(make_store, monkeypatch) -> None:
+    """A DeleteRange at the compaction target lists many keys at that one
+    revision; the walk goes over them a chunk at a time. A newer compaction
+    recorded meanwhile must still drop those rows (they are below it now):
+    the store ends with exactly what compacting once at the newer revision
+    leaves."""
+    import types
+
+    import metastore.mvcc as mvcc_module
+    import metastore.mvcc_compact as compact_module
+    from metastore.mvcc_layout import pack_rev
+
+    a, _ = make_store()
+    b, _ = make_store()
+    for s in (a, b):
+        for i in range(60):
+            put(s, b"k%02d" % (i % 40), b"v%d" % i)
+        delete(s, b"k", b"l")  # 40 keys at one revision
+        for i in range(5):
+            put(s, b"k%02d" % i, b"again%d" % i)
+    first = a.revision - 5  # the DeleteRange's revision
+    second = a.revision - 1
+    in_target_rows, go_on = threading.Event(), threading.Event()
+
+    def pause(_seconds: float) -> None:  # the compactor's pause between two batches
+        if a._compact_cursor > pack_rev(first, 0) and not in_target_rows.is_set():
+            in_target_rows.set()
+            assert go_on.wait(10)
+
+    monkeypatch.setattr(compact_module, "time", types.SimpleNamespace(sleep=pause))
+    real = compact_module.next_compaction_batch
+    monkeypatch.setattr(mvcc_module, "next_compaction_batch",
+                        lambda backend, rev, chunk=0, start=b"": real(backend, rev, chunk=7, start=start))
+    a.compact(pb.CompactionRequest(revision=first))
+    assert in_target_rows.wait(10)  # part of the DeleteRange's rows walked
+    a.compact(pb.CompactionRequest(revision=second))
+    go_on.set()
+    b.compact(pb.CompactionRequest(revision=second))
+    assert a.wait_compacted(second, timeout=30) and b.wait_compacted(second, timeout=30)
+    assert rows(a, "rev") == rows(b, "rev") == a.revision - second + 1
+    assert rows(a, "hist") == rows(b, "hist")
+    assert a.hash_kv(0) == b.hash_kv(0)
+    assert a.hash_backend() == b.hash_backend()
+
+
 def test_hash_waits_for_compaction(make_store) -> None:
     a, _ = make_store()
     b, _ = make_store()

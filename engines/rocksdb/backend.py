@@ -32,6 +32,7 @@ import errno
 import os
 import shutil
 import threading
+import time
 import weakref
 from typing import Iterable, Iterator
 
@@ -64,6 +65,8 @@ from metastore.fsutil import fsync_path, fsync_tree
 AHEAD_CHUNK_BYTES = 1 << 20
 AHEAD_CHUNK_OPS = 5000
 AHEAD_INLINE_OPS = 1000  # up to this many ops in all: one write, as usual
+# size() reads RocksDB's figures at most this often (seconds).
+SIZE_REFRESH = 0.1
 
 _INCOMING = ".incoming"  # a checkpoint being moved into place
 _REPLACED = ".replaced"  # the database a checkpoint replaces, until deleted
@@ -130,6 +133,9 @@ class RocksDBBackend:
         self._acct = threading.Lock()
         self._mem_entries = 0
         self._mem_bytes = 0
+        # RocksDB's own figures for size(), and when to read them again.
+        self._sst = (0, 0)
+        self._props_due = 0.0
         self._closed = False
 
     # -- Backend protocol ---------------------------------------------------------
@@ -164,6 +170,18 @@ class RocksDBBackend:
         self._scans.add(gen)
         return gen
 
+    def scan_ranges(self, table: str, ranges: Iterable[tuple[bytes, bytes]]) -> Iterator[list[_Item]]:
+        """metastore.backend.scan_ranges on RocksDB: an iterator per range
+        made straight from the binding (~10 us here against ~17 for scan()).
+        Each has the range's end as its upper bound: one iterator sought
+        from range to range would be cheaper still, but with nothing to
+        stop it a seek into deleted rows walks every tombstone up to the
+        next live row -- after a compaction dropped the history of 100k
+        keys, that made compacting again quadratic."""
+        gen = _each_range(self._cfs[table], ranges)
+        self._scans.add(gen)
+        return gen
+
     def write(self, batch: WriteBatch) -> None:
         """Apply the batch: its ops in one atomic RocksDB write, after its
         `ahead` puts (in the same write when the batch is small; else in
@@ -175,15 +193,18 @@ class RocksDBBackend:
         # One pass over the ahead rows, each chunk's RocksDB batch built as
         # it is sized: a DeleteRange of 200k keys puts 600k rows ahead.
         rb = RocksBatch(raw_mode=True)
-        count = 0
+        put = rb.put
+        count = size = 0
         for table, rows in batch.ahead.items():
             handle = self._handles[table]
             for key, value in rows:
-                rb.put(key, value, handle)
+                put(key, value, handle)
                 count += 1
-                if count >= AHEAD_CHUNK_OPS or rb.size_in_bytes() >= AHEAD_CHUNK_BYTES:
+                size += len(key) + len(value)  # cheaper than asking the batch
+                if count >= AHEAD_CHUNK_OPS or size >= AHEAD_CHUNK_BYTES:
                     self._write_batch(rb, count)
-                    rb, count = RocksBatch(raw_mode=True), 0
+                    rb, count, size = RocksBatch(raw_mode=True), 0, 0
+                    put = rb.put
         if count:
             self._write_batch(rb, count)
         self._write_ops(batch.ops)
@@ -218,23 +239,38 @@ class RocksDBBackend:
         are in the WAL on disk). In use: RocksDB's estimate of live SST data
         plus the memtables. Deleted and overwritten data stops counting as
         in use once compaction drops it (see compact()).
+
+        RocksDB's figures are read at most every SIZE_REFRESH seconds (and
+        after every flush or compaction asked here): reading them costs ~20
+        us, and the quota check asks on every Put. Between readings the
+        memtable bytes come from write()'s own count, so what is written
+        still shows at once.
         """
         with self._acct:
             self._check_open()
-            sst = live = mem_entries = 0
-            for cf in (self._db, *self._cfs.values()):
-                sst += _prop(cf, "rocksdb.total-sst-files-size")
-                live += _prop(cf, "rocksdb.estimate-live-data-size")
-                mem_entries += _prop(cf, "rocksdb.num-entries-active-mem-table")
-                mem_entries += _prop(cf, "rocksdb.num-entries-imm-mem-tables")
-            if mem_entries < self._mem_entries:
-                # Some of what we wrote was flushed to SST files (and counts
-                # there now): keep the unflushed share.
-                self._mem_bytes = self._mem_bytes * mem_entries // self._mem_entries
-                self._mem_entries = mem_entries
+            now = time.monotonic()
+            if now >= self._props_due:
+                self._sst, mem_entries = self._read_props()
+                self._props_due = now + SIZE_REFRESH
+                if mem_entries < self._mem_entries:
+                    # Some of what we wrote was flushed to SST files (and
+                    # counts there now): keep the unflushed share.
+                    self._mem_bytes = self._mem_bytes * mem_entries // self._mem_entries
+                    self._mem_entries = mem_entries
+            sst, live = self._sst
             mem = self._mem_bytes
         occupied = sst + mem
         return occupied, min(live + mem, occupied)
+
+    def _read_props(self) -> tuple[tuple[int, int], int]:
+        """((SST bytes, live SST bytes), memtable entries) as RocksDB reports them."""
+        sst = live = mem_entries = 0
+        for cf in (self._db, *self._cfs.values()):
+            sst += _prop(cf, "rocksdb.total-sst-files-size")
+            live += _prop(cf, "rocksdb.estimate-live-data-size")
+            mem_entries += _prop(cf, "rocksdb.num-entries-active-mem-table")
+            mem_entries += _prop(cf, "rocksdb.num-entries-imm-mem-tables")
+        return (sst, live), mem_entries
 
     def close(self) -> None:
         """Release the database (and its LOCK file) so it can be opened again,
@@ -289,6 +325,7 @@ class RocksDBBackend:
             opts.set_bottommost_level_compaction(BottommostLevelCompaction.force())
             for cf in cfs:
                 cf.compact_range(None, None, opts)
+            self._props_due = 0.0  # size() reads what the compaction left
 
     def flush_memtables(self) -> None:
         """Flush every memtable, all tables at once. A checkpoint flushes
@@ -309,6 +346,7 @@ class RocksDBBackend:
         default family (empty: no table lives there) is how the binding
         asks for the atomic flush."""
         self._db.compact_range(None, None)
+        self._props_due = 0.0  # size() reads what the flush left
 
     def checkpoint(self, target_dir: str) -> None:
         """A consistent copy of the whole database in `target_dir` (which must
@@ -320,6 +358,7 @@ class RocksDBBackend:
             if os.path.lexists(target):
                 raise FileExistsError(f"checkpoint target {target} already exists")
             Checkpoint(self._db).create_checkpoint(target)
+            self._props_due = 0.0  # it flushed the memtables
             write_marker(target)
 
     def replace_with_checkpoint(self, checkpoint_dir: str) -> "RocksDBBackend":
@@ -378,6 +417,20 @@ def _down_to(items: Iterable[_Item], start: bytes, keep_alive: object) -> Iterat
         if item[0] < start:
             return
         yield item
+
+
+def _each_range(cf: Rdict, ranges: Iterable[tuple[bytes, bytes]]) -> Iterator[list[_Item]]:
+    for start, end in ranges:
+        ro = ReadOptions()
+        ro.set_iterate_upper_bound(end)  # both must outlive the iterator (see scan())
+        it = cf.iter(ro)
+        it.seek(start)
+        rows = []
+        while it.valid():
+            rows.append((it.key(), it.value()))
+            it.next()
+        del it
+        yield rows
 
 
 def _prop(cf: Rdict, name: str) -> int:
