@@ -24,11 +24,11 @@ import threading
 import time
 import zlib
 from itertools import islice
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from metastore import errors
+from metastore.errors import EtcdError
 from metastore.api.pb import rpc_pb2
-from metastore.gc_pause import gc_paused
 from metastore.backend import TABLES, Backend, WriteBatch
 from metastore.mvcc_compact import Compactor, next_compaction_batch
 from metastore.mvcc_compare import chosen_ops, txn_path
@@ -59,7 +59,7 @@ from metastore.mvcc_range import (
     select,
 )
 from metastore.mvcc_read import CurrentView, HistoricalView, View
-from metastore.mvcc_write import WriteTxn, unfinished_rows
+from metastore.mvcc_write import Change, WriteTxn, unfinished_rows
 from metastore.store import EventListener
 from metastore.types import RaftRole, RaftStatus, RaftStatusSource
 from metastore.validate import txn_is_read_only
@@ -303,9 +303,53 @@ class MVCCStore:
             self._commit(w)
         return resp
 
+    def put_many(self, requests: Sequence[tuple[tuple[int, int], rpc_pb2.PutRequest]]
+                 ) -> list[rpc_pb2.PutResponse | EtcdError]:
+        """Apply consecutive Puts of one Raft entry, each tagged with its
+        (raft index, position), in one backend write: the same revisions,
+        responses and events as put() one at a time, for less than half
+        the cost of a write each (RocksDB: ~10 us a write call). A Put that
+        fails (an unknown lease, ignore_value on a missing key) fails alone,
+        before it adds anything. Readers see the revision move once, from
+        before the first Put to after the last."""
+        results: list[rpc_pb2.PutResponse | EtcdError] = []
+        done: list[WriteTxn] = []
+        with self._write_lock:
+            batch = WriteBatch()
+            overlay: dict[bytes, bytes | None] = {}
+            rev = self._rev
+            position = self._position
+            for position, req in requests:
+                w = WriteTxn(self._backend, rev, batch, overlay)
+                resp = rpc_pb2.PutResponse()
+                try:
+                    self._put(w, req, resp)  # raises before it writes anything
+                except EtcdError as err:
+                    results.append(err)
+                    continue
+                results.append(resp)
+                done.append(w)
+                rev = w.rev
+            self._position = position
+            if not done:
+                return results
+            batch.put("meta", META_REVISION, pack_u64(rev))
+            batch.put("meta", META_APPLIED, _APPLIED.pack(*position))
+            with self._lock:
+                try:
+                    self._backend.write(batch)
+                except BaseException:
+                    self._drop_unfinished()  # what went ahead must not outlive the requests
+                    raise
+                self._rev = rev
+                self._applied = position
+        if self._listeners:
+            for w in done:
+                self._notify(w.rev, w.changes)
+        return results
+
     def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
-        # A range may hold 100k keys: no garbage collection while its batch is built.
-        with self._write_lock, gc_paused() if req.range_end else contextlib.nullcontext():
+        with self._write_lock:
             w = WriteTxn(self._backend, self._rev)
             resp = rpc_pb2.DeleteRangeResponse()
             self._delete(w, req, resp)
@@ -519,12 +563,15 @@ class MVCCStore:
             self._rev = w.rev
             self._applied = self._position
         if self._listeners:
-            events = LazyEvents(w.rev, w.changes)
-            for listener in list(self._listeners):
-                try:
-                    listener(w.rev, events)
-                except Exception:  # one bad listener must not stop the apply loop
-                    log.exception("store listener failed at revision %d", w.rev)
+            self._notify(w.rev, w.changes)
+
+    def _notify(self, rev: int, changes: list[Change]) -> None:
+        events = LazyEvents(rev, changes)
+        for listener in list(self._listeners):
+            try:
+                listener(rev, events)
+            except Exception:  # one bad listener must not stop the apply loop
+                log.exception("store listener failed at revision %d", rev)
 
     # -- leases -------------------------------------------------------------------
     def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> rpc_pb2.LeaseGrantResponse:

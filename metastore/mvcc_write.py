@@ -55,13 +55,17 @@ class Change(NamedTuple):
 class WriteTxn:
     """Pending writes of one request at revision `begin_rev + 1`."""
 
-    def __init__(self, backend: Backend, begin_rev: int) -> None:
+    def __init__(self, backend: Backend, begin_rev: int, batch: WriteBatch | None = None,
+                 overlay: dict[bytes, bytes | None] | None = None) -> None:
+        """`batch` and `overlay` are given when several requests are written
+        together (MVCCStore.put_many): each then reads what the ones before
+        it wrote, and they land in one backend write."""
         self.backend = backend
         self.begin_rev = begin_rev
         self.rev = begin_rev + 1
-        self.batch = WriteBatch()
+        self.batch = WriteBatch() if batch is None else batch
         self.changes: list[Change] = []
-        self._overlay: dict[bytes, bytes | None] = {}
+        self._overlay: dict[bytes, bytes | None] = {} if overlay is None else overlay
 
     @property
     def read_rev(self) -> int:

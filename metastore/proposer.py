@@ -74,6 +74,8 @@ class Proposer:
         # leader lost, stopped, the client gone) -- not request errors.
         self.pending = 0
         self.failed = 0
+        # Each waiting request's timeout, until its entry is committed.
+        self._timers: dict[asyncio.Future, asyncio.TimerHandle] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -144,10 +146,12 @@ class Proposer:
         skips it. (A timer rather than wait_for(shield()): a third of the
         cost, for every request.)"""
         timer = self._loop.call_later(self._timeout, expire, fut)
+        self._timers[fut] = timer
         try:
             return await fut
         finally:
             timer.cancel()
+            self._timers.pop(fut, None)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -178,7 +182,27 @@ class Proposer:
             except RuntimeError:
                 pass  # the loop is closed: the server stopped, nobody waits
 
-        self._raft.submit(payload, done)
+        def committed() -> None:  # Raft's tick thread
+            try:
+                loop.call_soon_threadsafe(self._committed, batch)
+            except RuntimeError:
+                pass
+
+        self._raft.submit(payload, done, committed)
+
+    def _committed(self, batch: _Batch) -> None:
+        """The entry is committed, so it will be applied: its requests wait
+        for that however long the apply takes (a DeleteRange of 200k keys
+        takes seconds on each member). The request timeout is for getting
+        a request committed -- no leader, no quorum -- and an answer of
+        "timed out" for a request that is applied anyway only leaves its
+        client guessing. A client's own deadline still ends its wait."""
+        if batch.timer is not None:
+            batch.timer.cancel()  # stays set: the batch is not finished
+        for fut in batch.futures:
+            timer = self._timers.pop(fut, None)
+            if timer is not None:
+                timer.cancel()
 
     def _retry(self, batch: _Batch) -> None:
         if self._closed:

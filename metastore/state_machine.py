@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from grpc import StatusCode
 
 from metastore import errors
-from metastore.api.pb import raft_entry_pb2
+from metastore.api.pb import raft_entry_pb2, rpc_pb2
 from metastore.cluster import Membership
 from metastore.errors import EtcdError
 from metastore.lessor import Lessor
@@ -59,13 +59,32 @@ class StateMachine:
             return []
         applied = self.store.applied_position
         results: list[Result] = []
+        # Consecutive Puts go to the store together (one backend write).
+        puts: list[tuple[tuple[int, int], rpc_pb2.PutRequest]] = []
         for position, proposal in enumerate(batch.proposals):
-            if (index, position) <= applied and proposal.WhichOneof("op") not in _OUTSIDE_STORE:
+            kind = proposal.WhichOneof("op")
+            if kind == "put" and (index, position) > applied:
+                puts.append(((index, position), proposal.put))
+                continue
+            if puts:
+                results += self._apply_puts(puts)
+                puts = []
+            if (index, position) <= applied and kind not in _OUTSIDE_STORE:
                 results.append(None)  # already in the store; nobody waits for it
                 continue
             self.store.set_apply_position(index, position)
             results.append(self._apply_one(proposal))
+        if puts:
+            results += self._apply_puts(puts)
         return results
+
+    def _apply_puts(self, puts: list[tuple[tuple[int, int], rpc_pb2.PutRequest]]) -> list[Result]:
+        try:
+            return list(self.store.put_many(puts))
+        except Exception as exc:  # a bug or a failed write, not a client error: say so loudly
+            log.exception("applying %d puts failed", len(puts))
+            error = EtcdError(StatusCode.INTERNAL, f"etcdserver: internal error applying put: {exc}")
+            return [error] * len(puts)
 
     def _apply_one(self, proposal: raft_entry_pb2.Proposal) -> Result:
         kind = proposal.WhichOneof("op")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from metastore.api.pb import kv_pb2, rpc_pb2
+from metastore.errors import EtcdError
 from metastore.types import RaftStatus, RaftStatusSource
 
 # Called after every committed mutation with the new store revision and the
@@ -47,6 +48,13 @@ class Store(Protocol):
 
     # -- mutations (Raft apply loop only) ------------------------------------
     def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse: ...
+
+    def put_many(self, requests: Sequence[tuple[tuple[int, int], rpc_pb2.PutRequest]]
+                 ) -> list[rpc_pb2.PutResponse | EtcdError]:
+        """Consecutive Puts of one Raft entry, each with its (raft index,
+        position), applied together; each result as put() would give it, or
+        its error (the others still apply)."""
+        ...
 
     def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse: ...
 

@@ -998,9 +998,11 @@ class RaftNode(RaftStatusSource):
         return raft_data
 
     # -- proposals -----------------------------------------------------------
-    def submit(self, payload: bytes, done: DoneFn) -> None:
+    def submit(self, payload: bytes, done: DoneFn, committed: Callable[[], None] | None = None) -> None:
         """Propose `payload`; `done(result, None)` after this member applied it,
-        or `done(None, error)`. Followers forward to the leader. Thread-safe."""
+        or `done(None, error)`. `committed()` (tick thread), if given, as
+        soon as it is committed and queued here for applying: from then on
+        it will be applied. Followers forward to the leader. Thread-safe."""
         obj = self._obj
         if obj is None:
             done(None, errors.STOPPED)
@@ -1018,6 +1020,8 @@ class RaftNode(RaftStatusSource):
 
         def callback(result: Any, reason: int) -> None:  # tick thread
             if reason == FAIL_REASON.SUCCESS:
+                if committed is not None:
+                    committed()
                 result.when_applied(applied)  # committed and queued: answer once applied
             else:
                 done(None, _FAILURES.get(reason, errors.LEADER_CHANGED))

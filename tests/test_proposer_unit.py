@@ -15,9 +15,15 @@ from metastore.proposer import Proposer
 class FakeRaft:
     def __init__(self) -> None:
         self.submitted: list[tuple[bytes, object]] = []
+        self.committed: list = []
 
-    def submit(self, payload: bytes, done) -> None:
+    def submit(self, payload: bytes, done, committed=None) -> None:
         self.submitted.append((payload, done))
+        self.committed.append(committed)
+
+    def commit(self, i: int) -> None:
+        """Submission i is committed (its apply still to come)."""
+        self.committed[i]()
 
     def apply(self, i: int, error=None) -> None:
         """Apply submission i: one result per proposal, its key."""
@@ -100,6 +106,26 @@ def test_errors_and_timeouts_reach_every_waiter():
         with pytest.raises(errors.EtcdError) as e:
             await p.propose(put(b"c"))
         assert e.value is errors.STOPPED
+    run(main())
+
+
+def test_a_committed_request_waits_for_its_apply_past_the_timeout():
+    """The timeout is for getting committed; once committed a request is
+    answered with what its apply returns, however long that takes."""
+    async def main():
+        raft = FakeRaft()
+        p = make(raft, timeout=0.1)
+        slow = asyncio.create_task(p.propose(put(b"big")))
+        await settle()
+        raft.commit(0)
+        lost = asyncio.create_task(p.propose(put(b"never")))
+        await asyncio.sleep(0.35)  # past both the request's and the entry's timeout
+        assert not slow.done()
+        with pytest.raises(errors.EtcdError) as e:
+            await lost  # never committed: times out as before
+        assert e.value is errors.TIMEOUT
+        raft.apply(0)
+        assert await slow == b"big"
     run(main())
 
 
