@@ -310,8 +310,9 @@ class MVCCStore:
         responses and events as put() one at a time, for less than half
         the cost of a write each (RocksDB: ~10 us a write call). A Put that
         fails (an unknown lease, ignore_value on a missing key) fails alone,
-        before it adds anything. Readers see the revision move once, from
-        before the first Put to after the last."""
+        before it adds anything; a backend write that fails (a full disk)
+        fails them all, none applied. Readers see the revision move once,
+        from before the first Put to after the last."""
         results: list[rpc_pb2.PutResponse | EtcdError] = []
         done: list[WriteTxn] = []
         with self._write_lock:
@@ -343,9 +344,9 @@ class MVCCStore:
                     raise
                 self._rev = rev
                 self._applied = position
-        if self._listeners:
-            for w in done:
-                self._notify(w.rev, w.changes)
+            if self._listeners:
+                for w in done:
+                    self._notify(w.rev, w.changes)
         return results
 
     def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:

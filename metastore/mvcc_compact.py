@@ -9,10 +9,12 @@ The rows of C itself stay (a watch may start at C and replays them), but the
 keys they name are reclaimed too.
 
 The work is cut into batches so no lock is held for a whole compaction of
-millions of rows. Each batch removes the `rev` rows it walked together with
-the history they led to, which makes the walk resumable: after a crash, or
-after writes slipped in between two batches, compacting again simply
-continues with the rows still there. `metastore.mvcc.MVCCStore` runs the
+millions of rows. Each batch below C removes the `rev` rows it walked
+together with the history they led to, which makes the walk resumable: after
+a crash, or after writes slipped in between two batches, compacting again
+simply continues with the rows still there. C's own rows stay; looking at
+them again only finds nothing more to drop, so a walk over them that a crash
+cut short simply starts over. `metastore.mvcc.MVCCStore` runs the
 batches on a background thread (`Compactor`), as etcd compacts in the
 background once the compaction is recorded.
 """

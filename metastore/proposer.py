@@ -33,6 +33,10 @@ RAFT_FAILURES = (errors.TIMEOUT, errors.LEADER_CHANGED, errors.NO_LEADER, errors
 NO_LEADER_RETRY = 0.05
 
 
+# A committed entry waits for its apply at most this long (seconds).
+APPLY_BACKSTOP = 120.0
+
+
 def expire(fut: asyncio.Future) -> None:
     """A request's timer ran out: it is answered TIMEOUT."""
     if not fut.done():
@@ -197,8 +201,12 @@ class Proposer:
         a request committed -- no leader, no quorum -- and an answer of
         "timed out" for a request that is applied anyway only leaves its
         client guessing. A client's own deadline still ends its wait."""
-        if batch.timer is not None:
-            batch.timer.cancel()  # stays set: the batch is not finished
+        if batch.timer is None:
+            return  # finished already
+        batch.timer.cancel()
+        # Only a stuck applier leaves an entry unanswered this long: then its
+        # slot is freed (and its waiters told TIMEOUT) so proposing goes on.
+        batch.timer = self._loop.call_later(APPLY_BACKSTOP, self._finish, batch, None, errors.TIMEOUT)
         for fut in batch.futures:
             timer = self._timers.pop(fut, None)
             if timer is not None:

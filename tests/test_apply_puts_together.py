@@ -52,12 +52,12 @@ def result_bytes(result) -> object:
     return None if result is None else result.SerializeToString()
 
 
-def apply(store, batches: list[list[P]]) -> tuple[list, Events]:
+def apply(store, batches: list[list[P]], first_index: int = 1) -> tuple[list, Events]:
     events = Events()
     store.add_listener(events)
     sm = StateMachine(store, Membership("t", {}))
     results = []
-    for index, batch in enumerate(batches, start=1):
+    for index, batch in enumerate(batches, start=first_index):
         entry = raft_entry_pb2.ProposalBatch(origin=1, proposals=batch).SerializeToString()
         results += [result_bytes(r) for r in sm.apply(entry, index)]
     return results, events
@@ -101,3 +101,42 @@ def test_all_puts_failing_writes_nothing(make_store, failing: int) -> None:
     results, events = apply(store, [batch])
     assert all(r[0] == "error" for r in results) and events.seen == []
     assert store.hash_backend() == before and store.revision == 1
+
+
+def test_a_run_of_puts_is_one_backend_write(make_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, _ = make_store()
+    writes = []
+    real = store.backend.write
+    monkeypatch.setattr(store.backend, "write", lambda batch: writes.append(len(batch)) or real(batch))
+    apply(store, [[put(b"k%d" % i) for i in range(10)]])
+    assert len(writes) == 1 and store.revision == 11
+
+
+def test_a_big_run_with_keys_put_again_equals_one_at_a_time(make_store) -> None:
+    """More rows than an engine writes in one go (RocksDB puts big batches'
+    history ahead, the memory engine applies them in bulk)."""
+    batch = [put(b"k%03d" % (i % 150), b"v%d" % i, prev_kv=True) for i in range(600)]
+    together, _ = make_store()
+    apart, _ = make_store()
+    got, got_events = apply(together, [batch])
+    want, want_events = apply(apart, [[p] for p in batch])
+    assert got == want and got_events.seen == want_events.seen
+    assert together.hash_backend(IN_LOG) == apart.hash_backend(IN_LOG)
+
+
+def test_a_failed_write_fails_the_run_and_leaves_nothing(make_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, _ = make_store()
+    reference, _ = make_store()
+    for s in (store, reference):
+        apply(s, [[put(b"a", b"0")]])
+    real = store.backend.write
+
+    def full_disk(batch):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store.backend, "write", full_disk)
+    results, events = apply(store, [[put(b"a", b"1"), put(b"b", b"1")]], first_index=2)
+    assert [r[0] for r in results] == ["error", "error"] and events.seen == []
+    monkeypatch.setattr(store.backend, "write", real)
+    assert store.revision == reference.revision
+    assert store.hash_backend() == reference.hash_backend()

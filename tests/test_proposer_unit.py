@@ -129,6 +129,31 @@ def test_a_committed_request_waits_for_its_apply_past_the_timeout():
     run(main())
 
 
+def test_a_committed_entry_never_applied_frees_its_slot_after_the_backstop(monkeypatch):
+    """A stuck applier must not stop the member from proposing for good."""
+    import metastore.proposer as proposer_module
+
+    monkeypatch.setattr(proposer_module, "APPLY_BACKSTOP", 0.2)
+
+    async def main():
+        raft = FakeRaft()
+        p = make(raft, timeout=10, max_inflight=1)
+        stuck = asyncio.create_task(p.propose(put(b"stuck")))
+        await settle()
+        raft.commit(0)
+        later = asyncio.create_task(p.propose(put(b"later")))
+        await settle()
+        assert len(raft.submitted) == 1  # the one slot is taken
+        with pytest.raises(errors.EtcdError) as e:
+            await stuck
+        assert e.value is errors.TIMEOUT
+        await settle()
+        assert len(raft.submitted) == 2
+        raft.apply(1)
+        assert await later == b"later"
+    run(main())
+
+
 def test_pending_and_failed_counts_for_metrics():
     async def main():
         raft = FakeRaft()

@@ -325,7 +325,7 @@ class RocksDBBackend:
             opts.set_bottommost_level_compaction(BottommostLevelCompaction.force())
             for cf in cfs:
                 cf.compact_range(None, None, opts)
-            self._props_due = 0.0  # size() reads what the compaction left
+            self._size_changed()
 
     def flush_memtables(self) -> None:
         """Flush every memtable, all tables at once. A checkpoint flushes
@@ -336,6 +336,14 @@ class RocksDBBackend:
         with self._admin.shared():
             self._check_open()
             self._flush_all()
+            self._size_changed()
+
+    def _size_changed(self) -> None:
+        """The next size() reads RocksDB's figures again (after a flush or a
+        compaction asked here). Under the lock: a size() running meanwhile
+        must not set the next reading later again after reading old figures."""
+        with self._acct:
+            self._props_due = 0.0
 
     def _flush_all(self) -> None:
         """One atomic flush of every table. RocksDB's own flushes, a
@@ -346,7 +354,6 @@ class RocksDBBackend:
         default family (empty: no table lives there) is how the binding
         asks for the atomic flush."""
         self._db.compact_range(None, None)
-        self._props_due = 0.0  # size() reads what the flush left
 
     def checkpoint(self, target_dir: str) -> None:
         """A consistent copy of the whole database in `target_dir` (which must
@@ -358,7 +365,7 @@ class RocksDBBackend:
             if os.path.lexists(target):
                 raise FileExistsError(f"checkpoint target {target} already exists")
             Checkpoint(self._db).create_checkpoint(target)
-            self._props_due = 0.0  # it flushed the memtables
+            self._size_changed()  # it flushed the memtables
             write_marker(target)
 
     def replace_with_checkpoint(self, checkpoint_dir: str) -> "RocksDBBackend":
