@@ -30,7 +30,7 @@ from metastore import errors
 from metastore.errors import EtcdError
 from metastore.api.pb import rpc_pb2
 from metastore.backend import TABLES, Backend, WriteBatch
-from metastore.mvcc_compact import Compactor, next_compaction_batch
+from metastore.mvcc_compact import Compactor, ReclaimedKeys, next_compaction_batch
 from metastore.mvcc_compare import chosen_ops, txn_path
 from metastore.mvcc_events import LazyEvents, RevisionEvents, read_events
 from metastore.mvcc_layout import (
@@ -94,6 +94,7 @@ class MVCCStore:
         # on _compacted are woken when _compact_done moves.
         self._compact_finished = 0
         self._compact_cursor = b""
+        self._compact_reclaimed = ReclaimedKeys()  # of the walk under way
         self._compact_done = 0
         self._compacted = threading.Condition()
         self._compactor = Compactor(self._compact_step)
@@ -135,6 +136,7 @@ class MVCCStore:
         self._compact_rev = unpack_u64(backend.get("meta", META_COMPACT_REVISION), 0)
         self._compact_finished = unpack_u64(backend.get("meta", META_COMPACT_FINISHED), 0)
         self._compact_cursor = b""  # where the compaction walk of `rev` goes on
+        self._compact_reclaimed = ReclaimedKeys()
         with self._compacted:
             self._compact_done = self._compact_finished
             self._compacted.notify_all()
@@ -410,6 +412,7 @@ class MVCCStore:
                 # walk only looked at them): the walk toward this one goes
                 # over them again.
                 self._compact_cursor = min(self._compact_cursor, pack_rev(self._compact_rev, 0))
+                self._compact_reclaimed = ReclaimedKeys()  # reclaimed below the old target only
                 self._compact_rev = rev
             resp = rpc_pb2.CompactionResponse()
             resp.header.revision = self._rev
@@ -435,12 +438,14 @@ class MVCCStore:
             target = self._compact_rev
             if self._compact_finished >= target:
                 return False
-            step = next_compaction_batch(self._backend, target, start=self._compact_cursor)
+            step = next_compaction_batch(self._backend, target, start=self._compact_cursor,
+                                         reclaimed=self._compact_reclaimed)
             if step is not None:
                 batch, self._compact_cursor = step
                 with self._lock:
                     self._backend.write(batch)
                 return True
+            self._compact_reclaimed = ReclaimedKeys()  # the walk is over: let go of them
             done = WriteBatch()
             done.put("meta", META_COMPACT_FINISHED, pack_u64(target))
             with self._lock:

@@ -20,6 +20,7 @@ background once the compaction is recorded.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -43,8 +44,40 @@ RETRY_AFTER = 1.0
 log = logging.getLogger(__name__)
 
 
-def next_compaction_batch(backend: Backend, target: int, chunk: int = CHUNK_ROWS,
-                          start: bytes = b"") -> tuple[WriteBatch, bytes] | None:
+class ReclaimedKeys:
+    """Keys one walk toward a compaction target has reclaimed below it.
+
+    The walk meets a key once per change `rev` lists: a key put below the
+    target and deleted at it (every key of a prefix delete, check perf's
+    200k) is reclaimed when the walk meets its put, and meeting its delete
+    at the target then finds nothing more to drop -- once a key is
+    reclaimed, the only row at or below the target that can still appear
+    is its current record being superseded, the one row a read at the
+    target needs and a second look keeps. Remembering them spares that
+    second look (half the work of such a compaction). Kept as 16-byte
+    digests, at most MAX_KEYS, for the current walk only: forgetting them
+    (a restart, a newer target) costs the second looks again, nothing else.
+    """
+
+    MAX_KEYS = 500_000
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+
+    def note(self, keys: set[bytes]) -> None:
+        if len(self._seen) < self.MAX_KEYS:
+            self._seen.update(map(_digest, keys))
+
+    def __contains__(self, key: bytes) -> bool:
+        return _digest(key) in self._seen
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.blake2b(key, digest_size=16).digest()
+
+
+def next_compaction_batch(backend: Backend, target: int, chunk: int = CHUNK_ROWS, start: bytes = b"",
+                          reclaimed: ReclaimedKeys | None = None) -> tuple[WriteBatch, bytes] | None:
     """The next batch towards compacting history at `target` and where the
     walk goes on after it (pass it as `start` next time), or None once
     nothing is left to drop.
@@ -56,6 +89,8 @@ def next_compaction_batch(backend: Backend, target: int, chunk: int = CHUNK_ROWS
     RocksDB scan would otherwise step over all their tombstones each time)
     or, past `target`'s own rows, rows already looked at; nothing is ever
     added below it, since new rows come after the current revision.
+    `reclaimed`, kept by the caller across the calls of one walk, spares
+    looking twice at a key met both below and at the target.
     """
     # The changes made at `target` itself stay listed: etcd lets a watch
     # start at the compacted revision, and it replays them from `rev`.
@@ -66,7 +101,10 @@ def next_compaction_batch(backend: Backend, target: int, chunk: int = CHUNK_ROWS
             batch = WriteBatch()
             for rk, _key in rows:
                 batch.delete("rev", rk)
-            _reclaim_keys(backend, {key for _rk, key in rows}, target, batch)
+            keys = {key for _rk, key in rows}
+            _reclaim_keys(backend, keys, target, batch)
+            if reclaimed is not None:
+                reclaimed.note(keys)
             return batch, rows[-1][0] + b"\x00"
         start = stop
     # Keys written at `target` may leave older versions nobody reads any
@@ -76,7 +114,10 @@ def next_compaction_batch(backend: Backend, target: int, chunk: int = CHUNK_ROWS
     if not rows:
         return None
     batch = WriteBatch()
-    _reclaim_keys(backend, {key for _rk, key in rows}, target, batch)
+    keys = {key for _rk, key in rows}
+    if reclaimed is not None:
+        keys = {key for key in keys if key not in reclaimed}
+    _reclaim_keys(backend, keys, target, batch)
     return batch, rows[-1][0] + b"\x00"
 
 

@@ -781,12 +781,12 @@ def test_interrupted_compaction_finishes_on_reopen(make_store, reopen, monkeypat
     crashed = threading.Event()
     calls = []
 
-    def crashing(backend, target, chunk=0, start=b""):
+    def crashing(backend, target, chunk=0, start=b"", reclaimed=None):
         calls.append(target)
         if len(calls) > 1:
             crashed.set()
             raise RuntimeError("simulated crash in the middle of a compaction")
-        return next_compaction_batch(backend, target, chunk=5, start=start)
+        return next_compaction_batch(backend, target, chunk=5, start=start, reclaimed=reclaimed)
 
     monkeypatch.setattr(mvcc_module, "next_compaction_batch", crashing)
     store.compact(pb.CompactionRequest(revision=25))
@@ -823,7 +823,9 @@ def test_compaction_runs_beside_writes(store: MVCCStore, monkeypatch) -> None:
 
     monkeypatch.setattr(compact_module, "time", types.SimpleNamespace(sleep=pause))
     real = compact_module.next_compaction_batch
-    monkeypatch.setattr(mvcc_module, "next_compaction_batch", lambda b, rev, chunk=0, start=b"": real(b, rev, chunk=20, start=start))
+    monkeypatch.setattr(mvcc_module, "next_compaction_batch",
+                        lambda b, rev, chunk=0, start=b"", reclaimed=None: real(b, rev, chunk=20, start=start,
+                                                                                reclaimed=reclaimed))
     expected_at_target = _snapshot(store, target)
     store.compact(pb.CompactionRequest(revision=target))
     assert paused.wait(10)
@@ -871,7 +873,8 @@ def test_new_compaction_while_the_walk_is_among_the_old_targets_rows(make_store,
     monkeypatch.setattr(compact_module, "time", types.SimpleNamespace(sleep=pause))
     real = compact_module.next_compaction_batch
     monkeypatch.setattr(mvcc_module, "next_compaction_batch",
-                        lambda backend, rev, chunk=0, start=b"": real(backend, rev, chunk=7, start=start))
+                        lambda backend, rev, chunk=0, start=b"", reclaimed=None: real(
+                            backend, rev, chunk=7, start=start, reclaimed=reclaimed))
     a.compact(pb.CompactionRequest(revision=first))
     assert in_target_rows.wait(10)  # part of the DeleteRange's rows walked
     a.compact(pb.CompactionRequest(revision=second))
@@ -882,6 +885,43 @@ def test_new_compaction_while_the_walk_is_among_the_old_targets_rows(make_store,
     assert rows(a, "hist") == rows(b, "hist")
     assert a.hash_kv(0) == b.hash_kv(0)
     assert a.hash_backend() == b.hash_backend()
+
+
+def test_a_key_put_below_the_target_and_deleted_at_it_is_looked_at_once(make_store, monkeypatch) -> None:
+    """A prefix delete at the compaction target: the walk meets each key at
+    its put and again at the delete; the second look would find nothing
+    (ReclaimedKeys). The result is the same as looking twice."""
+    import metastore.mvcc_compact as compact_module
+
+    looked: list[int] = []
+    real = compact_module.scan_ranges
+
+    def counting(backend, table, ranges):
+        ranges = list(ranges)
+        looked.append(len(ranges))
+        return real(backend, table, ranges)
+
+    monkeypatch.setattr(compact_module, "scan_ranges", counting)
+    twice, _ = make_store()
+    once, _ = make_store()
+    for s in (twice, once):
+        for i in range(100):
+            put(s, b"p%03d" % i, b"v")
+        put(s, b"p007", b"again")  # one key with history below the target too
+        delete(s, b"p", b"q")
+    target = once.revision
+    monkeypatch.setattr(compact_module.ReclaimedKeys, "MAX_KEYS", 0)  # remembers nothing
+    twice.compact(pb.CompactionRequest(revision=target))
+    assert twice.wait_compacted(target, timeout=30)
+    looked_twice = sum(looked)
+    looked.clear()
+    monkeypatch.setattr(compact_module.ReclaimedKeys, "MAX_KEYS", 500_000)
+    once.compact(pb.CompactionRequest(revision=target))
+    assert once.wait_compacted(target, timeout=30)
+    assert looked_twice == 200 and sum(looked) == 100
+    assert rows(once, "hist") == rows(twice, "hist") == 0
+    assert once.hash_kv(0) == twice.hash_kv(0)
+    assert once.hash_backend() == twice.hash_backend()
 
 
 def test_hash_waits_for_compaction(make_store) -> None:
