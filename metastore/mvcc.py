@@ -441,9 +441,12 @@ class MVCCStore:
             step = next_compaction_batch(self._backend, target, start=self._compact_cursor,
                                          reclaimed=self._compact_reclaimed)
             if step is not None:
-                batch, self._compact_cursor = step
+                batch, resume_at = step
                 with self._lock:
                     self._backend.write(batch)
+                # Only once written: a batch whose write failed is made again.
+                self._compact_cursor = resume_at
+                self._compact_reclaimed.confirm()
                 return True
             self._compact_reclaimed = ReclaimedKeys()  # the walk is over: let go of them
             done = WriteBatch()

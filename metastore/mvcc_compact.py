@@ -59,14 +59,22 @@ class ReclaimedKeys:
     (a restart, a newer target) costs the second looks again, nothing else.
     """
 
-    MAX_KEYS = 500_000
+    MAX_KEYS = 500_000  # ~50 MB of digests in a set, for the walk's length
 
     def __init__(self) -> None:
         self._seen: set[bytes] = set()
+        self._pending: set[bytes] = set()
 
     def note(self, keys: set[bytes]) -> None:
-        if len(self._seen) < self.MAX_KEYS:
-            self._seen.update(map(_digest, keys))
+        """Keys the batch being made reclaims; they count once it is written
+        (confirm). A batch whose write failed is made again, and its keys
+        noted again."""
+        self._pending = set(map(_digest, keys)) if len(self._seen) < self.MAX_KEYS else set()
+
+    def confirm(self) -> None:
+        """The batch last noted was written."""
+        self._seen |= self._pending
+        self._pending = set()
 
     def __contains__(self, key: bytes) -> bool:
         return _digest(key) in self._seen

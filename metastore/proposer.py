@@ -196,11 +196,11 @@ class Proposer:
 
     def _committed(self, batch: _Batch) -> None:
         """The entry is committed, so it will be applied: its requests wait
-        for that however long the apply takes (a DeleteRange of 200k keys
-        takes seconds on each member). The request timeout is for getting
-        a request committed -- no leader, no quorum -- and an answer of
-        "timed out" for a request that is applied anyway only leaves its
-        client guessing. A client's own deadline still ends its wait."""
+        for that, up to APPLY_BACKSTOP (a DeleteRange of 200k keys takes
+        seconds on each member). The request timeout is for getting a
+        request committed -- no leader, no quorum -- and an answer of "timed
+        out" for a request that is applied anyway only leaves its client
+        guessing. A client's own deadline still ends its wait."""
         if batch.timer is None:
             return  # finished already
         batch.timer.cancel()

@@ -145,7 +145,7 @@ def test_a_committed_entry_never_applied_frees_its_slot_after_the_backstop(monke
         await settle()
         assert len(raft.submitted) == 1  # the one slot is taken
         with pytest.raises(errors.EtcdError) as e:
-            await stuck
+            await asyncio.wait_for(stuck, 5)
         assert e.value is errors.TIMEOUT
         await settle()
         assert len(raft.submitted) == 2

@@ -924,6 +924,74 @@ def test_a_key_put_below_the_target_and_deleted_at_it_is_looked_at_once(make_sto
     assert once.hash_backend() == twice.hash_backend()
 
 
+def test_remembered_keys_written_between_batches_and_a_failed_write(make_store, monkeypatch) -> None:
+    """Writes between two batches of a compaction, to keys it has already
+    reclaimed (re-created, overwritten, deleted again), and a batch whose
+    write fails once: the store ends with the rows of one that compacted
+    looking at every key twice, then took the same writes."""
+    import types
+
+    import metastore.mvcc as mvcc_module
+    import metastore.mvcc_compact as compact_module
+
+    def fill(s: MVCCStore) -> None:
+        for i in range(60):
+            put(s, b"p%03d" % i, b"v")
+        for i in range(10):
+            put(s, b"x%03d" % i, b"v")  # stay live, current record below the target
+        put(s, b"p007", b"again")
+        delete(s, b"p", b"q")
+
+    def writes(s: MVCCStore) -> None:
+        put(s, b"p000", b"back")  # re-created
+        put(s, b"p001", b"back")
+        put(s, b"p001", b"twice")
+        put(s, b"x001", b"newer")  # its record below the target moves into history
+        delete(s, b"x002")
+        delete(s, b"p001")
+
+    looked_at_every_key, _ = make_store()
+    remembered, _ = make_store()
+    for s in (looked_at_every_key, remembered):
+        fill(s)
+    target = remembered.revision
+    real = compact_module.next_compaction_batch
+    monkeypatch.setattr(mvcc_module, "next_compaction_batch",
+                        lambda backend, rev, chunk=0, start=b"", reclaimed=None: real(
+                            backend, rev, chunk=9, start=start, reclaimed=reclaimed))
+    monkeypatch.setattr(compact_module.ReclaimedKeys, "MAX_KEYS", 0)
+    looked_at_every_key.compact(pb.CompactionRequest(revision=target))
+    assert looked_at_every_key.wait_compacted(target, timeout=30)
+    writes(looked_at_every_key)
+
+    monkeypatch.setattr(compact_module.ReclaimedKeys, "MAX_KEYS", 500_000)
+    pauses = []
+
+    def pause(_seconds: float) -> None:  # the compactor between two batches (or after a failure)
+        pauses.append(1)
+        if len(pauses) == 3:
+            writes(remembered)
+
+    monkeypatch.setattr(compact_module, "time", types.SimpleNamespace(sleep=pause))
+    backend = remembered.backend
+    real_write, compactor_writes = backend.write, []
+
+    def failing_once(batch):
+        if threading.current_thread().name == "metastore-compactor":
+            compactor_writes.append(1)
+            if len(compactor_writes) == 2:
+                raise OSError(28, "No space left on device")
+        return real_write(batch)
+
+    monkeypatch.setattr(backend, "write", failing_once)
+    remembered.compact(pb.CompactionRequest(revision=target))
+    assert remembered.wait_compacted(target, timeout=30)
+    assert len(pauses) > 3 and len(compactor_writes) > 2  # writes landed mid-walk, one write failed
+    assert remembered.revision == looked_at_every_key.revision
+    assert remembered.hash_kv(0) == looked_at_every_key.hash_kv(0)
+    assert remembered.hash_backend() == looked_at_every_key.hash_backend()
+
+
 def test_hash_waits_for_compaction(make_store) -> None:
     a, _ = make_store()
     b, _ = make_store()
