@@ -24,11 +24,10 @@ from metastore.backend import Backend, WriteBatch
 from metastore.mvcc_layout import (
     RECORD,
     REV,
-    TERM,
     TOMBSTONE,
     encode_record,
-    escape,
     hist_key,
+    hist_prefix,
     pack_rev,
     record_header,
     unpack_rev,
@@ -150,15 +149,11 @@ class WriteTxn:
         ops_add = self.batch.ops.append
         overlay = self._overlay
         change_add = changes.append
-        esc = escape
-        # Change(...) runs a Python-level __new__; tuple.__new__ makes the
-        # same tuple for a third of the cost.
-        new_change = tuple.__new__
         for key, prev in victims:
             _create, p_mod, p_sub, _version, prev_lease = header(prev)
             if prev_lease:
                 self.batch.delete("lease", attach_key(prev_lease, key))
-            prefix = esc(key) + TERM  # hist_prefix(key), inlined
+            prefix = hist_prefix(key)
             at = rev_of(rev, sub)
             rev_add((at, key))
             hist_add((prefix + rev_of(p_mod, p_sub), prev))
@@ -166,7 +161,7 @@ class WriteTxn:
             if not ranged:
                 ops_add(("kv", key, None))
             overlay[key] = None
-            change_add(new_change(Change, (key, None, prev, sub)))
+            change_add(Change(key, None, prev, sub))
             sub += 1
 
 

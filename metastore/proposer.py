@@ -33,18 +33,23 @@ RAFT_FAILURES = (errors.TIMEOUT, errors.LEADER_CHANGED, errors.NO_LEADER, errors
 NO_LEADER_RETRY = 0.05
 
 
-# A committed entry waits for its apply at most this long (seconds).
+# A committed entry waits for its apply at most this long past its own
+# timeout (seconds): only a stuck applier takes so long.
 APPLY_BACKSTOP = 120.0
 
 
-def expire(fut: asyncio.Future) -> None:
-    """A request's timer ran out: it is answered TIMEOUT."""
-    if not fut.done():
+def expire(fut: asyncio.Future, batch: "_Batch") -> None:
+    """A request's timer ran out: it is answered TIMEOUT, unless its entry
+    is committed -- then it will be applied, and it waits for that (the
+    request timeout is for getting committed: no leader, no quorum; a
+    "timed out" for a request applied anyway only leaves its client
+    guessing). Its client's own deadline still ends the wait."""
+    if not fut.done() and not batch.committed:
         fut.set_result(errors.TIMEOUT)
 
 
 class _Batch:
-    __slots__ = ("proposals", "futures", "size", "timer", "opened")
+    __slots__ = ("proposals", "futures", "size", "timer", "opened", "committed")
 
     def __init__(self) -> None:
         self.proposals: list[raft_entry_pb2.Proposal] = []
@@ -54,6 +59,9 @@ class _Batch:
         # When its first request joined (loop time): retries end a request
         # timeout after that, when its clients stop waiting.
         self.opened: float | None = None
+        # Set by Raft's tick thread once the entry is committed (a plain
+        # flag, read when a timer fires: no wake-up of the loop per entry).
+        self.committed = False
 
 
 class Proposer:
@@ -78,8 +86,6 @@ class Proposer:
         # leader lost, stopped, the client gone) -- not request errors.
         self.pending = 0
         self.failed = 0
-        # Each waiting request's timeout, until its entry is committed.
-        self._timers: dict[asyncio.Future, asyncio.TimerHandle] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -96,13 +102,14 @@ class Proposer:
             self._ready.append(self._open)
             self._open = _Batch()
         fut = self._join_open_batch()
+        batch = self._open
         self._open.proposals.append(proposal)
         self._open.futures.append(fut)
         self._open.size += size
         self._schedule_flush()
         self.pending += 1
         try:
-            result = await self._wait(fut)
+            result = await self._wait(fut, batch)
         except BaseException:  # timed out, or the client went away
             self.failed += 1
             raise
@@ -144,18 +151,16 @@ class Proposer:
             self._schedule_flush()
 
     # -- batching ------------------------------------------------------------
-    async def _wait(self, fut: asyncio.Future) -> Any:
+    async def _wait(self, fut: asyncio.Future, batch: _Batch) -> Any:
         """The request's result, or TIMEOUT. The future is the request's own:
         a client that goes away cancels it, and whoever finishes the batch
         skips it. (A timer rather than wait_for(shield()): a third of the
         cost, for every request.)"""
-        timer = self._loop.call_later(self._timeout, expire, fut)
-        self._timers[fut] = timer
+        timer = self._loop.call_later(self._timeout, expire, fut, batch)
         try:
             return await fut
         finally:
             timer.cancel()
-            self._timers.pop(fut, None)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -178,7 +183,7 @@ class Proposer:
         payload = raft_entry_pb2.ProposalBatch(origin=self._origin, proposals=batch.proposals).SerializeToString()
         self._inflight += 1
         loop = self._loop
-        batch.timer = loop.call_later(self._timeout * 2, self._finish, batch, None, errors.TIMEOUT)
+        batch.timer = loop.call_later(self._timeout * 2, self._timed_out, batch)
 
         def done(result: Any, error: EtcdError | None) -> None:  # Raft's tick or applier thread
             try:
@@ -187,30 +192,18 @@ class Proposer:
                 pass  # the loop is closed: the server stopped, nobody waits
 
         def committed() -> None:  # Raft's tick thread
-            try:
-                loop.call_soon_threadsafe(self._committed, batch)
-            except RuntimeError:
-                pass
+            batch.committed = True
 
         self._raft.submit(payload, done, committed)
 
-    def _committed(self, batch: _Batch) -> None:
-        """The entry is committed, so it will be applied: its requests wait
-        for that, up to APPLY_BACKSTOP (a DeleteRange of 200k keys takes
-        seconds on each member). The request timeout is for getting a
-        request committed -- no leader, no quorum -- and an answer of "timed
-        out" for a request that is applied anyway only leaves its client
-        guessing. A client's own deadline still ends its wait."""
-        if batch.timer is None:
-            return  # finished already
-        batch.timer.cancel()
-        # Only a stuck applier leaves an entry unanswered this long: then its
-        # slot is freed (and its waiters told TIMEOUT) so proposing goes on.
-        batch.timer = self._loop.call_later(APPLY_BACKSTOP, self._finish, batch, None, errors.TIMEOUT)
-        for fut in batch.futures:
-            timer = self._timers.pop(fut, None)
-            if timer is not None:
-                timer.cancel()
+    def _timed_out(self, batch: _Batch) -> None:
+        """No answer from Raft for twice the request timeout: the batch
+        fails with TIMEOUT and frees its in-flight slot -- unless it is
+        committed (see expire): then it waits up to APPLY_BACKSTOP more."""
+        if batch.committed and batch.timer is not None:
+            batch.timer = self._loop.call_later(APPLY_BACKSTOP, self._finish, batch, None, errors.TIMEOUT)
+            return
+        self._finish(batch, None, errors.TIMEOUT)
 
     def _retry(self, batch: _Batch) -> None:
         if self._closed:

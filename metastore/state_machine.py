@@ -80,7 +80,7 @@ class StateMachine:
 
     def _apply_puts(self, puts: list[tuple[tuple[int, int], rpc_pb2.PutRequest]]) -> list[Result]:
         try:
-            return list(self.store.put_many(puts))
+            return self.store.put_many(puts)
         except Exception as exc:  # a bug or a failed write, not a client error: say so loudly
             log.exception("applying %d puts failed", len(puts))
             error = EtcdError(StatusCode.INTERNAL, f"etcdserver: internal error applying put: {exc}")

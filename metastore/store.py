@@ -52,8 +52,9 @@ class Store(Protocol):
     def put_many(self, requests: Sequence[tuple[tuple[int, int], rpc_pb2.PutRequest]]
                  ) -> list[rpc_pb2.PutResponse | EtcdError]:
         """Consecutive Puts of one Raft entry, each with its (raft index,
-        position), applied together; each result as put() would give it, or
-        its error (the others still apply)."""
+        position), applied together in one write; each result as put() would
+        give it, or its own error (the others still apply). A failed write
+        fails them all."""
         ...
 
     def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse: ...
