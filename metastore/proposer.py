@@ -38,14 +38,20 @@ NO_LEADER_RETRY = 0.05
 APPLY_BACKSTOP = 120.0
 
 
-def expire(fut: asyncio.Future, batch: "_Batch") -> None:
-    """A request's timer ran out: it is answered TIMEOUT, unless its entry
-    is committed -- then it will be applied, and it waits for that (the
-    request timeout is for getting committed: no leader, no quorum; a
-    "timed out" for a request applied anyway only leaves its client
-    guessing). Its client's own deadline still ends the wait."""
-    if not fut.done() and not batch.committed:
+def expire(fut: asyncio.Future) -> None:
+    """A request's timer ran out: it is answered TIMEOUT."""
+    if not fut.done():
         fut.set_result(errors.TIMEOUT)
+
+
+def expire_unless_committed(fut: asyncio.Future, batch: "_Batch") -> None:
+    """expire(), unless the request's entry is committed -- then it will be
+    applied, and it waits for that (the request timeout is for getting
+    committed: no leader, no quorum; a "timed out" for a request applied
+    anyway only leaves its client guessing). Its client's own deadline
+    still ends the wait."""
+    if not batch.committed:
+        expire(fut)
 
 
 class _Batch:
@@ -156,7 +162,7 @@ class Proposer:
         a client that goes away cancels it, and whoever finishes the batch
         skips it. (A timer rather than wait_for(shield()): a third of the
         cost, for every request.)"""
-        timer = self._loop.call_later(self._timeout, expire, fut, batch)
+        timer = self._loop.call_later(self._timeout, expire_unless_committed, fut, batch)
         try:
             return await fut
         finally:
@@ -199,7 +205,7 @@ class Proposer:
     def _timed_out(self, batch: _Batch) -> None:
         """No answer from Raft for twice the request timeout: the batch
         fails with TIMEOUT and frees its in-flight slot -- unless it is
-        committed (see expire): then it waits up to APPLY_BACKSTOP more."""
+        committed (see expire_unless_committed): then it waits up to APPLY_BACKSTOP more."""
         if batch.committed and batch.timer is not None:
             batch.timer = self._loop.call_later(APPLY_BACKSTOP, self._finish, batch, None, errors.TIMEOUT)
             return
