@@ -219,12 +219,13 @@ class Call:
 
     async def write(self, message: Any) -> None:
         """Send one response message of a streamed response; waits while the
-        client's flow-control window or the socket has no room."""
+        client's flow-control window or the socket has no room. A message
+        given as bytes is already serialized (WatchService(encoded=True))."""
         if self._reset or self._stream.local_closed:
             raise asyncio.CancelledError()
         assert self._handler is not None
         serializer = self._handler.response_serializer
-        data = serializer(message) if serializer is not None else message
+        data = serializer(message) if serializer is not None and type(message) is not bytes else message
         stream = self._stream
         if not self._headers_sent:
             self._headers_sent = True

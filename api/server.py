@@ -44,7 +44,7 @@ async def build_server(node: Node, interceptors: Sequence[grpc.aio.ServerInterce
     rpc_pb2_grpc.add_KVServicer_to_server(KVService(node), server)
     rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), server)
     rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), server)
-    rpc_pb2_grpc.add_WatchServicer_to_server(WatchService(node), server)
+    rpc_pb2_grpc.add_WatchServicer_to_server(WatchService(node, encoded=True), server)
     rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(node), server)
     rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(node), server)
     v3lock_pb2_grpc.add_LockServicer_to_server(LockService(node), server)

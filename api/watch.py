@@ -22,15 +22,20 @@ log = logging.getLogger("metastore.api.watch")
 
 
 class WatchService(rpc_pb2_grpc.WatchServicer):
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, encoded: bool = False) -> None:
+        """`encoded`: the handler may yield serialized WatchResponses (bytes),
+        which the gRPC server sends as they are (the hub encodes an event
+        once for all its watchers); the JSON gateway wants messages."""
         self._node = node
+        self._encoded = encoded
 
     @etcd_stream_errors
     async def Watch(self, request_iterator: AsyncIterable[rpc_pb2.WatchRequest],
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.WatchResponse]:
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.WatchResponse | bytes]:
         self._node.refuse_on_learner()  # etcd 3.4's learner refuses every stream
         stream = self._node.watch_hub.open_stream(
-            max_response_bytes=self._node.cfg.max_request_bytes, fill_header=self._node.fill_header_at)
+            max_response_bytes=self._node.cfg.max_request_bytes, fill_header=self._node.fill_header_at,
+            encoded=self._encoded)
         reader = asyncio.ensure_future(self._read(request_iterator, stream))
         try:
             while True:

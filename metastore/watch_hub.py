@@ -37,7 +37,7 @@ import threading
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
-from metastore import errors
+from metastore import errors, watch_wire
 from metastore.api.pb import kv_pb2, rpc_pb2
 from metastore.errors import EtcdError
 from metastore.mvcc import MVCCStore
@@ -122,10 +122,12 @@ class Watcher:
         # progress notification for a watcher that just got events).
         self.had_events = False
 
-    def select(self, events: Sequence[kv_pb2.Event]) -> list[kv_pb2.Event]:
-        """The events this watcher's filters keep (the shared objects, uncopied)."""
+    def select(self, events: Sequence[kv_pb2.Event]) -> Sequence[kv_pb2.Event]:
+        """The events this watcher's filters keep (the shared objects, uncopied;
+        `events` itself when it has no filter, so watchers given one list
+        share its encoding)."""
         if not (self.no_put or self.no_delete):
-            return list(events)
+            return events
         return [ev for ev in events
                 if not ((ev.type == PUT and self.no_put) or (ev.type == DELETE and self.no_delete))]
 
@@ -149,15 +151,18 @@ class WatchStream:
     """
 
     def __init__(self, hub: "WatchHub", max_response_bytes: int, fill_header: HeaderFiller,
-                 max_queued_responses: int, max_queued_bytes: int) -> None:
+                 max_queued_responses: int, max_queued_bytes: int, encoded: bool = False) -> None:
         self._hub = hub
+        # Live events may be queued as serialized WatchResponses (bytes, see
+        # metastore.watch_wire) for a consumer that sends them as they are.
+        self.encoded = encoded
         self.max_response_bytes = max_response_bytes
         self._fill_header = fill_header
         self._max_responses = max_queued_responses
         self._max_bytes = max_queued_bytes
         self.watchers: dict[int, Watcher] = {}
         self._next_auto_id = 0
-        self._queue: deque[tuple[rpc_pb2.WatchResponse, int]] = deque()
+        self._queue: deque[tuple[rpc_pb2.WatchResponse | bytes, int]] = deque()
         self._queued_bytes = 0
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
@@ -254,8 +259,8 @@ class WatchStream:
         self._fill_header(resp.header, revision)
         self._enqueue(resp)
 
-    def _enqueue(self, resp: rpc_pb2.WatchResponse) -> None:
-        size = resp.ByteSize()
+    def _enqueue(self, resp: rpc_pb2.WatchResponse | bytes) -> None:
+        size = len(resp) if type(resp) is bytes else resp.ByteSize()  # type: ignore[union-attr]
         self._queue.append((resp, size))
         self._queued_bytes += size
         self._readable.set()
@@ -277,6 +282,16 @@ class WatchStream:
         else:
             self._enqueue(resp)
 
+    def _push_encoded(self, w: Watcher, data: bytes, selected: Sequence[kv_pb2.Event],
+                      revision: int) -> None:
+        """Queue a serialized event response (an `encoded` stream); one to be
+        fragmented goes the message way."""
+        if w.fragment and len(selected) > 1 and len(data) >= self.max_response_bytes:
+            self._push_events(w, w.response(selected), revision)
+            return
+        w.had_events = True
+        self._enqueue(data)
+
     async def wait_for_room(self) -> None:
         """Until the send queue is below its bound (or the stream closed): the
         reader waits here, so a client that sends requests but never reads
@@ -284,8 +299,9 @@ class WatchStream:
         while self.full and not self.closed:
             await self._room.wait()
 
-    async def next_response(self) -> rpc_pb2.WatchResponse | None:
-        """The next response to send; None once the stream is closed."""
+    async def next_response(self) -> rpc_pb2.WatchResponse | bytes | None:
+        """The next response to send (bytes: serialized, only on an `encoded`
+        stream); None once the stream is closed."""
         while not self._queue:
             if self.closed:
                 return None
@@ -375,6 +391,33 @@ class WatchStream:
         self._hub._streams.discard(self)
 
 
+class _RevisionWire:
+    """The encoded parts of one revision's event responses, made once each:
+    the header per header filler, the events per distinct list (and prev_kv
+    choice). Lives for one dispatch; keeps every list it encoded, so no id()
+    it is keyed by is reused meanwhile."""
+
+    __slots__ = ("revision", "_headers", "_events")
+
+    def __init__(self, revision: int) -> None:
+        self.revision = revision
+        self._headers: dict[HeaderFiller, bytes] = {}
+        self._events: dict[tuple[int, bool], tuple[Sequence[kv_pb2.Event], bytes]] = {}
+
+    def response(self, w: Watcher, selected: Sequence[kv_pb2.Event]) -> bytes:
+        fill = w.stream._fill_header
+        header = self._headers.get(fill)
+        if header is None:
+            msg = rpc_pb2.ResponseHeader()
+            fill(msg, self.revision)
+            header = self._headers[fill] = watch_wire.header_field(msg)
+        key = (id(selected), w.prev_kv)
+        entry = self._events.get(key)
+        if entry is None:
+            entry = self._events[key] = (selected, watch_wire.events_field(selected, w.prev_kv))
+        return watch_wire.event_response(header, w.id, entry[1])
+
+
 class WatchHub:
     """Fans the store's applied events out to watchers on the event loop."""
 
@@ -432,12 +475,13 @@ class WatchHub:
     def open_stream(self, *, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
                     fill_header: HeaderFiller | None = None,
                     max_queued_responses: int | None = None,
-                    max_queued_bytes: int | None = None) -> WatchStream:
+                    max_queued_bytes: int | None = None, encoded: bool = False) -> WatchStream:
         """A new stream (one Watch RPC). Call on the loop; close it when the RPC
-        ends. The queue bounds default to the hub's."""
+        ends. The queue bounds default to the hub's. `encoded`: its consumer
+        takes serialized responses too (the gRPC Watch call)."""
         stream = WatchStream(self, max_response_bytes, fill_header or _revision_only,
                              max_queued_responses or self.max_queued_responses,
-                             max_queued_bytes or self.max_queued_bytes)
+                             max_queued_bytes or self.max_queued_bytes, encoded)
         if self._stopped or self._loop is None:
             stream.close()
         else:
@@ -500,21 +544,24 @@ class WatchHub:
     def _dispatch(self, revision: int, events: Sequence[kv_pb2.Event]) -> None:
         # By index, so that events no watcher matches are never built (LazyEvents).
         keys = event_keys(events)
-        matched: dict[Watcher, list[kv_pb2.Event]] = {}
+        matched: dict[Watcher, Sequence[kv_pb2.Event]] = {}
         by_key = self._by_key
         if by_key:
+            # Watchers of one key share one list: its encoding is made once.
+            per_key: dict[bytes, list[kv_pb2.Event]] = {}
             for i, key in enumerate(keys):
-                watchers = by_key.get(key)
-                if watchers:
-                    ev = events[i]
-                    for w in watchers:
-                        matched.setdefault(w, []).append(ev)
+                if key in by_key:
+                    per_key.setdefault(key, []).append(events[i])
+            for key, evs in per_key.items():
+                for w in by_key[key]:
+                    matched[w] = evs
         for group in self._ranged.values():
             contains = next(iter(group)).keys.contains
             mine = [events[i] for i, key in enumerate(keys) if contains(key)]
             if mine:
                 for w in group:
                     matched[w] = mine
+        wire = _RevisionWire(revision)
         for w, evs in matched.items():
             if not w.synced or revision < w.next_rev:
                 continue
@@ -531,7 +578,10 @@ class WatchHub:
                 w.next_rev = max(w.next_rev, revision)  # it had everything before
                 stream._mark_unsynced(w)
                 continue
-            stream._push_events(w, w.response(selected), revision)
+            if stream.encoded:
+                stream._push_encoded(w, wire.response(w, selected), selected, revision)
+            else:
+                stream._push_events(w, w.response(selected), revision)
             w.next_rev = revision + 1
 
     # -- loop: catching up from history -----------------------------------------------------

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+import pytest
 
 from metastore.api.pb import kv_pb2, rpc_pb2
 from metastore.engines.memory import open_store
@@ -21,6 +22,22 @@ from metastore.watch_hub import ERR_DUPLICATE_ID, ERR_EMPTY_RANGE, WatchHub, Wat
 CR = rpc_pb2.WatchCreateRequest
 PUT, DELETE = kv_pb2.Event.PUT, kv_pb2.Event.DELETE
 TIMEOUT = 10.0
+
+
+@pytest.fixture(autouse=True, params=["messages", "encoded"])
+def stream_kind(request, monkeypatch):
+    """Every test runs twice: with streams that queue WatchResponse messages
+    (the JSON gateway's, lock and election waits) and with `encoded` streams,
+    whose live events are serialized bytes (the gRPC Watch call's)."""
+    if request.param == "encoded":
+        open_stream = WatchHub.open_stream
+        monkeypatch.setattr(WatchHub, "open_stream",
+                            lambda self, **kw: open_stream(self, **{"encoded": True, **kw}))
+    return request.param
+
+
+def as_message(resp: rpc_pb2.WatchResponse | bytes | None) -> rpc_pb2.WatchResponse | None:
+    return rpc_pb2.WatchResponse.FromString(resp) if type(resp) is bytes else resp
 
 
 class Applier:
@@ -94,7 +111,7 @@ def run(test: Callable[..., object], **hub_kw) -> None:
 
 
 async def next_resp(stream: WatchStream, timeout: float = TIMEOUT) -> rpc_pb2.WatchResponse:
-    resp = await asyncio.wait_for(stream.next_response(), timeout)
+    resp = as_message(await asyncio.wait_for(stream.next_response(), timeout))
     assert resp is not None, "stream ended"
     return resp
 
@@ -487,7 +504,7 @@ async def _drain_all(stream, timeout=1.0):
     out = []
     while True:
         try:
-            out.append(await asyncio.wait_for(stream.next_response(), timeout))
+            out.append(as_message(await asyncio.wait_for(stream.next_response(), timeout)))
         except asyncio.TimeoutError:
             return out
 
