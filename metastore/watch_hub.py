@@ -191,6 +191,7 @@ class WatchStream:
         if self.closed:
             return -1
         hub = self._hub
+        hub._watch_begins()
         current = hub.last_revision
         key = creq.key or b"\x00"  # \x00 is the smallest key
         range_end = creq.range_end
@@ -225,6 +226,7 @@ class WatchStream:
     def _refuse(self, revision: int, reason: str) -> None:
         self._push_control(rpc_pb2.WatchResponse(
             watch_id=-1, created=True, canceled=True, cancel_reason=reason), revision)
+        self._hub._watch_ends_if_idle()
 
     def cancel(self, watch_id: int) -> None:
         """Cancel one watch; etcd ignores an id it does not know."""
@@ -436,6 +438,11 @@ class WatchHub:
         self._lock = threading.Lock()
         self._incoming: deque[tuple[int, Sequence[kv_pb2.Event]]] = deque()
         self._drain_scheduled = False
+        # While no watcher exists (most members, most of the time) the apply
+        # thread only notes the revision here: no loop wake-up per revision.
+        # Written by the loop (under the lock), read by the apply thread.
+        self._watching = False
+        self._quiet_rev = 0
         # Loop-owned state.
         self._last_rev = store.revision
         self._by_key: dict[bytes, set[Watcher]] = {}
@@ -470,7 +477,25 @@ class WatchHub:
     def last_revision(self) -> int:
         """The last revision dispatched to watchers: what a new watch calls
         "current" (its created header, its start when start_revision is 0)."""
+        if not self._watching:
+            with self._lock:
+                self._last_rev = max(self._last_rev, self._quiet_rev)
         return self._last_rev
+
+    def _watch_begins(self) -> None:
+        """(loop) A watcher is about to be added: from here on every revision
+        is queued for the loop, and the quiet ones before count as dispatched
+        (nobody was watching them)."""
+        if not self._watching:
+            with self._lock:
+                self._watching = True
+                self._last_rev = max(self._last_rev, self._quiet_rev)
+
+    def _watch_ends_if_idle(self) -> None:
+        """(loop) Back to noting revisions only, once no watcher is left."""
+        if self._watching and not self._by_key and not self._ranged:
+            with self._lock:
+                self._watching = False
 
     def open_stream(self, *, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
                     fill_header: HeaderFiller | None = None,
@@ -500,6 +525,9 @@ class WatchHub:
             loop = self._loop
             if loop is None or self._stopped:
                 return  # no watcher can exist yet (or any more)
+            if not self._watching:
+                self._quiet_rev = revision
+                return
             self._incoming.append((revision, events))
             if self._drain_scheduled:
                 return
@@ -688,6 +716,7 @@ class WatchHub:
                 group.pop(w, None)
                 if not group:
                     del self._ranged[(w.key, w.range_end)]
+        self._watch_ends_if_idle()
         self._progress_watchers.pop(w, None)
 
 

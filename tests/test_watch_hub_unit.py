@@ -543,3 +543,68 @@ def test_watch_from_now_after_a_snapshot_install():
         assert [e.kv.mod_revision for r in got for e in r.events] == [rev] and not any(r.canceled for r in got)
         leader.close()
     run(t)
+
+
+# -- no watcher, no wake-up ------------------------------------------------------------------
+def test_with_no_watcher_writes_do_not_wake_the_loop_and_a_new_watch_starts_after_them():
+    async def t(hub: WatchHub, ap: Applier) -> None:
+        woken = 0
+        drain = hub._drain
+
+        def counting_drain() -> None:
+            nonlocal woken
+            woken += 1
+            drain()
+        hub._drain = counting_drain  # type: ignore[method-assign]
+        for i in range(20):
+            await ap.put(b"k", b"%d" % i)
+        assert woken == 0 and not hub._incoming
+        s = hub.open_stream()
+        created = await create(s, key=b"k")
+        assert created.header.revision == ap.store.revision == 21
+        rev = await ap.put(b"k", b"watched")
+        resp = await next_resp(s)
+        assert [(e.kv.value, e.kv.mod_revision) for e in resp.events] == [(b"watched", rev)]
+        assert woken >= 1
+        s.handle(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=created.watch_id)))
+        assert (await next_resp(s)).canceled
+        woken = 0
+        await ap.put(b"k", b"unwatched")
+        assert woken == 0 and hub.last_revision == rev + 1
+        past = await create(s, key=b"k", start_revision=rev)  # history still serves a past start
+        got = await events_until(s, past.watch_id, rev + 1)
+        assert [ev.kv.value for _, ev in got] == [b"watched", b"unwatched"]
+    run(t)
+
+
+def test_watches_created_while_the_key_is_written_see_every_revision_after_their_header():
+    """The seam between quiet (no watcher) and watched: a watch created and
+    canceled over and over while another thread keeps writing gets, as its
+    first event, the revision right after its created header -- never a gap."""
+    async def t(hub: WatchHub, ap: Applier) -> None:
+        stop = False
+
+        def writer() -> int:
+            n = 0
+            while not stop:
+                ap._put(b"k", b"%d" % n)
+                n += 1
+                time.sleep(0)  # let the loop in between writes, not only every switch interval
+            return n
+        writing = asyncio.get_running_loop().run_in_executor(ap.pool, writer)
+        try:
+            s = hub.open_stream()
+            for i in range(50):
+                created = await create(s, key=b"k", watch_id=i + 1)
+                resp = await next_resp(s)
+                assert resp.watch_id == i + 1 and resp.events, resp
+                assert resp.events[0].kv.mod_revision == created.header.revision + 1
+                s.handle(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=i + 1)))
+                while not (await next_resp(s)).canceled:
+                    pass
+                assert not hub._by_key and not hub._watching
+                await asyncio.sleep(0.001)  # let some revisions go by unwatched
+        finally:
+            stop = True
+            assert await writing > 50
+    run(t)
