@@ -3,10 +3,13 @@
 One hub per member. The store calls `WatchHub._on_commit` on the Raft apply
 thread after every revision; the hub only appends the revision to a deque and
 wakes the event loop once per burst, so the apply thread never waits for a
-watcher. Everything else runs on the event loop:
+watcher. While the member has no watcher at all it only notes the revision (no
+wake-up); the first watch created afterwards counts it as dispatched. Everything
+else runs on the event loop:
 
 * **Streams.** A `WatchStream` is one gRPC Watch call: many watchers, one
-  bounded FIFO send queue of `WatchResponse`s. Control responses (created,
+  bounded FIFO send queue of `WatchResponse`s (for the gRPC call, live events
+  as serialized bytes: metastore/watch_wire.py). Control responses (created,
   canceled, progress) and events share that queue, which is what orders a
   watch's `created` response before its events and a progress notification
   after every event it vouches for.
@@ -192,6 +195,12 @@ class WatchStream:
             return -1
         hub = self._hub
         hub._watch_begins()
+        try:
+            return self._create(creq, hub)
+        finally:
+            hub._watch_ends_if_idle()  # refused (or failed): quiet again if nobody watches
+
+    def _create(self, creq: rpc_pb2.WatchCreateRequest, hub: "WatchHub") -> int:
         current = hub.last_revision
         key = creq.key or b"\x00"  # \x00 is the smallest key
         range_end = creq.range_end
@@ -226,7 +235,6 @@ class WatchStream:
     def _refuse(self, revision: int, reason: str) -> None:
         self._push_control(rpc_pb2.WatchResponse(
             watch_id=-1, created=True, canceled=True, cancel_reason=reason), revision)
-        self._hub._watch_ends_if_idle()
 
     def cancel(self, watch_id: int) -> None:
         """Cancel one watch; etcd ignores an id it does not know."""
@@ -475,8 +483,9 @@ class WatchHub:
 
     @property
     def last_revision(self) -> int:
-        """The last revision dispatched to watchers: what a new watch calls
-        "current" (its created header, its start when start_revision is 0)."""
+        """The last revision dispatched to watchers, or noted while no watcher
+        existed: what a new watch calls "current" (its created header, its
+        start when start_revision is 0)."""
         if not self._watching:
             with self._lock:
                 self._last_rev = max(self._last_rev, self._quiet_rev)
@@ -520,7 +529,8 @@ class WatchHub:
     # -- apply thread ----------------------------------------------------------------
     def _on_commit(self, revision: int, events: Sequence[kv_pb2.Event]) -> None:
         """Store listener (Raft apply thread): queue and wake the loop once per
-        burst. Never blocks on watchers."""
+        burst -- or, with no watcher, only note the revision. Never blocks on
+        watchers."""
         with self._lock:
             loop = self._loop
             if loop is None or self._stopped:
@@ -589,11 +599,20 @@ class WatchHub:
             if mine:
                 for w in group:
                     matched[w] = mine
-        wire = _RevisionWire(revision)
+        wire: _RevisionWire | None = None
+        # Watchers with the same filters over one list share one selection
+        # (and so its encoding); the lists in `matched` live through the loop.
+        filtered: dict[tuple[int, bool, bool], Sequence[kv_pb2.Event]] = {}
         for w, evs in matched.items():
             if not w.synced or revision < w.next_rev:
                 continue
-            selected = w.select(evs)
+            if w.no_put or w.no_delete:
+                fkey = (id(evs), w.no_put, w.no_delete)
+                selected = filtered.get(fkey)  # type: ignore[assignment]
+                if selected is None:
+                    selected = filtered[fkey] = w.select(evs)
+            else:
+                selected = evs
             if not selected:
                 w.next_rev = revision + 1
                 continue
@@ -607,6 +626,8 @@ class WatchHub:
                 stream._mark_unsynced(w)
                 continue
             if stream.encoded:
+                if wire is None:
+                    wire = _RevisionWire(revision)
                 stream._push_encoded(w, wire.response(w, selected), selected, revision)
             else:
                 stream._push_events(w, w.response(selected), revision)

@@ -50,7 +50,10 @@ def events_field(events: Sequence[kv_pb2.Event], with_prev_kv: bool) -> bytes:
     parts = []
     for ev in events:
         if not with_prev_kv and ev.HasField("prev_kv"):
-            body = kv_pb2.Event(type=ev.type, kv=ev.kv).SerializeToString()
+            bare = kv_pb2.Event()
+            bare.CopyFrom(ev)
+            bare.ClearField("prev_kv")
+            body = bare.SerializeToString()
         else:
             body = ev.SerializeToString()
         parts.append(_EVENT_TAG + varint(len(body)) + body)

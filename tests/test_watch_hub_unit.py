@@ -568,6 +568,9 @@ def test_with_no_watcher_writes_do_not_wake_the_loop_and_a_new_watch_starts_afte
         assert woken >= 1
         s.handle(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=created.watch_id)))
         assert (await next_resp(s)).canceled
+        assert not hub._watching
+        refused = await create(s, key=b"b", range_end=b"a")  # an empty range is refused
+        assert refused.canceled and not hub._watching
         woken = 0
         await ap.put(b"k", b"unwatched")
         assert woken == 0 and hub.last_revision == rev + 1
