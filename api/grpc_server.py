@@ -68,6 +68,14 @@ def _message_prefix(n: int) -> bytes:
     return _ZERO_PREFIX + n.to_bytes(4, "big")
 
 
+class SerializedMessages(tuple):
+    """Several response messages of a streamed call, already serialized, that
+    a handler yields at once: they go out back to back in one DATA write (a
+    Watch stream's queued responses: one write per wake-up, not per watcher)."""
+
+    __slots__ = ()
+
+
 def _percent_encode(message: str) -> bytes:
     """grpc-message's encoding: printable ASCII but '%' as is, the rest %XX."""
     raw = message.encode("utf-8", "replace")
@@ -220,17 +228,25 @@ class Call:
     async def write(self, message: Any) -> None:
         """Send one response message of a streamed response; waits while the
         client's flow-control window or the socket has no room. A message
-        given as bytes is already serialized (WatchService(encoded=True))."""
+        given as bytes is already serialized, as are SerializedMessages
+        (WatchService(encoded=True))."""
         if self._reset or self._stream.local_closed:
             raise asyncio.CancelledError()
         assert self._handler is not None
-        serializer = self._handler.response_serializer
-        data = serializer(message) if serializer is not None and type(message) is not bytes else message
         stream = self._stream
         if not self._headers_sent:
             self._headers_sent = True
             stream.send_headers(RESPONSE_HEADERS)
-        stream.send_data(_message_prefix(len(data)) + data)
+        if type(message) is SerializedMessages:
+            parts = []
+            for data in message:
+                parts.append(_message_prefix(len(data)))
+                parts.append(data)
+            stream.send_data(b"".join(parts))
+        else:
+            serializer = self._handler.response_serializer
+            data = serializer(message) if serializer is not None and type(message) is not bytes else message
+            stream.send_data(_message_prefix(len(data)) + data)
         if not stream.has_room():
             await stream.wait_for_room()
 

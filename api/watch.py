@@ -15,29 +15,42 @@ import grpc
 
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
 from metastore.api.errors import etcd_stream_errors
+from metastore.api.grpc_server import SerializedMessages
 from metastore.node import Node
 from metastore.watch_hub import WatchStream
 
 log = logging.getLogger("metastore.api.watch")
 
+# An encoded stream sends what its queue holds in one write, up to about this
+# much (a stream never holds the loop for long, and a write stays a few frames).
+SEND_BATCH_BYTES = 256 * 1024
+
 
 class WatchService(rpc_pb2_grpc.WatchServicer):
     def __init__(self, node: Node, encoded: bool = False) -> None:
-        """`encoded`: the handler may yield serialized WatchResponses (bytes),
-        which the gRPC server sends as they are (the hub encodes an event
-        once for all its watchers); the JSON gateway wants messages."""
+        """`encoded`: the handler yields the stream's queued responses
+        serialized, several at a time (SerializedMessages), which the gRPC
+        server sends as they are in one write (the hub encodes an event once
+        for all its watchers); the JSON gateway wants messages."""
         self._node = node
         self._encoded = encoded
 
     @etcd_stream_errors
     async def Watch(self, request_iterator: AsyncIterable[rpc_pb2.WatchRequest],
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.WatchResponse | bytes]:
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_pb2.WatchResponse | SerializedMessages]:
         self._node.refuse_on_learner()  # etcd 3.4's learner refuses every stream
         stream = self._node.watch_hub.open_stream(
             max_response_bytes=self._node.cfg.max_request_bytes, fill_header=self._node.fill_header_at,
             encoded=self._encoded)
         reader = asyncio.ensure_future(self._read(request_iterator, stream))
         try:
+            if self._encoded:
+                while True:
+                    batch = await stream.next_responses(SEND_BATCH_BYTES)
+                    if batch is None:
+                        return
+                    yield SerializedMessages(m if type(m) is bytes else m.SerializeToString()  # type: ignore[union-attr]
+                                             for m in batch)
             while True:
                 resp = await stream.next_response()
                 if resp is None:

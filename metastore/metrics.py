@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 from metastore import ETCD_COMPAT_VERSION
+from metastore.api.grpc_server import SerializedMessages
 from metastore.api.pb import rpc_pb2
 from metastore.types import RaftRole
 
@@ -260,7 +261,7 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.UNKNOWN
                 try:
                     async for response in responses:
-                        m.sent += 1
+                        m.sent += len(response) if type(response) is SerializedMessages else 1
                         yield response
                     code = _code_after_return(context)
                 except BaseException as exc:

@@ -323,6 +323,27 @@ class WatchStream:
             self._room.set()
         return resp
 
+    async def next_responses(self, max_bytes: int) -> list[rpc_pb2.WatchResponse | bytes] | None:
+        """Every queued response, in order, up to about `max_bytes` (at least
+        one); None once the stream is closed. A sender that writes them in
+        one go pays one write per wake-up instead of one per response."""
+        while not self._queue:
+            if self.closed:
+                return None
+            self._readable.clear()
+            await self._readable.wait()
+        queue = self._queue
+        out = []
+        taken = 0
+        while queue and (not out or taken + queue[0][1] <= max_bytes):
+            resp, size = queue.popleft()
+            out.append(resp)
+            taken += size
+        self._queued_bytes -= taken
+        if self._has_room_for_history:
+            self._room.set()
+        return out
+
     @property
     def queued(self) -> int:
         return len(self._queue)

@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import grpc
@@ -144,6 +145,41 @@ def test_grpc_requests_are_counted_by_method_and_code(cluster):
     assert value(after, "grpc_server_started_total", **labels) >= 4
     assert value(after, "grpc_server_handling_seconds_count", **labels) >= 4
     assert value(after, "grpc_server_handling_seconds_bucket", le="+Inf", **labels) >= 4
+
+
+def test_watch_responses_sent_together_are_each_counted(cluster):
+    """A Watch stream sends what its queue holds in one write; the message
+    counter still counts every response, as etcd's does."""
+    from metastore.api.pb import rpc_pb2_grpc
+
+    m = cluster.members[0]
+    labels = dict(grpc_type="bidi_stream", grpc_service="etcdserverpb.Watch", grpc_method="Watch")
+    before = value(scrape(cluster.metrics_address(m)), "grpc_server_msg_sent_total", **labels) or 0
+    watchers, puts = 20, 3
+    requests = [rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"counted"))
+                for _ in range(watchers)]
+    done = threading.Event()
+    call = rpc_pb2_grpc.WatchStub(m.channel()).Watch(_then_block(requests, done), timeout=30)
+    got = created = 0
+    kv = m.kv()
+    for resp in call:
+        created += resp.created
+        got += len(resp.events)
+        if created == watchers and got == 0:
+            for i in range(puts):
+                kv.Put(rpc_pb2.PutRequest(key=b"counted", value=b"%d" % i), timeout=5)
+        if got == watchers * puts:
+            break
+    done.set()
+    call.cancel()
+    after = value(scrape(cluster.metrics_address(m)), "grpc_server_msg_sent_total", **labels)
+    assert after - before == watchers + watchers * puts  # one created and one response per put, per watcher
+
+
+def _then_block(requests, done):
+    """The requests, then a request stream that stays open until `done`."""
+    yield from requests
+    done.wait(30)
 
 
 def test_health_version_and_http_errors(cluster):

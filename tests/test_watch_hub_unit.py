@@ -611,3 +611,28 @@ def test_watches_created_while_the_key_is_written_see_every_revision_after_their
             stop = True
             assert await writing > 50
     run(t)
+
+
+def test_next_responses_takes_the_queue_in_order_up_to_a_size_and_frees_room():
+    async def t(hub: WatchHub, ap: Applier) -> None:
+        s = hub.open_stream(max_queued_responses=8)
+        ids = [(await create(s, key=b"k", watch_id=i)).watch_id for i in range(1, 5)]
+        await ap.put(b"k", b"x" * 100)
+        await ap.put(b"k", b"y" * 100)
+        deadline = time.monotonic() + TIMEOUT
+        while s.queued < 8:  # 4 watchers x 2 revisions
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert s.full
+        first = [as_message(r) for r in await s.next_responses(1)]
+        assert len(first) == 1, "at least one, even over the size"
+        one = len(first[0].SerializeToString())
+        rest = [as_message(r) for r in await s.next_responses(one * 3)]
+        assert len(rest) == 3 and not s.full
+        rest += [as_message(r) for r in await s.next_responses(1 << 20)]
+        got = [(r.watch_id, r.events[0].kv.value[:1]) for r in first + rest]
+        assert sorted(got[:4]) == [(i, b"x") for i in ids] and sorted(got[4:]) == [(i, b"y") for i in ids]
+        assert s.queued == 0 and s._queued_bytes == 0
+        s.close()
+        assert await s.next_responses(1 << 20) is None
+    run(t)
