@@ -116,10 +116,18 @@ class _Aborted(grpc.aio.AbortError):
 
 
 class _Context:
-    """What the servicers use of grpc.aio's ServicerContext."""
+    """What the servicers (and the gRPC metrics around them) use of grpc.aio's
+    ServicerContext."""
+
+    def __init__(self) -> None:
+        self._code: grpc.StatusCode | None = None
 
     async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any) -> None:
+        self._code = code
         raise _Aborted(code, details)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
 
     def time_remaining(self) -> None:
         return None
@@ -202,8 +210,17 @@ async def _requests(items: list[Message]) -> AsyncIterator[Message]:
         yield item
 
 
-def add_gateway_routes(router: Router, node: Node) -> None:
-    """Register every path of ROUTES on `router`, served by `node`."""
+# (full gRPC method name, the servicer's method, client streaming, server
+# streaming) -> the method to call: how the server counts calls in its
+# grpc_server_* metrics (GrpcMetrics.instrument).
+Instrument = Callable[[str, Callable[..., Any], bool, bool], Callable[..., Any]]
+
+
+def add_gateway_routes(router: Router, node: Node, instrument: Instrument | None = None) -> None:
+    """Register every path of ROUTES on `router`, served by `node`. With
+    `instrument`, each call is counted as the gRPC call it stands for (etcd's
+    gateway is a gRPC client of its own server, so its calls show in the
+    grpc_server_* metrics)."""
     services = {"KV": KVService(node), "Watch": WatchService(node), "Lease": LeaseService(node),
                 "Cluster": ClusterService(node), "Maintenance": MaintenanceService(node),
                 "Auth": AuthService(node), "Lock": LockService(node), "Election": ElectionService(node)}
@@ -213,8 +230,11 @@ def add_gateway_routes(router: Router, node: Node) -> None:
         pb = files[service]
         desc = pb.DESCRIPTOR.services_by_name[service].methods_by_name[method]
         request_type = getattr(pb, desc.input_type.name)
-        route = _route(getattr(services[service], method), request_type, desc.client_streaming,
-                       desc.server_streaming)
+        handler = getattr(services[service], method)
+        if instrument is not None:
+            handler = instrument(f"/{pb.DESCRIPTOR.package}.{service}/{method}", handler,
+                                 desc.client_streaming, desc.server_streaming)
+        route = _route(handler, request_type, desc.client_streaming, desc.server_streaming)
         router.add("POST", path, route)
         # etcd 3.4 still answers 3.3's prefix, which older clients use.
         router.add("POST", "/v3beta/" + path[len("/v3/"):], route)

@@ -108,7 +108,7 @@ class Server:
         # reads /metrics there). --listen-client-http-urls serves the same
         # on ports of their own.
         router = Router()
-        add_gateway_routes(router, self.node)
+        add_gateway_routes(router, self.node, self.metrics.grpc.instrument)
         add_member_routes(router, self.node, self.metrics)
         # JSON carries bytes in base64: room for the largest request.
         max_body = 2 * self.node.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES

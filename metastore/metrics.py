@@ -191,6 +191,18 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
         self._wrapped[details.method] = (handler, wrapped)
         return wrapped
 
+    def instrument(self, full_method: str, behavior: Callable, request_streaming: bool,
+                   response_streaming: bool) -> Callable:
+        """`behavior` (a servicer's async method) counted and timed as calls
+        of `full_method`: for callers that are not gRPC calls but stand for
+        them (the JSON gateway)."""
+        grpc_type = ("bidi_stream" if request_streaming else "server_stream") if response_streaming \
+            else ("client_stream" if request_streaming else "unary")
+        m = self._metrics_for(full_method, grpc_type)
+        if response_streaming:
+            return self._stream_response(behavior, m, request_streaming)
+        return self._unary_response(behavior, m, request_streaming)
+
     def _metrics_for(self, full_method: str, grpc_type: str) -> _MethodMetrics:
         m = self._methods.get(full_method)
         if m is None:

@@ -284,3 +284,33 @@ def test_a_stream_ends_when_its_client_goes_away():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def _handled(port: int, method: str, code: str) -> float:
+    """grpc_server_handled_total for an etcdserverpb.KV method, read from /metrics on `port`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    want = {f'grpc_code="{code}"', f'grpc_method="{method}"', 'grpc_service="etcdserverpb.KV"', 'grpc_type="unary"'}
+    for line in text.splitlines():
+        if line.startswith("grpc_server_handled_total{"):
+            labels = set(line[line.index("{") + 1:line.index("}")].split(","))
+            if labels == want:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_gateway_calls_count_in_the_grpc_metrics_as_etcds_do(gateway):
+    """etcd's gateway is a gRPC client of its own server: its calls show in
+    grpc_server_* with their codes."""
+    _cluster, port = gateway
+    ranges, bad_puts = _handled(port, "Range", "OK"), _handled(port, "Put", "InvalidArgument")
+    for _ in range(3):
+        assert post(port, "/v3/kv/range", {"key": b64("gw/counted")})[0] == 200
+    status, body = post(port, "/v3/kv/put", {"key": "", "value": b64("x")})  # etcd: key is not provided
+    assert status == 400, body
+    assert _handled(port, "Range", "OK") == ranges + 3
+    assert _handled(port, "Put", "InvalidArgument") == bad_puts + 1
