@@ -12,6 +12,7 @@ happens:
   `grpc_server_msg_received_total`, `grpc_server_msg_sent_total`,
   `grpc_server_handling_seconds`), kept as plain numbers on the event loop
   and turned into metrics when scraped (the interceptor is their collector);
+  the JSON gateway's calls too, through `GrpcMetrics.instrument`;
 - leader changes seen by this member, by sampling the Raft leader every
   100 ms on the event loop (and at every scrape);
 - proposals pending and failed, counted by the Proposer.
@@ -198,6 +199,10 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
         them (the JSON gateway)."""
         grpc_type = ("bidi_stream" if request_streaming else "server_stream") if response_streaming \
             else ("client_stream" if request_streaming else "unary")
+        if not (inspect.isasyncgenfunction(behavior) if response_streaming
+                else inspect.iscoroutinefunction(behavior)):
+            log.warning("cannot instrument %s: not an async servicer method", full_method)
+            return behavior
         m = self._metrics_for(full_method, grpc_type)
         if response_streaming:
             return self._stream_response(behavior, m, request_streaming)
@@ -273,8 +278,10 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.UNKNOWN
                 try:
                     async for response in responses:
-                        m.sent += len(response) if type(response) is SerializedMessages else 1
                         yield response
+                        # Counted once the caller asks for the next one: the
+                        # write went out (a reset mid-write counts nothing).
+                        m.sent += len(response) if type(response) is SerializedMessages else 1
                     code = _code_after_return(context)
                 except BaseException as exc:
                     code = _code_of(exc, context)

@@ -150,7 +150,8 @@ class WatchStream:
     """One Watch RPC: its watchers, its send queue and its resync task.
 
     All methods run on the hub's event loop. The API layer feeds requests to
-    `handle` and sends what `next_response` returns until it returns None.
+    `handle` and sends what `next_response` (one at a time) or
+    `next_responses` (all that is queued) returns until it returns None.
     """
 
     def __init__(self, hub: "WatchHub", max_response_bytes: int, fill_header: HeaderFiller,
@@ -406,8 +407,8 @@ class WatchStream:
 
     # -- lifecycle -----------------------------------------------------------------
     def close(self) -> None:
-        """Drop every watcher and end `next_response` (client gone or server
-        stopping)."""
+        """Drop every watcher and end `next_response(s)` (client gone or
+        server stopping)."""
         if self.closed:
             return
         self.closed = True
