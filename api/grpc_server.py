@@ -227,9 +227,9 @@ class Call:
 
     async def write(self, message: Any) -> None:
         """Send one response message of a streamed response; waits while the
-        client's flow-control window or the socket has no room. A message
-        given as bytes is already serialized, as are SerializedMessages
-        (WatchService(encoded=True))."""
+        client's flow-control window or the socket has no room.
+        SerializedMessages (WatchService(encoded=True)) are already
+        serialized and go out together."""
         if self._reset or self._stream.local_closed:
             raise asyncio.CancelledError()
         assert self._handler is not None
@@ -245,7 +245,7 @@ class Call:
             stream.send_data(b"".join(parts))
         else:
             serializer = self._handler.response_serializer
-            data = serializer(message) if serializer is not None and type(message) is not bytes else message
+            data = serializer(message) if serializer is not None else message
             stream.send_data(_message_prefix(len(data)) + data)
         if not stream.has_room():
             await stream.wait_for_room()

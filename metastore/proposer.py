@@ -109,9 +109,9 @@ class Proposer:
             self._open = _Batch()
         fut = self._join_open_batch()
         batch = self._open
-        self._open.proposals.append(proposal)
-        self._open.futures.append(fut)
-        self._open.size += size
+        batch.proposals.append(proposal)
+        batch.futures.append(fut)
+        batch.size += size
         self._schedule_flush()
         self.pending += 1
         try:
