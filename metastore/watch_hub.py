@@ -310,14 +310,21 @@ class WatchStream:
         while self.full and not self.closed:
             await self._room.wait()
 
+    async def _until_queued(self) -> bool:
+        """Until something is queued (True) or the stream is closed with
+        nothing left (False)."""
+        while not self._queue:
+            if self.closed:
+                return False
+            self._readable.clear()
+            await self._readable.wait()
+        return True
+
     async def next_response(self) -> rpc_pb2.WatchResponse | bytes | None:
         """The next response to send (bytes: serialized, only on an `encoded`
         stream); None once the stream is closed."""
-        while not self._queue:
-            if self.closed:
-                return None
-            self._readable.clear()
-            await self._readable.wait()
+        if not await self._until_queued():
+            return None
         resp, size = self._queue.popleft()
         self._queued_bytes -= size
         if self._has_room_for_history:
@@ -328,11 +335,8 @@ class WatchStream:
         """Every queued response, in order, up to about `max_bytes` (at least
         one); None once the stream is closed. A sender that writes them in
         one go pays one write per wake-up instead of one per response."""
-        while not self._queue:
-            if self.closed:
-                return None
-            self._readable.clear()
-            await self._readable.wait()
+        if not await self._until_queued():
+            return None
         queue = self._queue
         out = []
         taken = 0
