@@ -96,7 +96,7 @@ _SERVER_PREFACE = frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in
 # How long a PING ack may wait for a write to go out with (Connection.write_lazily).
 LAZY_WRITE = 0.002
 
-# Header blocks a connection keeps decoded (Connection._decode).
+# Header blocks a CachingDecoder keeps decoded.
 _DECODED_BLOCKS = 64
 
 
@@ -115,6 +115,35 @@ class _VersionedTable(hpack.table.HeaderTable):
     def maxsize(self, newmax: int) -> None:
         self.version += 1
         hpack.table.HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
+class CachingDecoder:
+    """An HPACK decoder that keeps the header blocks it decoded. A peer sends
+    the same few header blocks again and again (grpc-go: the same method and
+    metadata, or the same response headers and trailers, all of it indexed in
+    the dynamic table), and decoding one costs ~20 us here: a block that left
+    the table as it was is kept, by table version, and returned again while
+    the table is unchanged -- decoding it again would give the same list. The
+    list is shared: callers only read it. hpack's own errors propagate (the
+    dynamic table is then unusable: the caller ends the connection)."""
+
+    def __init__(self, max_header_list_size: int) -> None:
+        self._decoder = hpack.Decoder()
+        self._decoder.max_header_list_size = max_header_list_size
+        self._table = self._decoder.header_table = _VersionedTable()
+        self._decoded: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        version = self._table.version
+        hit = self._decoded.get(block)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        headers = self._decoder.decode(block, raw=True)
+        if self._table.version == version:
+            if len(self._decoded) >= _DECODED_BLOCKS:
+                self._decoded.clear()
+            self._decoded[block] = (version, headers)
+        return headers
 
 
 class ConnectionError_(Exception):
@@ -320,10 +349,7 @@ class Connection(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.blocked: dict[int, Stream] = {}  # streams with DATA waiting for a window
         self.last_stream_id = 0
-        self._decoder = hpack.Decoder()
-        self._decoder.max_header_list_size = MAX_HEADER_LIST_BYTES
-        self._table = self._decoder.header_table = _VersionedTable()
-        self._decoded: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
+        self._decoder = CachingDecoder(MAX_HEADER_LIST_BYTES)
         self._continuing: tuple[int, int, bytearray] | None = None  # a header block awaiting CONTINUATION
         self.send_window = DEFAULT_WINDOW
         self.peer_initial_window = DEFAULT_WINDOW
@@ -585,25 +611,11 @@ class Connection(asyncio.Protocol):
         self.handler.open_stream(stream, headers, end_stream)
 
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """The block's header list. A client sends the same few header blocks
-        again and again (grpc-go: the same method and metadata, all of it
-        indexed in the dynamic table), and decoding one costs ~20 us here:
-        a block that left the table as it was is kept, by table version,
-        and returned again while the table is unchanged -- decoding it again
-        would give the same list. The list is shared: callers only read it."""
-        version = self._table.version
-        hit = self._decoded.get(block)
-        if hit is not None and hit[0] == version:
-            return hit[1]
+        """The block's header list (see CachingDecoder)."""
         try:
-            headers = self._decoder.decode(block, raw=True)
+            return self._decoder.decode(block)
         except Exception as exc:  # hpack's errors: the dynamic table is now unusable
             raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {exc}") from None
-        if self._table.version == version:
-            if len(self._decoded) >= _DECODED_BLOCKS:
-                self._decoded.clear()
-            self._decoded[block] = (version, headers)
-        return headers
 
     def _window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:

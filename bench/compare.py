@@ -39,6 +39,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Awaitable, Callable, Iterator
 
+import lean_grpc
 import put_bench
 import workloads
 from metastore.testing import LocalCluster
@@ -62,6 +63,7 @@ class Settings:
     read_clients: int
     watchers: int
     watch_streams: int
+    client: str = "lean"     # the load's gRPC client (bench/lean_grpc.py): lean or grpcio
     key_size: int = 32
     value_size: int = workloads.VALUE_SIZE
 
@@ -129,13 +131,15 @@ def plan(target: Target, s: Settings) -> list[Step]:
                   lambda: put_to_leader(eps, s)))
     for clients in s.put_clients:
         steps.append((f"put_{clients}", f"put, {clients} clients, {s.duration:g} s",
-                      lambda c=clients: put_bench.run(eps, c, s.duration, s.key_size, s.value_size, None)))
+                      lambda c=clients: put_bench.run(eps, c, s.duration, s.key_size, s.value_size, None,
+                                                      s.client)))
     for kind in ("linearizable", "serializable"):
         steps.append((f"range_{kind}", f"{kind} range, {s.read_clients} clients, {s.duration:g} s",
-                      lambda k=kind: workloads.range_reads(eps, s.read_clients, s.duration, k == "serializable")))
+                      lambda k=kind: workloads.range_reads(eps, s.read_clients, s.duration, k == "serializable",
+                                                           s.client)))
     steps.append(("watch", f"watch fan-out, {s.watchers} watchers, {s.duration:g} s",
                   lambda: workloads.watch_fanout(eps, s.watchers, s.watch_streams, s.duration,
-                                                 s.watch_rate, s.watch_drain)))
+                                                 s.watch_rate, s.watch_drain, s.client)))
     return steps
 
 
@@ -162,7 +166,7 @@ async def run_all(target: Target, s: Settings) -> dict:
 
 async def put_to_leader(endpoints: list[str], s: Settings) -> dict:
     leader = await workloads.find_leader(endpoints)
-    return await put_bench.run([leader], 1, s.duration, s.key_size, s.value_size, None)
+    return await put_bench.run([leader], 1, s.duration, s.key_size, s.value_size, None, s.client)
 
 
 def rss_mib(pid: int) -> float | None:
@@ -308,7 +312,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     return Settings(quick=ns.quick, perf_loads=loads_list, duration=duration, idle=min(duration, 3.0),
                     watch_rate=ns.watch_rate, watch_drain=10.0 if ns.quick else 30.0,
                     put_clients=[100, 500], read_clients=ns.read_clients,
-                    watchers=ns.watchers, watch_streams=ns.watch_streams)
+                    watchers=ns.watchers, watch_streams=ns.watch_streams, client=ns.client)
 
 
 def parse_args() -> argparse.Namespace:
@@ -330,6 +334,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--watch-streams", type=int, default=20, help="Watch streams the watchers share")
     ap.add_argument("--watch-rate", type=float, default=20.0,
                     help="puts/s of the watch writer; each is delivered to every watcher (0: unpaced)")
+    ap.add_argument("--client", choices=lean_grpc.CLIENTS, default="lean",
+                    help="the load's gRPC client: lean (bench/lean_grpc.py, ~40 us of CPU a call) or "
+                         "grpcio (grpc.aio, ~180-225 us a call: it caps the read rows on 2 cores)")
     ap.add_argument("--json", metavar="FILE", help="also write all raw results to FILE")
     ap.add_argument("--keep", metavar="DIR",
                     help="keep every member's data dir and log under DIR/<engine|etcd> (post-mortems)")
@@ -348,7 +355,7 @@ def report(meta: dict, results: dict[str, dict], s: Settings) -> None:
     """The one-line context (date, machine, settings) and the table, on stdout."""
     print(f"{meta['date']}, {meta['nproc']} cores ({meta['cpu']}), {meta['cluster']}, "
           f"etcd {meta['etcd'] or 'not run'}; {'--quick, ' if s.quick else ''}{s.duration:g} s per workload, "
-          f"{s.value_size}-byte values. ratio = metastore/etcd: above 1 is better for /s rows, worse for ms rows.")
+          f"{s.value_size}-byte values, {s.client} client. ratio = metastore/etcd: above 1 is better for /s rows, worse for ms rows.")
     print(table(results, s))
 
 

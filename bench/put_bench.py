@@ -25,6 +25,7 @@ import time
 
 import grpc
 
+import lean_grpc
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
 
 
@@ -36,9 +37,9 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 
 async def run(endpoints: list[str], clients: int, duration: float, key_size: int, value_size: int,
-              total: int | None) -> dict:
+              total: int | None, client: str = "lean") -> dict:
     channels_per_ep = max(1, clients // 50 // max(1, len(endpoints)))
-    channels = [grpc.aio.insecure_channel(ep) for ep in endpoints for _ in range(channels_per_ep)]
+    channels = [lean_grpc.connect(ep, client) for ep in endpoints for _ in range(channels_per_ep)]
     stubs = [rpc_pb2_grpc.KVStub(ch) for ch in channels]
     value = os.urandom(value_size // 2 + 1).hex()[:value_size].encode()
     latencies: list[float] = []
@@ -93,7 +94,8 @@ def measure_started(size: int, engine: str, mode: str, ns: argparse.Namespace) -
     cluster.start()
     try:
         endpoints = [m.endpoint for m in cluster.members]
-        return asyncio.run(run(endpoints, ns.clients, ns.duration, ns.key_size, ns.value_size, ns.total))
+        return asyncio.run(run(endpoints, ns.clients, ns.duration, ns.key_size, ns.value_size, ns.total,
+                               ns.client))
     finally:
         cluster.stop()
 
@@ -122,6 +124,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds to run (ignored with --total)")
     ap.add_argument("--total", type=int, default=None, help="stop after this many puts")
     ap.add_argument("--key-size", type=int, default=32)
+    ap.add_argument("--client", choices=lean_grpc.CLIENTS, default="lean",
+                    help="gRPC client of the load: lean (bench/lean_grpc.py) or grpcio (grpc.aio)")
     ap.add_argument("--value-size", type=int, default=256)
     ns = ap.parse_args()
 
@@ -134,7 +138,8 @@ def main() -> int:
         print(f"{ns.start}-member clusters started on loopback")
     else:
         endpoints = [e.strip() for e in ns.endpoints.split(",") if e.strip()]
-        res = asyncio.run(run(endpoints, ns.clients, ns.duration, ns.key_size, ns.value_size, ns.total))
+        res = asyncio.run(run(endpoints, ns.clients, ns.duration, ns.key_size, ns.value_size, ns.total,
+                              ns.client))
         rows = [("?", "?", res)]
         print(f"endpoints={','.join(endpoints)} (engine and fsync: as the servers were started)")
     print_table(rows)

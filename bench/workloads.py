@@ -1,8 +1,9 @@
 """The workloads bench/compare.py runs against metastore and etcd alike.
 
-Everything speaks etcd's v3 gRPC API through metastore's generated stubs
-(grpc.aio), so the very same client code measures both servers: any
-difference in the numbers is the server's. `etcdctl check perf` is run as
+Everything speaks etcd's v3 gRPC API through metastore's generated stubs,
+on the lean client of bench/lean_grpc.py (or grpc.aio with --client grpcio),
+so the very same client code measures both servers: any difference in the
+numbers is the server's. `etcdctl check perf` is run as
 etcdctl itself, since it is the check operators actually use.
 
 Each workload returns a plain dict (JSON-ready) of its measurements;
@@ -21,10 +22,11 @@ import shutil
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import grpc
 
+import lean_grpc
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
 from put_bench import percentile
 
@@ -79,14 +81,14 @@ async def measured(coro: Awaitable[dict], server_pids: list[int]) -> dict:
     return result
 
 
-def open_channels(endpoints: list[str], clients: int) -> list[grpc.aio.Channel]:
+def open_channels(endpoints: list[str], clients: int, client: str) -> list[Any]:
     """One channel per endpoint per 50 clients (at least one each), as put_bench does,
     so that no single HTTP/2 connection serialises hundreds of clients."""
     per_endpoint = max(1, clients // 50 // max(1, len(endpoints)))
-    return [grpc.aio.insecure_channel(ep) for ep in endpoints for _ in range(per_endpoint)]
+    return [lean_grpc.connect(ep, client) for ep in endpoints for _ in range(per_endpoint)]
 
 
-async def close_channels(channels: list[grpc.aio.Channel]) -> None:
+async def close_channels(channels: list[Any]) -> None:
     for ch in channels:
         await ch.close()
 
@@ -154,7 +156,8 @@ async def idle(seconds: float) -> dict:
 
 # -- range reads ---------------------------------------------------------------
 
-async def range_reads(endpoints: list[str], clients: int, duration: float, serializable: bool) -> dict:
+async def range_reads(endpoints: list[str], clients: int, duration: float, serializable: bool,
+                      client: str = "lean") -> dict:
     """`clients` concurrent readers, each issuing Range on one pre-written key as fast
     as answers come back, spread over all members.
 
@@ -163,7 +166,7 @@ async def range_reads(endpoints: list[str], clients: int, duration: float, seria
     between the two rows is the cost of that round."""
     key = b"bench/read-key"
     await put_once(endpoints[0], key, os.urandom(VALUE_SIZE))
-    channels = open_channels(endpoints, clients)
+    channels = open_channels(endpoints, clients, client)
     stubs = [rpc_pb2_grpc.KVStub(ch) for ch in channels]
     request = rpc_pb2.RangeRequest(key=key, serializable=serializable)
     latencies: list[float] = []
@@ -247,7 +250,7 @@ async def watch_stream(stub: rpc_pb2_grpc.WatchStub, key: bytes, watchers: int, 
 
 
 async def watch_fanout(endpoints: list[str], watchers: int, streams: int, duration: float,
-                       rate: float, drain_timeout: float) -> dict:
+                       rate: float, drain_timeout: float, client: str = "lean") -> dict:
     """1 writer, `watchers` watchers of one key spread over `streams` Watch streams
     over all members. The writer puts sequentially (to the leader) at `rate` puts/s
     (0: as fast as it can) for `duration`; then we wait up to `drain_timeout` for
@@ -259,7 +262,7 @@ async def watch_fanout(endpoints: list[str], watchers: int, streams: int, durati
     the backlog."""
     key = b"bench/watch-key"
     leader = await find_leader(endpoints)
-    channels = [grpc.aio.insecure_channel(ep) for ep in endpoints]
+    channels = [lean_grpc.connect(ep, client) for ep in endpoints]
     tally = FanOutTally(watchers)
     ready = asyncio.Event()
     created = 0
@@ -276,7 +279,7 @@ async def watch_fanout(endpoints: list[str], watchers: int, streams: int, durati
              for i, n in enumerate(per_stream) if n]
     try:
         await wait_or_fail(ready, tasks, 60, f"{watchers} watches to be created")
-        puts, put_errors, first_put, last_put = await timestamped_writer(leader, key, duration, rate)
+        puts, put_errors, first_put, last_put = await timestamped_writer(leader, key, duration, rate, client)
         tally.expected = puts * watchers
         tally.check()
         try:
@@ -315,13 +318,13 @@ async def wait_or_fail(event: asyncio.Event, tasks: list[asyncio.Future], timeou
 
 
 async def timestamped_writer(endpoint: str, key: bytes, duration: float,
-                             rate: float) -> tuple[int, int, float, float]:
+                             rate: float, client: str) -> tuple[int, int, float, float]:
     """Sequential puts to `key` for `duration` s, at most `rate` a second (0: no
     limit), each value stamped with its send time.
     Returns (acknowledged puts, errors, time of first put, time of last ack)."""
     pad = os.urandom(VALUE_SIZE - 8)
     puts = errors = 0
-    async with grpc.aio.insecure_channel(endpoint) as ch:
+    async with lean_grpc.connect(endpoint, client) as ch:
         stub = rpc_pb2_grpc.KVStub(ch)
         first = time.perf_counter()
         deadline = first + duration

@@ -288,7 +288,7 @@ def test_a_decoded_header_block_is_reused_only_while_the_table_is_unchanged():
         assert conn._decode(newest) == [(b"x-a", b"1")]  # kept, table unchanged
         assert conn._decode(add_b) == [(b"x-b", b"2")]
         assert conn._decode(newest) == [(b"x-b", b"2")]
-        conn._table.maxsize = 0  # a size update empties the table: index 62 is gone
+        conn._decoder._table.maxsize = 0  # a size update empties the table: index 62 is gone
         with pytest.raises(http2.ConnectionError_):
             conn._decode(newest)
     asyncio.run(main())
