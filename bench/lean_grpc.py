@@ -15,12 +15,18 @@ measured through the same client.
 
 It implements as much of grpc.aio's `Channel` as the generated stubs use
 (`unary_unary`, `stream_stream`), raising `grpc.aio.AioRpcError` as grpc.aio
-does, so the workloads run unchanged on either (`connect` picks).
+does, so the workloads run unchanged on either (`connect` picks). Not
+implemented, as the workloads need none of it: metadata, compression, TLS,
+and backpressure -- it opens the largest receive windows and takes every
+message as it arrives, so a server's handling of a slow reader (etcd's
+slow watchers) is not exercised through it.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import struct
+import time
 import urllib.parse
 from typing import Any, Callable
 
@@ -28,8 +34,8 @@ import grpc
 
 from metastore.api import http2
 from metastore.api.http2 import (ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS,
-                                 MAX_WINDOW, PING, RST_STREAM, SETTINGS, WINDOW_UPDATE, frame,
-                                 frame_header)
+                                 MAX_WINDOW, PING, PUSH_PROMISE, RST_STREAM, SETTINGS, WINDOW_UPDATE,
+                                 frame, frame_header)
 
 # What this client lets a server send before it acknowledges: large, so that
 # a watch stream or a big range never waits for a WINDOW_UPDATE round trip.
@@ -46,7 +52,8 @@ _CLIENT_PREFACE = http2.PREFACE + frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k
     (http2.S_MAX_HEADER_LIST_SIZE, _MAX_HEADER_LIST)))) + frame(
     WINDOW_UPDATE, 0, 0, _U32.pack(RECEIVE_WINDOW - http2.DEFAULT_WINDOW))
 
-_RST_CODES = {http2.CANCEL: grpc.StatusCode.CANCELLED, http2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
+_RST_CODES = {http2.CANCEL: grpc.StatusCode.CANCELLED, http2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE,
+              http2.ENHANCE_YOUR_CALM: grpc.StatusCode.RESOURCE_EXHAUSTED, 0xC: grpc.StatusCode.PERMISSION_DENIED}
 _STATUS_BY_NUMBER = {s.value[0]: s for s in grpc.StatusCode}
 
 
@@ -81,8 +88,17 @@ def request_block(path: str, authority: str, timeout: float | None) -> bytes:
     block = b"\x83\x86" + _literal(4, path.encode()) + _literal(1, authority.encode()) \
         + _literal(31, b"application/grpc") + _literal(b"te", b"trailers")
     if timeout is not None:
-        block += _literal(b"grpc-timeout", b"%dm" % max(1, round(timeout * 1000)))
+        block += _literal(b"grpc-timeout", _timeout_value(timeout))
     return block
+
+
+def _timeout_value(seconds: float) -> bytes:
+    """grpc-timeout: at most 8 digits, in the finest unit that fits."""
+    for unit, per_second in ((b"m", 1000), (b"S", 1), (b"M", 1 / 60), (b"H", 1 / 3600)):
+        value = max(1, round(seconds * per_second))
+        if value < 10**8:
+            return b"%d" % value + unit
+    return b"99999999H"
 
 
 def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -103,7 +119,7 @@ class _Stream:
         self.status: grpc.aio.AioRpcError | None | bool = False  # False: still open; None: OK
         self.headers_seen = False
         self.send_window = send_window
-        self.pending: list[tuple[bytes, bool]] = []  # DATA waiting for a window
+        self.pending: collections.deque[tuple[memoryview, bool]] = collections.deque()  # DATA waiting for a window
         self.unacked = 0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -120,10 +136,12 @@ class _Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future = self.loop.create_future()
-        self.closed: str | None = None
+        self.closed: str | None = None  # why the transport is gone (nothing more is written)
+        self.draining: str | None = None  # why no new stream may start here (GOAWAY, or closed)
         self.streams: dict[int, _Stream] = {}
         self.next_sid = 1
         self.decoder = http2.CachingDecoder(_MAX_HEADER_LIST)
+        self._ok_trailers: dict[int, list[tuple[bytes, bytes]]] = {}
         self.send_window = http2.DEFAULT_WINDOW
         self.peer_initial_window = http2.DEFAULT_WINDOW
         self.peer_max_frame = 16384
@@ -150,8 +168,8 @@ class _Connection(asyncio.Protocol):
         self._out.clear()
 
     def open(self, block: bytes, end_stream: bool) -> _Stream:
-        if self.closed:
-            raise _rpc_error(grpc.StatusCode.UNAVAILABLE, f"connection closed: {self.closed}")
+        if self.draining:
+            raise _rpc_error(grpc.StatusCode.UNAVAILABLE, f"connection unusable: {self.draining}")
         sid = self.next_sid
         self.next_sid += 2
         stream = self.streams[sid] = _Stream(sid, self.peer_initial_window)
@@ -160,20 +178,21 @@ class _Connection(asyncio.Protocol):
 
     def send_data(self, stream: _Stream, data: bytes, end_stream: bool) -> None:
         if stream.pending:
-            stream.pending.append((data, end_stream))
+            stream.pending.append((memoryview(data), end_stream))
             return
-        self._send_data(stream, data, end_stream)
+        self._send_data(stream, memoryview(data), end_stream)
 
-    def _send_data(self, stream: _Stream, data: bytes, end_stream: bool) -> bool:
+    def _send_data(self, stream: _Stream, data: memoryview, end_stream: bool) -> bool:
         """Send what the windows allow; True once all of `data` went out."""
         while True:
             n = min(len(data), self.send_window, stream.send_window, self.peer_max_frame)
             if n < len(data) and n <= 0:
-                stream.pending.insert(0, (data, end_stream))
+                stream.pending.appendleft((data, end_stream))
                 self.blocked[stream.sid] = stream
                 return False
             last = n == len(data)
-            self.write(frame_header(n, DATA, END_STREAM if (last and end_stream) else 0, stream.sid) + data[:n])
+            self.write(frame_header(n, DATA, END_STREAM if (last and end_stream) else 0, stream.sid)
+                       + bytes(data[:n]))
             self.send_window -= n
             stream.send_window -= n
             if last:
@@ -184,7 +203,7 @@ class _Connection(asyncio.Protocol):
         for sid, stream in list(self.blocked.items()):
             del self.blocked[sid]
             while stream.pending:
-                data, end = stream.pending.pop(0)
+                data, end = stream.pending.popleft()
                 if not self._send_data(stream, data, end):
                     break
 
@@ -202,12 +221,19 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._close(f"connection lost: {exc or 'closed by the server'}")
 
-    def _close(self, why: str, streams_from: int = 0) -> None:
-        if not self.closed:
-            self.closed = why
+    def _close(self, why: str) -> None:
+        """The transport is gone (or going): every stream still open fails."""
+        self.closed = self.closed or why
+        self._drain(why, streams_after=0)
+
+    def _drain(self, why: str, streams_after: int) -> None:
+        """No new stream starts here; those above `streams_after` fail (the
+        server will not serve them), the others run to their end."""
+        self.draining = self.draining or why
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(why))
-        for sid in [sid for sid in self.streams if sid > streams_from]:
+            self.ready.exception()  # retrieved: nobody may be waiting for it
+        for sid in [sid for sid in self.streams if sid > streams_after]:
             self._finish(self.streams.pop(sid), _rpc_error(grpc.StatusCode.UNAVAILABLE, why))
 
     def _finish(self, stream: _Stream, status: grpc.aio.AioRpcError | None) -> None:
@@ -240,6 +266,8 @@ class _Connection(asyncio.Protocol):
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self._continuing is not None and ftype != CONTINUATION:
             raise ValueError("expected CONTINUATION")
+        if ftype in (DATA, HEADERS, CONTINUATION, RST_STREAM) and sid == 0:
+            raise ValueError(f"frame type {ftype} on stream 0")
         if ftype == DATA:
             self._data(flags, sid, payload)
         elif ftype == HEADERS:
@@ -259,6 +287,8 @@ class _Connection(asyncio.Protocol):
                 csid, end_stream, block = self._continuing
                 self._continuing = None
                 self._headers(csid, end_stream, bytes(block))
+        elif ftype == PUSH_PROMISE:
+            raise ValueError("PUSH_PROMISE, with push disabled")
         elif ftype == SETTINGS:
             if not flags & ACK:
                 self._settings(payload)
@@ -271,8 +301,13 @@ class _Connection(asyncio.Protocol):
         elif ftype == WINDOW_UPDATE:
             increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
             if sid == 0:
+                if increment == 0 or self.send_window + increment > MAX_WINDOW:
+                    raise ValueError("bad connection WINDOW_UPDATE")
                 self.send_window += increment
             elif (stream := self.streams.get(sid)) is not None:
+                if increment == 0 or stream.send_window + increment > MAX_WINDOW:
+                    self._fail(stream, "bad stream WINDOW_UPDATE", http2.PROTOCOL_ERROR)
+                    return
                 stream.send_window += increment
             if self.blocked:
                 self._unblock()
@@ -284,13 +319,15 @@ class _Connection(asyncio.Protocol):
                                                 f"stream reset by the server (HTTP/2 error {code})"))
         elif ftype == GOAWAY:
             last, code = struct.unpack_from(">II", payload)
-            self._close(f"GOAWAY (HTTP/2 error {code})", streams_from=last & 0x7FFFFFFF)
+            self._drain(f"GOAWAY (HTTP/2 error {code})", streams_after=last & 0x7FFFFFFF)
         # PRIORITY and unknown frames: nothing to do
 
     def _settings(self, payload: bytes) -> None:
         for i in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, i)
             if key == http2.S_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ValueError("SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for stream in self.streams.values():
@@ -298,12 +335,12 @@ class _Connection(asyncio.Protocol):
                 if self.blocked:
                     self._unblock()
             elif key == http2.S_MAX_FRAME_SIZE:
+                if not 16384 <= value <= (1 << 24) - 1:
+                    raise ValueError("SETTINGS_MAX_FRAME_SIZE out of range")
                 self.peer_max_frame = value
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
-        if flags & http2.PADDED:
-            payload = payload[1:len(payload) - payload[0]]
-        self.unacked += len(payload)
+        self.unacked += len(payload)  # flow control counts padding too
         if self.unacked >= _REPLENISH_AT:
             self.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked)))
             self.unacked = 0
@@ -314,6 +351,8 @@ class _Connection(asyncio.Protocol):
         if stream.unacked >= _REPLENISH_AT and not flags & END_STREAM:
             self.write(frame(WINDOW_UPDATE, 0, sid, _U32.pack(stream.unacked)))
             stream.unacked = 0
+        if flags & http2.PADDED:
+            payload = payload[1:len(payload) - payload[0]]
         buf = stream.buf
         buf += payload
         got = False
@@ -322,8 +361,9 @@ class _Connection(asyncio.Protocol):
             if len(buf) < 5 + n:
                 break
             if compressed:
-                raise ValueError("a compressed message, which this client did not ask for")
-            stream.messages.append(bytes(buf[5:5 + n]))
+                self._fail(stream, "a compressed message, which this client did not ask for", http2.CANCEL)
+                return
+            stream.messages.append(bytes(memoryview(buf)[5:5 + n]))
             del buf[:5 + n]
             got = True
         if flags & END_STREAM:
@@ -331,6 +371,11 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, _rpc_error(grpc.StatusCode.INTERNAL, "stream ended without trailers"))
         elif got:
             stream.wake()
+
+    def _fail(self, stream: _Stream, why: str, code: int) -> None:
+        """A fault in one stream: it is reset and its call fails; the others go on."""
+        self.reset(stream, code)
+        self._finish(stream, _rpc_error(grpc.StatusCode.INTERNAL, why))
 
     def _headers(self, sid: int, end_stream: int, block: bytes) -> None:
         headers = self.decoder.decode(block)  # always, to keep the HPACK table in step
@@ -341,7 +386,22 @@ class _Connection(asyncio.Protocol):
             stream.headers_seen = True
             return
         self.streams.pop(sid, None)
-        self._finish(stream, _status(headers))
+        if stream.buf:
+            status: grpc.aio.AioRpcError | None = _rpc_error(
+                grpc.StatusCode.INTERNAL, f"the stream ended inside a message ({len(stream.buf)} bytes)")
+        else:
+            # The decoder hands back the very same list for the same trailers:
+            # an OK one is remembered (an error is made anew: each raise needs its own).
+            ok = self._ok_trailers.get(id(headers))
+            if ok is headers:
+                status = None
+            else:
+                status = _status(headers)
+                if status is None:
+                    if len(self._ok_trailers) >= 64:
+                        self._ok_trailers.clear()
+                    self._ok_trailers[id(headers)] = headers  # kept alive: its id stays its own
+        self._finish(stream, status)
 
 
 def _status(headers: list[tuple[bytes, bytes]]) -> grpc.aio.AioRpcError | None:
@@ -349,12 +409,13 @@ def _status(headers: list[tuple[bytes, bytes]]) -> grpc.aio.AioRpcError | None:
     fields = dict(headers)
     status = fields.get(b"grpc-status")
     if status is None:
-        http_status = fields.get(b":status", b"?").decode()
+        http_status = fields.get(b":status", b"?").decode(errors="replace")
         return _rpc_error(grpc.StatusCode.UNKNOWN, f"no grpc-status (HTTP status {http_status})")
     if status == b"0":
         return None
-    code = _STATUS_BY_NUMBER.get(int(status), grpc.StatusCode.UNKNOWN)
-    return _rpc_error(code, urllib.parse.unquote(fields.get(b"grpc-message", b"").decode()))
+    code = _STATUS_BY_NUMBER.get(int(status), grpc.StatusCode.UNKNOWN) if status.isdigit() \
+        else grpc.StatusCode.UNKNOWN
+    return _rpc_error(code, urllib.parse.unquote(fields.get(b"grpc-message", b"").decode(errors="replace")))
 
 
 class Channel:
@@ -367,27 +428,33 @@ class Channel:
         self.authority = target
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future | None = None
+        self._closed = False
         self._blocks: dict[tuple[str, float | None], bytes] = {}
 
-    async def connection(self) -> _Connection:
+    async def connection(self, timeout: float | None = None) -> _Connection:
+        """The connection to start a call on, dialed if there is none usable;
+        past `timeout`, DEADLINE_EXCEEDED (as the call's own deadline)."""
         conn = self._conn
-        if conn is not None and not conn.closed and conn.ready.done():
+        if conn is not None and not conn.draining and conn.ready.done():
             return conn
-        if self._connecting is None:
+        if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(self._connect())
         try:
-            return await asyncio.shield(self._connecting)
-        finally:
-            if self._connecting is not None and self._connecting.done():
-                self._connecting = None
+            return await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
+        except asyncio.TimeoutError:
+            raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded while connecting") from None
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await loop.create_connection(lambda: _Connection(self.authority), self.host, self.port)
             await conn.ready
-        except OSError as exc:
+        except OSError as exc:  # ConnectionError included: the server hung up before its SETTINGS
             raise _rpc_error(grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.authority}: {exc}") from None
+        if self._closed:
+            conn._close("channel closed")
+            conn.transport.close()  # type: ignore[union-attr]
+            raise _rpc_error(grpc.StatusCode.CANCELLED, "the channel was closed")
         self._conn = conn
         return conn
 
@@ -403,10 +470,12 @@ class Channel:
                     **_: Any) -> Callable[..., Any]:
         async def call(request: Any, timeout: float | None = None, **__: Any) -> Any:
             payload = request_serializer(request) if request_serializer else request
-            conn = await self.connection()
+            started = time.monotonic()
+            conn = await self.connection(timeout)
+            left = None if timeout is None else timeout - (time.monotonic() - started)
             stream = conn.open(self._block(path, timeout), end_stream=False)
             conn.send_data(stream, _MESSAGE_PREFIX.pack(0, len(payload)) + payload, end_stream=True)
-            status = await _until_done(conn, stream, timeout)
+            status = await _until_done(conn, stream, left)
             if status is not None:
                 raise status
             if len(stream.messages) != 1:
@@ -423,6 +492,7 @@ class Channel:
         return call
 
     async def close(self) -> None:
+        self._closed = True
         if self._conn is not None and self._conn.transport is not None:
             self._conn._close("channel closed")
             self._conn.transport.close()
@@ -474,7 +544,7 @@ class StreamCall:
 
     async def _opened(self) -> tuple[_Connection, _Stream]:
         if self._stream is None:
-            conn = await self._channel.connection()
+            conn = await self._channel.connection(self._timeout)
             self._conn, self._stream = conn, conn.open(self._channel._block(self._path, self._timeout), False)
             if self._timeout is not None:
                 self._stream.timer = conn.loop.call_later(self._timeout, _expire, conn, self._stream)

@@ -16,6 +16,7 @@ import grpc
 import hpack
 import pytest
 
+from metastore.api import http2
 from metastore.api.pb import rpc_pb2, rpc_pb2_grpc
 from metastore.testing_etcd import EtcdCluster
 
@@ -108,3 +109,99 @@ def test_nothing_listening_is_unavailable():
             await kv.Range(rpc_pb2.RangeRequest(key=b"a"), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     asyncio.run(call())
+
+
+class _ScriptedServer(asyncio.Protocol):
+    """A bare HTTP/2 server for the client's edge cases, answering each
+    request as `answer(stream_id)` says: OK with one message, a compressed
+    message (which the client did not ask for), or GOAWAY naming the streams
+    it still serves. Fakes only the server; the client is the real one."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.buf = b""
+        self.encoder = hpack.Encoder()
+        self.ping_acks = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(http2.frame(http2.SETTINGS, 0, 0))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.buf.startswith(http2.PREFACE):
+            self.buf = self.buf[len(http2.PREFACE):]
+        while len(self.buf) >= 9:
+            length = int.from_bytes(self.buf[:3], "big")
+            if len(self.buf) < 9 + length:
+                return
+            ftype, flags, sid = self.buf[3], self.buf[4], int.from_bytes(self.buf[5:9], "big")
+            self.buf = self.buf[9 + length:]
+            if ftype == http2.PING and flags & http2.ACK:
+                self.ping_acks += 1
+            if ftype == http2.DATA and flags & http2.END_STREAM:
+                self.respond(sid, self.answer(sid))
+
+    def respond(self, sid: int, how: str) -> None:
+        if how.startswith("goaway"):
+            last = int(how.split(":")[1])
+            self.transport.write(http2.frame(http2.GOAWAY, 0, 0, last.to_bytes(4, "big") + bytes(4))
+                                 + http2.frame(http2.PING, 0, 0, bytes(8)))
+            return
+        head = self.encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+        body = rpc_pb2.RangeResponse(count=sid).SerializeToString()
+        flag = b"\x01" if how == "compressed" else b"\x00"
+        message = flag + len(body).to_bytes(4, "big") + body
+        trailers = self.encoder.encode([("grpc-status", "0")])
+        self.transport.write(http2.header_frames(head, sid, False, 16384)
+                             + http2.frame(http2.DATA, 0, sid, message)
+                             + http2.header_frames(trailers, sid, True, 16384))
+
+
+def test_goaway_and_a_bad_stream_fail_only_the_calls_they_concern():
+    """After GOAWAY the streams the server still serves get their answers
+    (the connection still acknowledges PINGs), later calls go to a new one; a stream with a message the client
+    cannot read fails alone, with INTERNAL."""
+    async def main() -> None:
+        connections = []
+        held: list[int] = []
+
+        def make():
+            def answer(sid: int) -> str:
+                if len(connections) == 1:
+                    if sid == 1:
+                        return "compressed"
+                    if sid in (3, 5):  # held back, answered after the GOAWAY below
+                        held.append(sid)
+                        return "hold"
+                    return "goaway:5"  # stream 7: beyond what the server serves
+                return "ok"
+            protocol = _ScriptedServer(answer)
+            connections.append(protocol)
+            return protocol
+
+        server = await asyncio.get_running_loop().create_server(make, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        kv = rpc_pb2_grpc.KVStub(lean_grpc.Channel(f"127.0.0.1:{port}"))
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await kv.Range(rpc_pb2.RangeRequest(key=b"a"), timeout=5)
+        assert bad.value.code() == grpc.StatusCode.INTERNAL
+        calls = [asyncio.ensure_future(kv.Range(rpc_pb2.RangeRequest(key=b"a"), timeout=5)) for _ in range(3)]
+        async def both_held() -> None:
+            while len(held) < 2:
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(both_held(), 5)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await calls[2]  # stream 7, which the GOAWAY did not cover
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        async def ping_acked() -> None:  # the connection still talks: a graceful GOAWAY awaits this
+            while connections[0].ping_acks == 0:
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(ping_acked(), 5)
+        for sid in held:  # the server still answers 3 and 5 on the old connection
+            connections[0].respond(sid, "ok")
+        assert [r.count for r in await asyncio.gather(*calls[:2])] == [3, 5]
+        assert (await kv.Range(rpc_pb2.RangeRequest(key=b"a"), timeout=5)).count == 1  # a new connection
+        assert len(connections) == 2
+        server.close()
+    asyncio.run(main())
