@@ -93,6 +93,11 @@ SNAPSHOT_RETRY_SECONDS = 5.0
 # (see _ReplicatedLog._send_wanted_appends): a deep command queue, which the
 # tick drains for up to a heartbeat interval, still streams its entries out.
 GATHER_AT_MOST = 16
+# A follower does not repeat, within this long, a success acknowledgement it
+# sent the same leader already (the same term and next index, no read round
+# echoed): see _DurableAckTransport.send. Well under the heartbeat interval
+# and the leader's fallback and connection timeouts, which count on replies.
+REPEATED_ACK_WINDOW = 0.05
 
 
 @dataclass
@@ -138,11 +143,22 @@ class _DurableAckTransport(TCPTransport):
     cuts and re-appends the tail), a snapshot, another term or peer -- could
     cut the entries an acknowledgement covers, so they go out first. As a
     last guard, one claiming more than the journal holds after the fsync is
-    dropped (the leader learns from the next one)."""
+    dropped (the leader learns from the next one).
+
+    An acknowledgement that repeats what the last one sent to that leader
+    said -- the same term and next index, no read round echoed, within
+    REPEATED_ACK_WINDOW -- is not sent: it answers an append_entries that
+    carried no entry (the leader's new commit index, which it sends right
+    after each commit, or a heartbeat), and tells the leader nothing it does
+    not know. For one client writing in sequence that is every second
+    acknowledgement: two messages fewer a write for the leader to wake for
+    and read. Heartbeats still get replies (they come further apart)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._held_acks: list[tuple[Any, dict]] = []
         self._held_term = 0  # the follower's term when they were held
+        # peer -> (term, next index, time) of the last success acknowledgement sent to it
+        self._last_ack: dict[Any, tuple[int, int, float]] = {}
         super().__init__(*args, **kwargs)
 
     def send(self, node: Any, message: Any) -> bool:
@@ -155,8 +171,22 @@ class _DurableAckTransport(TCPTransport):
                 self._held_acks.append((node, message))
                 self._held_term = self._syncObj.raftCurrentTerm
                 return True
+            if not self._held_acks and self._repeats_last_ack(node, message):
+                return True
         self.send_held_acks()
-        return super().send(node, message)
+        return self._send_now(node, message)
+
+    def _repeats_last_ack(self, node: Any, message: dict) -> bool:
+        last = self._last_ack.get(node)
+        return (last is not None and ECHO not in message and not message.get("reset")
+                and last[0] == self._syncObj.raftCurrentTerm and last[1] == message["next_node_idx"]
+                and time.monotonic() - last[2] < REPEATED_ACK_WINDOW)
+
+    def _send_now(self, node: Any, message: Any) -> bool:
+        sent = super().send(node, message)
+        if sent and message.get("type") == "next_node_idx" and message.get("success"):
+            self._last_ack[node] = (self._syncObj.raftCurrentTerm, message["next_node_idx"], time.monotonic())
+        return sent
 
     def send_held_acks(self) -> None:
         """fsync the journal once, then send the acknowledgements waiting for it."""
@@ -187,7 +217,7 @@ class _DurableAckTransport(TCPTransport):
                     message[ECHO] = max(echoes)
             furthest[node] = message
         for node, message in furthest.items():
-            super().send(node, message)
+            self._send_now(node, message)
 
     def _must_send_held_acks_before(self, node: Any, message: dict) -> bool:
         """Whether taking `message` in could cut entries a held

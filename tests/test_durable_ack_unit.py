@@ -20,9 +20,10 @@ LEADER, OTHER = "127.0.0.1:1", "127.0.0.1:2"
 def transport(tmp_path, monkeypatch):
     journal = DurableJournal(str(tmp_path / "raft.log"))
     wire: list[tuple[str, dict]] = []
-    monkeypatch.setattr(raft_node.TCPTransport, "send", lambda self, node, message: wire.append((node, message)))
+    monkeypatch.setattr(raft_node.TCPTransport, "send",
+                        lambda self, node, message: wire.append((node, message)) or True)
     t = object.__new__(raft_node._DurableAckTransport)
-    t._held_acks, t._held_term = [], 0
+    t._held_acks, t._held_term, t._last_ack = [], 0, {}
     t._syncObj = SimpleNamespace(_durable_journal=journal, raftCurrentTerm=3,
                                  read_index=SimpleNamespace(tag_outgoing=lambda node, message: None))
     return t, journal, wire
@@ -104,3 +105,30 @@ def test_one_claiming_entries_the_log_lost_is_dropped(transport):
     journal.deleteEntriesFrom(10)  # positions: entries 11 and 12 are cut
     t.send_held_acks()
     assert wire == [] and journal.durable_index == 10
+
+
+def test_an_acknowledgement_that_repeats_the_last_one_is_not_sent(transport, monkeypatch):
+    """The reply to an append_entries with no entry (the leader's new commit
+    index, a heartbeat) says what the last reply said: not sent again
+    within REPEATED_ACK_WINDOW -- unless it echoes a read round, the term
+    changed, or the window has passed (heartbeats keep the leader informed)."""
+    t, journal, wire = transport
+    clock = [100.0]
+    monkeypatch.setattr(raft_node.time, "monotonic", lambda: clock[0])
+    append(journal, 1, 5)
+    t.send(LEADER, ack(6))
+    t.send_held_acks()
+    assert [m["next_node_idx"] for _, m in wire] == [6]
+    t.send(LEADER, ack(6))  # the commit index came: nothing new to say
+    assert len(wire) == 1
+    t.send(OTHER, ack(6))  # another peer has heard nothing from us
+    t.send(LEADER, {**ack(6), ECHO: (3, 4)})  # a read round waits for this one
+    assert [(node, m.get(ECHO)) for node, m in wire[1:]] == [(OTHER, None), (LEADER, (3, 4))]
+    clock[0] += raft_node.REPEATED_ACK_WINDOW * 1.5
+    t.send(LEADER, ack(6))  # a heartbeat's reply, a window after the last
+    assert len(wire) == 4
+    t._syncObj.raftCurrentTerm = 4
+    t.send(LEADER, ack(6))  # a new term: a new leader's first word
+    assert len(wire) == 5
+    t.send(LEADER, {**ack(6), "success": False, "reset": True})  # refusals always go
+    assert len(wire) == 6
