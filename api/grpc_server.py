@@ -28,36 +28,19 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 import grpc
 
 from metastore.api.http import MAX_LINE_BYTES
-from metastore.api.http2 import Connection, Stream
+from metastore.api.http2 import Connection, Stream, literal_field
 from metastore.read_peers import MAGIC as READ_PEERS_MAGIC
 
 log = logging.getLogger("metastore.api.grpc")
 
 # --- HPACK encoding of what this server sends ------------------------------
-# Literal header fields "without indexing" (RFC 7541 section 6.2.2): the
+# Literal header fields "without indexing" (http2.literal_field): the
 # client's decoder keeps no state for them, so each block is a constant or
 # built by concatenation.
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = [first | limit]
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
-
+_literal = literal_field
 
 _STATUS_200 = b"\x88"  # ":status: 200", static table entry 8
-_CONTENT_TYPE = _hpack_int(31, 4) + _hpack_int(16, 7) + b"application/grpc"  # name: static entry 31
+_CONTENT_TYPE = literal_field(31, b"application/grpc")  # name: static entry 31
 RESPONSE_HEADERS = _STATUS_200 + _CONTENT_TYPE
 OK_TRAILERS = _literal(b"grpc-status", b"0")
 

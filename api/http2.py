@@ -117,6 +117,30 @@ class _VersionedTable(hpack.table.HeaderTable):
         hpack.table.HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
 
 
+def hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
+    """HPACK's integer with an N-bit prefix (RFC 7541 section 5.1); `first`
+    holds the bits above the prefix."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = [first | limit]
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def literal_field(name: int | bytes, value: bytes) -> bytes:
+    """A literal header field without indexing (RFC 7541 section 6.2.2), its
+    name by static table index or spelled out, its value not Huffman-coded.
+    The decoder keeps no state for it: a block of these is the same bytes
+    whenever it is sent, so it can be built once and reused."""
+    head = hpack_int(name, 4) if isinstance(name, int) else b"\x00" + hpack_int(len(name), 7) + name
+    return head + hpack_int(len(value), 7) + value
+
+
 class CachingDecoder:
     """An HPACK decoder that keeps the header blocks it decoded. A peer sends
     the same few header blocks again and again (grpc-go: the same method and

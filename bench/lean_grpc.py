@@ -57,29 +57,7 @@ _RST_CODES = {http2.CANCEL: grpc.StatusCode.CANCELLED, http2.REFUSED_STREAM: grp
 _STATUS_BY_NUMBER = {s.value[0]: s for s in grpc.StatusCode}
 
 
-def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
-    """HPACK's integer with an N-bit prefix (RFC 7541 section 5.1); `first`
-    holds the bits above the prefix."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = [first | limit]
-    value -= limit
-    while value >= 128:
-        out.append(value % 128 + 128)
-        value //= 128
-    out.append(value)
-    return bytes(out)
-
-
-def _literal(name: int | bytes, value: bytes) -> bytes:
-    """A literal header field without indexing (section 6.2.2), its name by
-    static table index or spelled out, its value not Huffman-coded."""
-    if isinstance(name, int):
-        head = _hpack_int(name, 4, 0)
-    else:
-        head = b"\x00" + _hpack_int(len(name), 7, 0) + name
-    return head + _hpack_int(len(value), 7, 0) + value
+_literal = http2.literal_field
 
 
 def request_block(path: str, authority: str, timeout: float | None) -> bytes:
@@ -108,7 +86,7 @@ def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 class _Stream:
     """One call's stream: the response messages as they complete, then its status."""
 
-    __slots__ = ("sid", "buf", "messages", "waiter", "status", "headers_seen", "send_window",
+    __slots__ = ("sid", "buf", "messages", "waiter", "status", "send_window",
                  "pending", "unacked", "timer")
 
     def __init__(self, sid: int, send_window: int) -> None:
@@ -117,7 +95,6 @@ class _Stream:
         self.messages: list[bytes] = []
         self.waiter: asyncio.Future | None = None  # set when a message or the end arrives
         self.status: grpc.aio.AioRpcError | None | bool = False  # False: still open; None: OK
-        self.headers_seen = False
         self.send_window = send_window
         self.pending: collections.deque[tuple[memoryview, bool]] = collections.deque()  # DATA waiting for a window
         self.unacked = 0
@@ -383,8 +360,7 @@ class _Connection(asyncio.Protocol):
         if stream is None:
             return
         if not end_stream:
-            stream.headers_seen = True
-            return
+            return  # the response headers: the trailers say how the call ended
         self.streams.pop(sid, None)
         if stream.buf:
             status: grpc.aio.AioRpcError | None = _rpc_error(
